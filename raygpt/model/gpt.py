@@ -1,0 +1,279 @@
+"""Decoder-only GPT (after nanoGPT's model.py), plain torch.
+
+- pre-LN blocks, causal self-attention through scaled_dot_product_attention (flash /
+  cuDNN kernels on GPU), GELU MLP, tied input/output embeddings, GPT-2 init.
+- q, k and v are separate Linear layers so tensor parallelism can shard them by heads
+  column-wise (a fused qkv weight would split across q/k/v boundaries).
+- Attention infers the local head count from the tensor it gets, so the same code runs
+  unsharded and under tensor parallelism (each rank holding n_head / tp heads).
+- A KV cache with slots (`KVCache`) serves generation: `forward_cached` writes the new
+  keys/values of each row into its slot at its own position and attends over the slot.
+  Rows may be at different positions, which is what continuous batching needs.
+
+Nothing here imports torch.distributed: wrapping is raygpt.parallel's job.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    vocab_size: int = 65
+    dropout: float = 0.0
+    bias: bool = False
+
+    @classmethod
+    def from_model_config(cls, m, vocab_size: int | None = None) -> "GPTConfig":
+        """From raygpt.config.ModelConfig (vocab padded to m.pad_vocab_to)."""
+        v = m.vocab_size or vocab_size
+        if v is None:
+            raise ValueError("model.vocab_size is unset and no data vocabulary was given")
+        pad = max(1, m.pad_vocab_to)
+        v = ((v + pad - 1) // pad) * pad
+        return cls(m.n_layer, m.n_head, m.n_embd, m.block_size, v, m.dropout, m.bias)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with optional bias (torch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.wq = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.wk = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.wv = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
+
+    def _qkv(self, x):
+        B, T, _ = x.shape
+        # -1 heads: under tensor parallelism each rank holds n_head / tp of them.
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.resid_dropout(self.c_proj(y))
+
+    def forward_cached(self, x, layer_cache, slots, pos, attn_mask):
+        """x: (B,T,C); rows write k/v at positions pos[b]..pos[b]+T-1 of slot slots[b]."""
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x)
+        kc, vc = layer_cache  # (S, H, L, D) each
+        idx = pos[:, None] + torch.arange(T, device=x.device)[None, :]  # (B,T)
+        kc[slots[:, None], :, idx] = k.transpose(1, 2)  # index (B,T) -> (B,T,H,D)
+        vc[slots[:, None], :, idx] = v.transpose(1, 2)
+        L = attn_mask.shape[-1]
+        keys, values = kc[slots, :, :L], vc[slots, :, :L]  # (B,H,L,D)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask[:, None])
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(cfg.n_embd, cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = LayerNorm(cfg.n_embd, cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_cached(self, x, layer_cache, slots, pos, attn_mask):
+        x = x + self.attn.forward_cached(self.ln_1(x), layer_cache, slots, pos, attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class KVCache:
+    """Preallocated keys/values: n_layer x (slots, heads, block_size, head_dim)."""
+
+    def __init__(self, cfg: GPTConfig, n_slots: int, device=None, dtype=torch.float32,
+                 n_head: int | None = None):
+        h = n_head or cfg.n_head
+        d = cfg.n_embd // cfg.n_head
+        shape = (n_slots, h, cfg.block_size, d)
+        self.layers = [
+            (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+            for _ in range(cfg.n_layer)
+        ]
+        self.n_slots = n_slots
+        self.block_size = cfg.block_size
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        # A ModuleList named `blocks`: raygpt.parallel wraps each element.
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying
+        self.apply(self._init_weights)
+        # GPT-2: scale residual projections by 1/sqrt(2 * n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    # ------------------------------------------------------------ accounting
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (the tied embedding counts once)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (PaLM appendix B: 6N + 12 L H Q T), fwd + bwd."""
+        c = self.config
+        n = self.num_params(non_embedding=True)
+        return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
+
+    # ------------------------------------------------------------ forward
+
+    def forward(self, idx, targets=None):
+        """idx (B,T) -> logits (B,T,V); with targets, (logits, mean cross-entropy)."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} > block_size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
+                               ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def forward_cached(self, idx, cache: KVCache, slots, pos):
+        """Incremental forward. idx (B,T) new tokens; slots (B,) cache slot of each row;
+        pos (B,) position of each row's first new token. Returns logits (B,T,V).
+
+        Key j of row b is visible to query t iff j <= pos[b] + t: earlier tokens of the
+        same sequence (already in the slot) plus the causal part of the new ones.
+        """
+        B, T = idx.shape
+        dev = idx.device
+        slots = torch.as_tensor(slots, device=dev, dtype=torch.long)
+        pos = torch.as_tensor(pos, device=dev, dtype=torch.long)
+        qpos = pos[:, None] + torch.arange(T, device=dev)[None, :]  # (B,T)
+        if int(qpos.max()) >= self.config.block_size:
+            raise ValueError(f"position {int(qpos.max())} >= block_size {self.config.block_size}")
+        L = int(qpos.max()) + 1
+        attn_mask = torch.arange(L, device=dev)[None, None, :] <= qpos[:, :, None]  # (B,T,L)
+        x = self.wte(idx) + self.wpe(qpos)
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x = block.forward_cached(x, layer_cache, slots, pos, attn_mask)
+        return self.lm_head(self.ln_f(x))
+
+    # ------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None, stop_ids: set[int] | None = None):
+        """Autoregressive sampling with a KV cache; temperature 0 = greedy.
+
+        The context is capped at block_size: when it is full, generation stops (the
+        cache would have to be rebuilt for a sliding window).
+        """
+        was_training = self.training
+        self.eval()
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"prompt of {T} tokens is longer than block_size {self.config.block_size}")
+        dtype = next(self.parameters()).dtype
+        cache = KVCache(self.config, B, device=idx.device, dtype=dtype)
+        slots = torch.arange(B, device=idx.device)
+        logits = self.forward_cached(idx, cache, slots, torch.zeros(B, dtype=torch.long))[:, -1]
+        out = idx
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            if stop_ids and B == 1 and int(nxt[0]) in stop_ids:
+                break
+            if out.shape[1] >= self.config.block_size or i == max_new_tokens - 1:
+                break
+            pos = torch.full((B,), out.shape[1] - 1, dtype=torch.long)
+            logits = self.forward_cached(nxt[:, None], cache, slots, pos)[:, -1]
+        self.train(was_training)
+        return out
+
+
+def sample_next(logits, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None):
+    """logits (B,V) -> next token ids (B,). temperature 0 = argmax."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # Drop a token when the mass before it already reaches top_p (keeps >= 1 token).
+        drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,93 @@
+"""Exported model directories: model.safetensors + config.json + tokenizer.json.
+
+Loading never unpickles anything. The directory is written under a temp name and
+renamed into place, so a reader never sees a half-written model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from raygpt.model.gpt import GPT, GPTConfig
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+# lm_head.weight is tied to wte.weight: stored once.
+_TIED = "lm_head.weight"
+
+
+from raygpt.errors import UserError
+
+
+class ModelDirError(UserError, ValueError):
+    """A model directory that is missing, incomplete or inconsistent."""
+
+
+def save_model_dir(model: GPT, out: str | os.PathLike, tokenizer_path: str | os.PathLike | None,
+                   extra: dict | None = None) -> Path:
+    """Write the model (full, unsharded state dict on this process) atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    try:
+        sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+              if k != _TIED}
+        save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        digest = hashlib.sha256((tmp / WEIGHTS).read_bytes()).hexdigest()[:12]
+        meta = {"model": dataclasses.asdict(model.config), "version": digest, **(extra or {})}
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_model_config(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelDirError(f"model directory {str(p)!r} does not exist")
+    for name in (WEIGHTS, CONFIG):
+        if not (p / name).is_file():
+            raise ModelDirError(f"model directory {str(p)!r} has no {name} (export it with `raygpt export`)")
+    try:
+        return json.loads((p / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{str(p / CONFIG)!r}: invalid JSON ({e.msg})") from None
+
+
+def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None) -> tuple[GPT, dict]:
+    """-> (model in eval mode, config.json contents). Raises ModelDirError."""
+    meta = read_model_config(path)
+    try:
+        cfg = GPTConfig(**meta["model"])
+    except (KeyError, TypeError) as e:
+        raise ModelDirError(f"{str(Path(path) / CONFIG)!r}: bad 'model' section ({e})") from None
+    model = GPT(cfg)
+    try:
+        sd = load_file(str(Path(path) / WEIGHTS))
+    except Exception as e:  # safetensors raises several types for corrupt files
+        raise ModelDirError(f"{str(Path(path) / WEIGHTS)!r}: cannot read ({e})") from None
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k != _TIED]
+    if missing or unexpected:
+        raise ModelDirError(
+            f"{str(Path(path) / WEIGHTS)!r} does not match config.json "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    model.to(device=device, dtype=dtype).eval()
+    return model, meta
