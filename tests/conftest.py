@@ -1,0 +1,56 @@
+"""Shared fixtures. One local Ray instance per test session (starting Ray costs ~5-10 s
+on this 2-core machine); tests that need their own cluster (multi-node, `ray start`)
+run it in a subprocess instead.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Keep Ray's own usage stats / metrics exporters quiet and offline.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+# Logical CPUs for the shared instance: enough for 2-worker trainers plus a Serve app.
+RAY_NUM_CPUS = int(os.environ.get("RAYGPT_TEST_CPUS", "6"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True, configure_logging=False)
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def port():
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory):
+    """The bundled Shakespeare corpus prepared with the char tokenizer (session-wide)."""
+    from raygpt.data.prepare import prepare_corpus
+
+    out = tmp_path_factory.mktemp("data") / "shakespeare-char"
+    prepare_corpus(None, out, tokenizer="char")
+    return out
