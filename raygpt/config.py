@@ -119,7 +119,8 @@ class RunConfig(_Section):
     # Elastic: min workers; None = fixed size num_workers.
     min_workers: int | None = Field(None, ge=1)
     use_gpu: bool | None = None  # None: auto-detect
-    cpus_per_worker: float = Field(1.0, gt=0)
+    # None: on the embedded local Ray, this machine's CPUs split among the workers; 1 on a cluster.
+    cpus_per_worker: float | None = Field(None, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
     storage: str | None = None  # local path or pyarrow URI; None: ./runs

@@ -1,0 +1,114 @@
+"""The only code that wraps the model (after torchtitan's parallelize step).
+
+Order matters, as in torchtitan: tensor parallel first (turns weights into DTensors on
+the tp mesh), then activation checkpointing and compile per block, then FSDP2 per block
+and at the root (or DDP for pure replication).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from raygpt.parallel.plan import ParallelPlan
+
+
+def apply_tp(model: nn.Module, tp_mesh) -> None:
+    """Megatron-style: q/k/v and MLP up-projection column-wise (by heads / hidden units),
+    output projections row-wise (one all-reduce per sub-layer). Embeddings, norms and the
+    tied head stay replicated."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    plan = {
+        "attn.wq": ColwiseParallel(),
+        "attn.wk": ColwiseParallel(),
+        "attn.wv": ColwiseParallel(),
+        "attn.c_proj": RowwiseParallel(),
+        "mlp.c_fc": ColwiseParallel(),
+        "mlp.c_proj": RowwiseParallel(),
+    }
+    for block in model.blocks:
+        parallelize_module(block, tp_mesh, plan)
+
+
+def apply_ac(model: nn.Module) -> None:
+    """Recompute each block's activations in backward (memory for compute)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each block in place (module.compile keeps parameter names unchanged, so
+    checkpoints stay loadable by an uncompiled model)."""
+    for block in model.blocks:
+        block.compile()
+
+
+def apply_fsdp(model: nn.Module, dp_mesh, mp_dtype: torch.dtype | None, reshard_after_forward=True):
+    """FSDP2: shard each block, then the root (embeddings, final norm, tied head).
+    A 2-D dp mesh (replicate, shard) gives HSDP."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype else None
+    kw = {"mesh": dp_mesh}
+    if mp is not None:
+        kw["mp_policy"] = mp
+    n = len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        # The last block's params are needed again at once by backward: keep them.
+        fully_shard(block, reshard_after_forward=reshard_after_forward and i < n - 1, **kw)
+    fully_shard(model, **kw)
+
+
+def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    # Bucket view: grads alias the all-reduce buckets (one copy fewer per step).
+    return DDP(model, device_ids=ids, gradient_as_bucket_view=True)
+
+
+def parallelize(model: nn.Module, plan: ParallelPlan, mesh, pcfg, device: torch.device,
+                mp_dtype: torch.dtype | None = None) -> nn.Module:
+    """Move `model` to `device` and wrap it for `plan`. Returns the module to train."""
+    model.to(device)
+    if plan.tp > 1:
+        apply_tp(model, mesh["tp"])
+    if pcfg.activation_checkpointing:
+        apply_ac(model)
+    if pcfg.compile:
+        apply_compile(model)
+    if plan.strategy == "ddp":
+        return apply_ddp(model, device)
+    if plan.strategy in ("fsdp", "hsdp") or (plan.strategy == "tp" and plan.dp > 1):
+        if plan.replicate > 1 and plan.shard > 1:
+            dp_mesh = mesh["dp_replicate", "dp_shard"]
+        else:
+            dp_mesh = mesh["dp_shard"]
+        apply_fsdp(model, dp_mesh, mp_dtype)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The GPT inside a DDP wrapper (FSDP2/TP modify the module in place)."""
+    return model.module if hasattr(model, "module") and not hasattr(model, "blocks") else model
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce / reduce-scatter on accumulation micro-steps that are
+    not the last one (the last one reduces the accumulated sum once)."""
+    if hasattr(model, "no_sync") and not enabled:  # DDP
+        with model.no_sync():
+            yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+    yield

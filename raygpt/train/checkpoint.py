@@ -1,0 +1,143 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout of one checkpoint directory (Ray Train merges every rank's files into it):
+  .metadata, __<rank>_0.distcp   DCP shards of {"model", "optim"} (FQN keys, no wrapper
+                                 prefixes: get_state_dict strips DDP/AC/compile names)
+  raygpt_state.json              step, world size, plan, config, RNG: written by rank 0
+  tokenizer.json                 so a checkpoint exports without the data directory
+
+Restore loads into whatever plan runs now: DCP reshards by global tensor coordinates.
+Ray Train registers a checkpoint only after every rank reported it, so a save that
+crashed half-way is never the "latest" one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from raygpt.errors import UserError
+
+STATE_FILE = "raygpt_state.json"
+
+
+class CheckpointError(UserError, ValueError):
+    pass
+
+
+def _dcp():
+    import torch.distributed.checkpoint as dcp
+
+    return dcp
+
+
+def state_dicts(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def save_checkpoint(path: str | os.PathLike, model, optimizer, trainer_state: dict, rank: int,
+                    tokenizer_path: str | os.PathLike | None = None, async_pg=None):
+    """Every rank calls this. Returns a Future when async_pg is given (dcp.async_save),
+    else None once the files are written."""
+    dcp = _dcp()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = state_dicts(model, optimizer)
+    if rank == 0:
+        tmp = path / f".{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(trainer_state, indent=1))
+        os.replace(tmp, path / STATE_FILE)
+        if tokenizer_path and Path(tokenizer_path).is_file():
+            shutil.copyfile(tokenizer_path, path / "tokenizer.json")
+    if async_pg is not None:
+        return dcp.async_save(state, checkpoint_id=str(path), process_group=async_pg)
+    dcp.save(state, checkpoint_id=str(path))
+    return None
+
+
+def read_state(path: str | os.PathLike) -> dict:
+    p = Path(path) / STATE_FILE
+    if not p.is_file():
+        raise CheckpointError(f"{str(path)!r} is not a raygpt checkpoint (no {STATE_FILE})")
+    return json.loads(p.read_text())
+
+
+def check_compatible(saved_model_cfg: dict, model_cfg: dict, where: str) -> None:
+    """Refuse a checkpoint of another model shape with a message naming the fields."""
+    keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+    diff = [f"model.{k}: checkpoint {saved_model_cfg.get(k)!r} vs config {model_cfg.get(k)!r}"
+            for k in keys if saved_model_cfg.get(k) != model_cfg.get(k)]
+    if diff:
+        raise CheckpointError(f"checkpoint {where} has a different model shape ({'; '.join(diff)})")
+
+
+def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict:
+    """Every rank calls this; loads into the current (possibly different) plan."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    dcp = _dcp()
+    state = state_dicts(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    return read_state(path)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in a local run directory (by step)."""
+    best, best_step = None, -1
+    for d in Path(run_dir).glob("checkpoint_*"):
+        f = d / STATE_FILE
+        if f.is_file() and (d / ".metadata").is_file():
+            try:
+                step = json.loads(f.read_text())["step"]
+            except (ValueError, KeyError):
+                continue
+            if step > best_step:
+                best, best_step = d, step
+    return best
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint dir, or a run dir (-> its latest checkpoint)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path {str(p)!r} does not exist")
+    if (p / STATE_FILE).is_file():
+        return p
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise CheckpointError(f"{str(p)!r} holds no raygpt checkpoint (expected {STATE_FILE})")
+    return latest
+
+
+def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """DCP checkpoint -> model.safetensors + config.json + tokenizer.json (one process,
+    no process group: DCP assembles the full tensors from every rank's shard)."""
+    from raygpt.config import validate
+    from raygpt.model.gpt import GPT, GPTConfig
+    from raygpt.model.io import save_model_dir
+
+    ckpt = resolve_checkpoint(path)
+    st = read_state(ckpt)
+    cfg = validate(st["config"])
+    gcfg = GPTConfig(**st["model"])
+    model = GPT(gcfg)
+    sd = {"model": model.state_dict()}
+    try:
+        _dcp().load(sd, checkpoint_id=str(ckpt))
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {str(ckpt)!r}: {str(e).splitlines()[0]}") from None
+    model.load_state_dict(sd["model"])
+    tok = ckpt / "tokenizer.json"
+    return save_model_dir(
+        model, out, tok if tok.is_file() else None,
+        extra={"step": st["step"], "val_loss": st.get("val_loss"), "source": str(ckpt),
+               "raygpt_config": cfg.to_dict()},
+    )

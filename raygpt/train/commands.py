@@ -1,0 +1,172 @@
+"""`raygpt train | export | generate`. Heavy imports (torch, ray) stay inside."""
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+
+from raygpt.errors import UserError
+
+CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML config file")
+PRESET_OPT = typer.Option(None, "--preset", "-p", help="named preset (debug, shakespeare-char-cpu, shakespeare-char, gpt2-124m, gpt2-350m)")
+SET_OPT = typer.Option(None, "--set", "-s", help="override a field: section.field=value (repeatable)")
+
+
+def parse_workers(spec: str) -> tuple[int, int | None]:
+    """'4' -> (4, None); '1:4' -> (4, 1) (max, min) for an elastic run."""
+    try:
+        if ":" in spec:
+            lo, hi = (int(x) for x in spec.split(":", 1))
+            if lo < 1 or hi < lo:
+                raise ValueError
+            return hi, lo
+        n = int(spec)
+        if n < 1:
+            raise ValueError
+        return n, None
+    except ValueError:
+        raise UserError(f"--num-workers {spec!r}: expected N or MIN:MAX with 1 <= MIN <= MAX") from None
+
+
+def build_run_config(config, preset, sets, *, num_workers=None, use_gpu=None, cpus_per_worker=None,
+                     gpus_per_worker=None, storage=None, name=None, address=None, max_failures=None,
+                     init_from=None, resources=None):
+    from raygpt.config import load_config
+    from raygpt.model.presets import DEFAULT_PRESET
+
+    run: dict = {}
+    if num_workers is not None:
+        n, lo = parse_workers(num_workers)
+        run["num_workers"] = n
+        run["min_workers"] = lo
+    for key, val in (("use_gpu", use_gpu), ("cpus_per_worker", cpus_per_worker),
+                     ("gpus_per_worker", gpus_per_worker), ("storage", storage), ("name", name),
+                     ("address", address), ("max_failures", max_failures)):
+        if val is not None:
+            run[key] = val
+    if resources:
+        try:
+            run["resources_per_worker"] = json.loads(resources)
+        except json.JSONDecodeError:
+            raise UserError(f"--resources-per-worker {resources!r}: expected JSON like '{{\"w\": 1}}'") from None
+    extra = {"run": run} if run else {}
+    if config is None and preset is None:
+        preset = DEFAULT_PRESET
+    cfg = load_config(preset=preset, path=config, overrides=sets, extra=extra)
+    if init_from:
+        cfg = _apply_init_from(cfg, init_from, sets or [])
+    return cfg
+
+
+def _apply_init_from(cfg, init_from, sets):
+    """Fine-tuning: the exported model's shape wins; shape overrides are refused."""
+    from raygpt.config import ConfigError, validate
+    from raygpt.model.io import read_model_config
+
+    meta = read_model_config(init_from)
+    shape = meta["model"]
+    for item in sets:
+        key = item.split("=", 1)[0].strip()
+        if key.startswith("model.") and key.split(".", 1)[1] in ("n_layer", "n_head", "n_embd", "vocab_size", "bias"):
+            raise ConfigError(f"--set {item!r}: --init-from {init_from} fixes the model shape; {key} cannot change")
+    d = cfg.to_dict()
+    d["model"].update({k: shape[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size", "bias")})
+    if d["model"]["block_size"] > shape["block_size"]:
+        d["model"]["block_size"] = shape["block_size"]
+    d["model"]["pad_vocab_to"] = 1
+    d["train"]["init_from"] = str(init_from)
+    return validate(d)
+
+
+def train_cmd(
+    config: Optional[str] = CONFIG_OPT,
+    preset: Optional[str] = PRESET_OPT,
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="override: section.field=value (repeatable)"),
+    num_workers: Optional[str] = typer.Option(None, "--num-workers", "-n", help="N, or MIN:MAX for an elastic run"),
+    use_gpu: Optional[bool] = typer.Option(None, "--use-gpu/--no-gpu", help="default: auto-detect"),
+    cpus_per_worker: Optional[float] = typer.Option(None, "--cpus-per-worker"),
+    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker"),
+    resources_per_worker: Optional[str] = typer.Option(None, "--resources-per-worker", help="JSON of extra Ray resources per worker"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="run storage: local path or URI (s3://, gs://, ...); default ./runs"),
+    name: Optional[str] = typer.Option(None, "--name", help="run name; a run with the same storage+name resumes"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray address ('auto' joins a running cluster); default: local"),
+    max_failures: Optional[int] = typer.Option(None, "--max-failures", help="worker-group restarts allowed (-1 = unlimited)"),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="fine-tune from an exported model directory"),
+    print_config: bool = typer.Option(False, "--print-config", help="print the resolved config and exit"),
+):
+    """Train a GPT with Ray Train (default: the bundled Shakespeare corpus, local Ray, CPU)."""
+    cfg = build_run_config(config, preset, set_, num_workers=num_workers, use_gpu=use_gpu,
+                           cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                           storage=storage, name=name, address=address, max_failures=max_failures,
+                           init_from=init_from, resources=resources_per_worker)
+    if print_config:
+        typer.echo(cfg.to_yaml())
+        return
+    from raygpt.train.launch import run_training
+
+    summary = run_training(cfg)
+    _print_summary(summary)
+
+
+def _print_summary(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="raygpt train: summary", show_header=False)
+    for k in ("best_val_loss", "final_val_loss", "steps", "tokens_per_s", "mfu", "train_seconds",
+              "plan", "checkpoint", "run_dir"):
+        v = s.get(k)
+        if isinstance(v, float):
+            v = f"{100 * v:.2f}%" if k == "mfu" else (f"{v:,.1f}" if k == "tokens_per_s" else f"{v:.4f}")
+        t.add_row(k, str(v))
+    Console().print(t)
+
+
+def export_cmd(
+    checkpoint: str = typer.Argument(..., help="checkpoint directory, or a run directory (its latest checkpoint)"),
+    out: str = typer.Option(..., "--out", "-o", help="output model directory"),
+):
+    """Export a sharded checkpoint to model.safetensors + config.json + tokenizer.json."""
+    from raygpt.train.checkpoint import export_checkpoint
+
+    p = export_checkpoint(checkpoint, out)
+    typer.echo(f"exported {checkpoint} -> {p}")
+
+
+def generate_cmd(
+    model_dir: str = typer.Argument(..., help="exported model directory"),
+    prompt: str = typer.Option("\n", "--prompt", help="text to continue"),
+    max_tokens: int = typer.Option(200, "--max-tokens", min=1),
+    temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="0 = greedy"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1),
+    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    num_samples: int = typer.Option(1, "--num-samples", min=1),
+):
+    """Generate text from an exported model (safetensors; nothing is unpickled)."""
+    import torch
+
+    from raygpt.data.tokenizer import load_tokenizer
+    from raygpt.model.io import TOKENIZER, load_model_dir
+
+    model, _ = load_model_dir(model_dir)
+    from pathlib import Path
+
+    tok_path = Path(model_dir) / TOKENIZER
+    if not tok_path.is_file():
+        raise UserError(f"model directory {model_dir!r} has no {TOKENIZER}")
+    tok = load_tokenizer(tok_path)
+    ids = tok.encode(prompt)
+    if not ids:
+        raise UserError("--prompt is empty after tokenization")
+    if len(ids) > model.config.block_size:
+        raise UserError(f"--prompt has {len(ids)} tokens; the model's context is {model.config.block_size}")
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    for i in range(num_samples):
+        out = model.generate(torch.tensor([ids]), max_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, generator=gen)
+        text = tok.decode(out[0, len(ids):].tolist())
+        typer.echo(prompt + text)
+        if i < num_samples - 1:
+            typer.echo("-" * 40)

@@ -1,0 +1,120 @@
+"""Run-directory outputs written by rank 0: metrics.jsonl, TensorBoard, summary.json,
+loss-curve PNG. Plus the device peak FLOP/s used for MFU."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity).
+_GPU_PEAKS = {
+    "H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12,
+    "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+    "RTX 4090": 165e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def device_peak_flops(device: torch.device, threads: int = 1) -> float:
+    """Peak FLOP/s of the device. Override with RAYGPT_PEAK_FLOPS. On CPU an estimate:
+    threads x 2.5 GHz x 32 fp32 FLOP/cycle (two AVX2 FMA units)."""
+    env = os.environ.get("RAYGPT_PEAK_FLOPS")
+    if env:
+        return float(env)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in _GPU_PEAKS.items():
+            if key in name:
+                return peak
+        return 312e12
+    return max(1, threads) * 2.5e9 * 32
+
+
+class RunWriter:
+    """Appends to <run_dir>/metrics.jsonl (survives restarts: the step says where)."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self._tb = None
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except Exception:  # tensorboard is optional at run time
+                self._tb = None
+
+    def log(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        rec = {"time": round(time.time(), 3), **rec}
+        self._f.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            step = rec["step"]
+            for k, v in rec.items():
+                if k not in ("step", "time", "event") and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+
+    def event(self, name: str, **fields) -> None:
+        self.log({"event": name, **fields})
+
+    def close(self) -> None:
+        if self.enabled:
+            self._f.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    p = Path(run_dir) / "metrics.jsonl"
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line cut by a crash
+    return out
+
+
+def plot_loss(run_dir: str | os.PathLike) -> Path | None:
+    """loss.png from metrics.jsonl (train loss per log step, val loss per eval)."""
+    recs = [r for r in read_metrics(run_dir) if "event" not in r]
+    if not recs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    tr = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    va = [(r["step"], r["val_loss"]) for r in recs if r.get("val_loss") is not None]
+    if tr:
+        ax.plot(*zip(*tr), label="train loss", lw=1)
+    if va:
+        ax.plot(*zip(*va), "o-", label="val loss", lw=1.5, ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(run_dir) / "loss.png"
+    tmp = out.with_name(".loss.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
