@@ -131,6 +131,9 @@ def build_trainer(cfg: Config, *, storage: str, name: str, data_dir: str | None,
         failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         callbacks=callbacks,
+        # Ray Train's INFO lines repeat every reported metric; ours are shorter.
+        logging_config=ray.train.LoggingConfig(
+            log_level=os.environ.get("RAYGPT_RAY_TRAIN_LOG_LEVEL", "WARNING")),
     )
     return TorchTrainer(
         train_func,

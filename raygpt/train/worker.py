@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,8 +20,23 @@ from raygpt.errors import UserError
 
 
 def _log(rank: int, msg: str) -> None:
+    # Not print(): Ray Train patches print into a logger that echoes each line twice.
     if rank == 0:
-        print(f"[raygpt] {msg}", flush=True)
+        sys.stdout.write(f"[raygpt] {msg}\n")
+        sys.stdout.flush()
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report with all its metrics at INFO (a logger named after
+    its file); our own step lines carry the same figures."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as _ctx
+
+        logging.getLogger(_ctx.__file__).setLevel(logging.WARNING)
+    except Exception:
+        pass
 
 
 def _threads(cfg: Config) -> int:
@@ -89,6 +105,7 @@ def train_func(loop_config: dict) -> None:
     from raygpt.train.metrics import RunWriter, device_peak_flops, plot_loss, write_json_atomic
 
     cfg = validate(loop_config["config"])
+    _quiet_ray_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(_threads(cfg))
