@@ -1,0 +1,343 @@
+"""End to end on a real single-node cluster (loopback only): `ray start --head`, then
+
+1. `ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/debug.yaml
+   --storage TMP --name e2e` ends SUCCEEDED with a checkpoint under TMP/e2e, and
+   `ray job logs` shows step lines; the uploaded working dir is small (size printed);
+2. a second job submitted with --no-wait is stopped with `ray job stop` and ends STOPPED;
+3. `raygpt export` of the checkpoint, `serve deploy` of serve/debug.yaml (model_dir and
+   HTTP port rewritten) on the same cluster, and POST /v1/completions answers.
+
+The cluster is always torn down. Not with `ray stop`: that kills every Ray process of
+this user on the machine (other test sessions' too). The head runs with `--block`, so
+every process of the cluster descends from the `ray start` process we spawned; the
+finalizer terminates exactly that process tree (plus anything still naming our
+private --temp-dir), and nothing else.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+SERVE = str(BIN / "serve")
+RAYGPT = str(BIN / "raygpt")
+MAX_UPLOAD_BYTES = 5 * 1024 * 1024
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    socks, ports = [], []
+    for _ in range(n):  # hold them all open so the n ports differ
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+# ---------------------------------------------------------------- process-tree teardown
+
+
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def _tree(root: int) -> set[int]:
+    kids = _children_map()
+    out, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        if p not in out:
+            out.add(p)
+            todo.extend(kids.get(p, []))
+    return out
+
+
+def _naming(marker: str) -> set[int]:
+    """Processes of this user whose command line names `marker` (our private temp dir)."""
+    out = set()
+    uid = os.getuid()
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            if os.stat(f"/proc/{d}").st_uid != uid:
+                continue
+            if marker in Path(f"/proc/{d}/cmdline").read_bytes().decode(errors="replace"):
+                out.add(int(d))
+        except OSError:
+            continue
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def stop_cluster(proc: subprocess.Popen, marker: str, grace_s: float = 15.0) -> int:
+    """Terminate the `ray start --block` process, all its descendants and any process that
+    names our temp dir. Returns how many processes were signalled."""
+    pids = (_tree(proc.pid) | _naming(marker)) - {os.getpid()}
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.time() + grace_s
+        while time.time() < deadline:
+            try:
+                proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+            if not any(_alive(p) for p in pids):
+                break
+        # Processes started meanwhile (e.g. a worker respawned during shutdown).
+        pids |= {p for p in _naming(marker) if p != os.getpid()}
+    return len(pids)
+
+
+# ---------------------------------------------------------------- the cluster
+
+
+class Cluster:
+    def __init__(self, tmp: Path):
+        # Unix socket paths must stay under 108 bytes: a short private temp dir.
+        self.temp_dir = tempfile.mkdtemp(prefix="rge2e-", dir="/tmp")
+        (gcs, dash, client, agent_http, agent_grpc, rt_env, metrics, nm, om) = free_ports(9)
+        self.gcs_port, self.dash_port = gcs, dash
+        self.dashboard = f"http://127.0.0.1:{dash}"
+        self.log = tmp / "ray-start.log"
+        env = dict(os.environ)
+        env.pop("RAY_ADDRESS", None)
+        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in a job = this venv
+        env["RAY_USAGE_STATS_ENABLED"] = "0"
+        self.base_env = env
+        self.cmd = [
+            RAY, "start", "--head", "--block",
+            "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+            "--ray-client-server-port", str(client),
+            "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
+            "--runtime-env-agent-port", str(rt_env), "--metrics-export-port", str(metrics),
+            "--node-manager-port", str(nm), "--object-manager-port", str(om),
+            "--num-cpus", "4", "--num-gpus", "0", "--object-store-memory", str(256 * 1024 * 1024),
+            "--temp-dir", self.temp_dir, "--disable-usage-stats",
+        ]
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def env(self) -> dict:
+        """For CLI calls against this cluster: RAY_ADDRESS only in the subprocess env."""
+        return {**self.base_env, "RAY_ADDRESS": self.dashboard}
+
+    def start(self, timeout: float = 180):
+        t0 = time.time()
+        self.proc = subprocess.Popen(self.cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
+                                     env=self.base_env, cwd=REPO, start_new_session=True)
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.dashboard}/api/jobs/", timeout=2).status_code == 200:
+                    print(f"cluster up in {time.time() - t0:.1f}s (dashboard {self.dashboard})")
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"dashboard not up after {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self):
+        if self.proc is not None:
+            n = stop_cluster(self.proc, self.temp_dir)
+            print(f"cluster stopped ({n} processes)")
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def run(cmd: list[str], env: dict, timeout: float, check: bool = True) -> subprocess.CompletedProcess:
+    t0 = time.time()
+    p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    print(f"$ {' '.join(cmd[:6])}{' ...' if len(cmd) > 6 else ''}  [rc {p.returncode}, {time.time() - t0:.1f}s]")
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} -> rc {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+def job_status(cluster: Cluster, job_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient  # same server the CLI talks to
+
+    return str(JobSubmissionClient(cluster.dashboard).get_job_status(job_id).value)
+
+
+def wait_status(cluster, job_id, want: tuple[str, ...], timeout: float) -> str:
+    t0, status = time.time(), None
+    while time.time() - t0 < timeout:
+        status = job_status(cluster, job_id)
+        if status in want or status in TERMINAL:
+            return status
+        time.sleep(1)
+    return status
+
+
+def upload_size() -> tuple[int, str, int]:
+    """(bytes, gcs URI, files) of the package `--working-dir .` makes, with Ray's own code
+    and rules (.gitignore, .rayignore, the default excludes)."""
+    from ray._private.ray_constants import get_runtime_env_default_excludes
+    from ray._private.runtime_env.packaging import create_package, get_uri_for_directory
+
+    excludes = get_runtime_env_default_excludes()
+    uri = get_uri_for_directory(str(REPO), include_gitignore=True, excludes=excludes)
+    with tempfile.TemporaryDirectory() as d:
+        z = Path(d) / "pkg.zip"
+        create_package(str(REPO), z, include_gitignore=True, excludes=excludes)
+        return z.stat().st_size, uri, len(zipfile.ZipFile(z).namelist())
+
+
+# ---------------------------------------------------------------- the test
+
+
+def test_job_submit_stop_export_serve(cluster, tmp_path):
+    t_all = time.time()
+    storage = tmp_path / "storage"
+    env = cluster.env
+
+    # -- 1. a training job to completion -----------------------------------------------
+    size, uri, n_files = upload_size()
+    print(f"working-dir upload: {size / 1e6:.2f} MB ({size} bytes, {n_files} entries) as {uri}")
+    assert size < MAX_UPLOAD_BYTES, f"--working-dir . would upload {size / 1e6:.1f} MB"
+
+    job1 = f"e2e-train-{uuid.uuid4().hex[:8]}"
+    t0 = time.time()
+    p = run([RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
+             "--submission-id", job1, "--",
+             "python", "jobs/train.py", "--config", "jobs/configs/debug.yaml",
+             "--storage", str(storage), "--name", "e2e"], env, timeout=600, check=False)
+    out = p.stdout + p.stderr
+    print(f"job 1 took {time.time() - t0:.1f}s")
+    m = re.search(r"(gcs://_ray_pkg_[0-9a-f]+\.zip)", out)
+    if m:
+        print(f"uploaded package {m.group(1)} (computed here: {uri})")
+    assert p.returncode == 0, f"job submit rc {p.returncode}:\n{out[-6000:]}"
+    assert job_status(cluster, job1) == "SUCCEEDED"
+
+    run_dir = storage / "e2e"
+    ckpts = sorted(d for d in run_dir.glob("checkpoint_*") if (d / "raygpt_state.json").is_file())
+    assert ckpts, f"no checkpoint under {run_dir}: {list(run_dir.iterdir()) if run_dir.exists() else 'missing'}"
+    print(f"checkpoints: {[c.name for c in ckpts]}")
+
+    logs = run([RAY, "job", "logs", "--address", cluster.dashboard, job1], env, timeout=60).stdout
+    steps = [int(s) for s in re.findall(r"step (\d+)/\d+", logs)]
+    assert steps, f"no progress lines in `ray job logs`:\n{logs[-3000:]}"
+    assert max(steps) == 20, f"steps seen: {steps}"
+
+    # -- 2. a job stopped with `ray job stop` ------------------------------------------
+    job2 = f"e2e-stop-{uuid.uuid4().hex[:8]}"
+    run([RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
+         "--submission-id", job2, "--no-wait", "--",
+         "python", "jobs/train.py", "--config", "jobs/configs/debug.yaml",
+         "--storage", str(storage), "--name", "e2e-stopped",
+         "--set", "train.max_steps=100000", "--set", "checkpoint.every=0"], env, timeout=120)
+    # Wait until it trains (a step line in its logs), so the stop hits a live run.
+    t0, trained = time.time(), False
+    while time.time() - t0 < 300 and not trained:
+        status = job_status(cluster, job2)
+        assert status not in TERMINAL, f"job 2 ended {status} before it was stopped"
+        if status == "RUNNING":
+            logs2 = run([RAY, "job", "logs", "--address", cluster.dashboard, job2], env, timeout=60).stdout
+            trained = bool(re.search(r"step \d+/100000", logs2))
+        if not trained:
+            time.sleep(3)
+    assert trained, "job 2 never logged a step"
+    t0 = time.time()
+    run([RAY, "job", "stop", "--address", cluster.dashboard, job2], env, timeout=120)
+    status = wait_status(cluster, job2, ("STOPPED",), timeout=60)
+    print(f"job 2 {status} {time.time() - t0:.1f}s after `ray job stop`")
+    assert status == "STOPPED"
+
+    # -- 3. export and serve on the same cluster ---------------------------------------
+    model_dir = tmp_path / "model"
+    run([RAYGPT, "export", str(ckpts[-1]), "--out", str(model_dir)], env, timeout=300)
+    assert (model_dir / "model.safetensors").is_file(), sorted(os.listdir(model_dir))
+
+    serve_cfg = yaml.safe_load((REPO / "serve" / "debug.yaml").read_text())
+    (http_port,) = free_ports(1)
+    serve_cfg.setdefault("http_options", {}).update({"host": "127.0.0.1", "port": http_port})
+    apps = serve_cfg["applications"]
+    for app in apps:
+        app.setdefault("args", {})["model_dir"] = str(model_dir)
+    cfg_path = tmp_path / "serve.yaml"
+    cfg_path.write_text(yaml.safe_dump(serve_cfg, sort_keys=False))
+    t0 = time.time()
+    run([SERVE, "deploy", str(cfg_path), "--address", cluster.dashboard], env, timeout=120)
+
+    route = apps[0].get("route_prefix", "/").rstrip("/")
+    url = f"http://127.0.0.1:{http_port}{route}/v1/completions"
+    body, last = None, None
+    while time.time() - t0 < 300:
+        st = run([SERVE, "status", "--address", cluster.dashboard], env, timeout=60, check=False).stdout
+        state = yaml.safe_load(st) or {}
+        app_states = {k: v.get("status") for k, v in (state.get("applications") or {}).items()}
+        if any(s in ("DEPLOY_FAILED", "UNHEALTHY") for s in app_states.values()):
+            raise AssertionError(f"serve app failed:\n{st}")
+        if app_states and all(s == "RUNNING" for s in app_states.values()):
+            try:
+                r = httpx.post(url, json={"prompt": "ROMEO:", "max_tokens": 8, "temperature": 0},
+                               timeout=60)
+                last = f"{r.status_code} {r.text[:500]}"
+                if r.status_code == 200:
+                    body = r.json()
+                    break
+            except httpx.HTTPError as e:
+                last = repr(e)
+        time.sleep(2)
+    assert body is not None, f"no completion from {url} after {time.time() - t0:.0f}s: {last}"
+    print(f"serve: RUNNING and answered in {time.time() - t0:.1f}s: {json.dumps(body)[:300]}")
+    text = body["choices"][0]["text"]
+    assert isinstance(text, str) and text, body
+    print(f"e2e total {time.time() - t_all:.1f}s")
