@@ -1,0 +1,121 @@
+"""BatchLoader: world-size invariance, determinism, shifted targets, memory mapping, errors."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from raygpt.data.loader import BatchLoader, TokenSplit
+from raygpt.data.prepare import prepare_corpus
+from raygpt.errors import UserError
+
+BLOCK = 32
+G = 8
+
+
+@pytest.fixture(scope="module")
+def multi_shard_data(tmp_path_factory):
+    """Bundled corpus again, cut into many small shards (cross-shard windows)."""
+    out = tmp_path_factory.mktemp("data") / "shards"
+    meta = prepare_corpus(None, out, tokenizer="char", shard_tokens=50_000)
+    assert meta["num_shards"]["train"] > 10
+    return out
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_world_size_invariance(char_data, split):
+    ref = BatchLoader(char_data, split, BLOCK, G, seed=1337)
+    for step in (0, 1, 2, 7, 1000):
+        x1, y1 = ref.get(step)
+        assert x1.shape == y1.shape == (G, BLOCK)
+        for w in (2, 4):
+            parts = [BatchLoader(char_data, split, BLOCK, G, seed=1337, dp_rank=r, dp_size=w).get(step)
+                     for r in range(w)]
+            for x, y in parts:
+                assert x.shape == (G // w, BLOCK)
+            assert torch.equal(torch.cat([p[0] for p in parts]), x1)
+            assert torch.equal(torch.cat([p[1] for p in parts]), y1)
+
+
+def test_deterministic_and_steps_differ(char_data):
+    a = BatchLoader(char_data, "train", BLOCK, G, seed=1)
+    b = BatchLoader(char_data, "train", BLOCK, G, seed=1)
+    for step in range(5):
+        xa, ya = a.get(step)
+        xb, yb = b.get(step)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(a.get(0)[0], a.get(1)[0])
+    assert not torch.equal(a.get(3)[0], a.get(4)[0])
+    assert not torch.equal(a.get(0)[0], BatchLoader(char_data, "train", BLOCK, G, seed=2).get(0)[0])
+    # train and val batches for the same step come from different streams and data
+    assert not np.array_equal(a.global_starts(0), BatchLoader(char_data, "val", BLOCK, G, seed=1).global_starts(0))
+    # asking for the same step again (a restart) gives the same batch
+    assert torch.equal(a.get(2)[0], a.get(2)[0])
+
+
+def test_targets_are_inputs_shifted_by_one(char_data):
+    ld = BatchLoader(char_data, "train", BLOCK, G, seed=3)
+    x, y = ld.get(5)
+    assert x.dtype == y.dtype == torch.long and x.device.type == "cpu"
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    tokens = TokenSplit(char_data, "train")
+    for row, start in enumerate(ld.global_starts(5)):
+        assert 0 <= start <= tokens.num_tokens - BLOCK - 1
+        window = torch.from_numpy(tokens.read(start, BLOCK + 1).astype(np.int64))
+        assert torch.equal(x[row], window[:-1]) and torch.equal(y[row], window[1:])
+    assert int(x.max()) < 65 and int(x.min()) >= 0
+
+
+def test_multi_shard_reads_match_single_shard(char_data, multi_shard_data):
+    one = TokenSplit(char_data, "train")
+    many = TokenSplit(multi_shard_data, "train")
+    assert len(many.shards) > 10 and one.num_tokens == many.num_tokens
+    for start, length in ((0, 10), (49_990, 20), (99_999, 100_002), (one.num_tokens - 5, 5)):
+        assert np.array_equal(one.read(start, length), many.read(start, length))
+    a = BatchLoader(char_data, "train", BLOCK, 64, seed=9)
+    b = BatchLoader(multi_shard_data, "train", BLOCK, 64, seed=9, dp_rank=1, dp_size=2)
+    assert torch.equal(a.get(3)[0][32:], b.get(3)[0])
+    with pytest.raises(IndexError):
+        many.read(many.num_tokens - 1, 2)
+
+
+def test_memory_mapped_zero_copy(char_data):
+    ts = TokenSplit(char_data, "train")
+    assert ts.num_tokens == 1_003_854 and ts.dtype == np.uint16
+    arr = ts._arrays[0]
+    assert not arr.flags.owndata and not arr.flags.writeable  # a view of the mapped file
+    view = ts.read(1000, 50)
+    assert np.shares_memory(view, arr)  # no copy inside a shard
+    clone = pickle.loads(pickle.dumps(ts))  # reopens the maps, does not ship the data
+    assert len(pickle.dumps(ts)) < 1000
+    assert np.array_equal(clone.read(123, 456), ts.read(123, 456))
+
+
+def test_get_micro(char_data):
+    ld = BatchLoader(char_data, "train", BLOCK, 12, seed=0, dp_rank=1, dp_size=2)
+    x, y = ld.get(4)
+    chunks = ld.get_micro(4, 2)
+    assert len(chunks) == 3 and all(c[0].shape == (2, BLOCK) for c in chunks)
+    assert torch.equal(torch.cat([c[0] for c in chunks]), x)
+    assert torch.equal(torch.cat([c[1] for c in chunks]), y)
+    assert len(ld.get_micro(4, 6)) == 1
+    with pytest.raises(UserError, match="train.micro_batch=4"):
+        ld.get_micro(4, 4)
+
+
+def test_errors(char_data, tmp_path):
+    with pytest.raises(UserError, match=r"train.global_batch=10 is not divisible .* size 4"):
+        BatchLoader(char_data, "train", BLOCK, 10, seed=0, dp_rank=0, dp_size=4)
+    with pytest.raises(UserError, match="rank 2"):
+        BatchLoader(char_data, "train", BLOCK, 8, seed=0, dp_rank=2, dp_size=2)
+    with pytest.raises(UserError, match="no 'train' shards"):
+        BatchLoader(tmp_path, "train", BLOCK, 8, seed=0)
+    small = tmp_path / "small"
+    src = tmp_path / "s.txt"
+    src.write_text("0123456789" * 20)  # 200 tokens: val gets 20
+    prepare_corpus(src, small)
+    BatchLoader(small, "val", 19, 4, seed=0).get(0)  # 19 + 1 tokens fit exactly
+    with pytest.raises(UserError, match=r"model.block_size=20 is larger than the data split 'val' .*\(20 tokens\)"):
+        BatchLoader(small, "val", 20, 4, seed=0)
