@@ -42,9 +42,10 @@ def state_dicts(model, optimizer):
 
 
 def save_checkpoint(path: str | os.PathLike, model, optimizer, trainer_state: dict, rank: int,
-                    tokenizer_path: str | os.PathLike | None = None, async_pg=None):
-    """Every rank calls this. Returns a Future when async_pg is given (dcp.async_save),
-    else None once the files are written."""
+                    tokenizer_path: str | os.PathLike | None = None, use_async: bool = False,
+                    async_pg=None):
+    """Every rank calls this. With use_async, returns a Future (dcp.async_save: the state
+    is staged to host memory now, written in the background); else None once written."""
     dcp = _dcp()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,7 @@ def save_checkpoint(path: str | os.PathLike, model, optimizer, trainer_state: di
         os.replace(tmp, path / STATE_FILE)
         if tokenizer_path and Path(tokenizer_path).is_file():
             shutil.copyfile(tokenizer_path, path / "tokenizer.json")
-    if async_pg is not None:
+    if use_async:
         return dcp.async_save(state, checkpoint_id=str(path), process_group=async_pg)
     dcp.save(state, checkpoint_id=str(path))
     return None
@@ -89,12 +90,35 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict:
     return read_state(path)
 
 
+def is_complete(path: str | os.PathLike) -> bool:
+    """Every shard file that DCP's .metadata references exists and is long enough. A
+    checkpoint some rank never finished (crash mid-save) fails this."""
+    p = Path(path)
+    if not (p / STATE_FILE).is_file() or not (p / ".metadata").is_file():
+        return False
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        md = FileSystemReader(str(p)).read_metadata()
+    except Exception:
+        return False
+    need: dict[str, int] = {}
+    for info in (md.storage_data or {}).values():
+        end = info.offset + info.length
+        need[info.relative_path] = max(need.get(info.relative_path, 0), end)
+    for rel, size in need.items():
+        f = p / rel
+        if not f.is_file() or f.stat().st_size < size:
+            return False
+    return True
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint in a local run directory (by step)."""
     best, best_step = None, -1
     for d in Path(run_dir).glob("checkpoint_*"):
         f = d / STATE_FILE
-        if f.is_file() and (d / ".metadata").is_file():
+        if f.is_file() and is_complete(d):
             try:
                 step = json.loads(f.read_text())["step"]
             except (ValueError, KeyError):
@@ -110,6 +134,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if not p.exists():
         raise CheckpointError(f"checkpoint path {str(p)!r} does not exist")
     if (p / STATE_FILE).is_file():
+        if not is_complete(p):
+            raise CheckpointError(f"checkpoint {str(p)!r} is incomplete (a save that did not finish)")
         return p
     latest = latest_checkpoint(p)
     if latest is None:

@@ -95,6 +95,25 @@ def check_placeable(cfg: Config, per_worker: dict) -> None:
             )
 
 
+def check_plans(cfg: Config, vocab_size: int, use_gpu: bool) -> None:
+    """Resolve the parallel plan and batch geometry for every world size the run may
+    take (an elastic run: each size in MIN..MAX), so a bad plan fails before workers."""
+    from raygpt.model.gpt import GPTConfig
+    from raygpt.parallel.plan import PlanError, resolve_plan
+    from raygpt.train.loop import batch_geometry
+
+    gcfg = GPTConfig.from_model_config(cfg.model, vocab_size)
+    lo = cfg.run.min_workers or cfg.run.num_workers
+    for world in range(lo, cfg.run.num_workers + 1):
+        try:
+            plan = resolve_plan(cfg.parallel, world, n_heads=gcfg.n_head, on_gpu=use_gpu)
+            batch_geometry(cfg.train.global_batch, plan.dp, cfg.train.micro_batch)
+        except UserError as e:
+            if lo == cfg.run.num_workers:
+                raise
+            raise PlanError(f"{e} (the elastic range {lo}:{cfg.run.num_workers} includes world size {world})") from None
+
+
 def check_existing_run(run_dir: Path, cfg: Config, vocab_size: int) -> int | None:
     """A resumed run must have the same model shape: check before starting workers."""
     from raygpt.model.gpt import GPTConfig
@@ -110,7 +129,8 @@ def check_existing_run(run_dir: Path, cfg: Config, vocab_size: int) -> int | Non
 
 
 def build_trainer(cfg: Config, *, storage: str, name: str, data_dir: str | None,
-                  run_dir: str | None, use_gpu: bool, per_worker: dict, callbacks=None):
+                  run_dir: str | None, use_gpu: bool, per_worker: dict, callbacks=None,
+                  inject: dict | None = None):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -137,7 +157,8 @@ def build_trainer(cfg: Config, *, storage: str, name: str, data_dir: str | None,
     )
     return TorchTrainer(
         train_func,
-        train_loop_config={"config": cfg.to_dict(), "data_dir": data_dir, "run_dir": run_dir},
+        train_loop_config={"config": cfg.to_dict(), "data_dir": data_dir, "run_dir": run_dir,
+                           "inject": inject or {}},
         scaling_config=scaling,
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -198,8 +219,10 @@ class _Progress:
         self._stop.set()
 
 
-def run_training(cfg: Config, *, progress: bool = True) -> dict:
-    """Run (or resume) a training job. Returns summary.json's contents."""
+def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = None) -> dict:
+    """Run (or resume) a training job. Returns summary.json's contents.
+
+    inject: fault injection for tests and chaos runs (see worker._maybe_crash_in_save)."""
     import ray
 
     from raygpt.data.prepare import ensure_data, read_meta
@@ -225,6 +248,7 @@ def run_training(cfg: Config, *, progress: bool = True) -> dict:
         if use_gpu and not _gpu_available():
             raise UserError("--use-gpu was given but the Ray cluster has no GPU")
         embedded = not (cfg.run.address or os.environ.get("RAY_ADDRESS"))
+        check_plans(cfg, meta["vocab_size"], use_gpu)
         per_worker = resolve_resources(cfg, use_gpu, embedded)
         check_placeable(cfg, per_worker)
 
@@ -240,7 +264,7 @@ def run_training(cfg: Config, *, progress: bool = True) -> dict:
               + (f" (resuming from step {resume_step})" if resume_step is not None else ""), flush=True)
         trainer = build_trainer(cfg, storage=storage, name=name, data_dir=str(data_dir),
                                 run_dir=str(run_dir) if run_dir else None, use_gpu=use_gpu,
-                                per_worker=per_worker)
+                                per_worker=per_worker, inject=inject)
         prog = _Progress(run_dir, cfg.train.max_steps) if (progress and run_dir) else None
         th = threading.Thread(target=prog.run, daemon=True) if prog else None
         if th:

@@ -39,6 +39,106 @@ def _quiet_ray_train_reports() -> None:
         pass
 
 
+def fut_async(use_async: bool, final: bool) -> bool:
+    return bool(use_async and not final)
+
+
+def _maybe_crash_in_save(inject: dict, step: int, rank: int, run_dir) -> None:
+    """Fault injection for tests and `raygpt chaos`: the process dies after writing its
+    shard locally but before reporting it, once per run (a marker file remembers)."""
+    at = inject.get("crash_in_save_at")
+    if at is None or step != at or rank != inject.get("rank", 0) or run_dir is None:
+        return
+    marker = Path(run_dir) / ".crash-in-save-injected"
+    if marker.exists():
+        return
+    marker.write_text(str(step))
+    sys.stdout.write(f"[raygpt] injected crash during checkpoint save at step {step} (rank {rank})\n")
+    sys.stdout.flush()
+    os._exit(1)
+
+
+def _register_worker(run_dir: Path, rank: int, world: int) -> None:
+    """<run_dir>/.workers/rank<r>.json: where each rank runs (used by raygpt chaos)."""
+    import json
+
+    import ray
+
+    d = run_dir / ".workers"
+    d.mkdir(parents=True, exist_ok=True)
+    for stale in d.glob("rank*.json"):
+        if rank == 0 and int(stale.stem[4:]) >= world:
+            stale.unlink(missing_ok=True)
+    info = {"rank": rank, "world_size": world, "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(), "time": time.time()}
+    tmp = d / f".rank{rank}.tmp"
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, d / f"rank{rank}.json")
+
+
+class _SigtermFlag:
+    """SIGTERM (spot reclaim, node drain) sets a flag; the loop agrees on it across ranks
+    at the next log step and writes a checkpoint before the process goes."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.set = False
+        if threading.current_thread() is threading.main_thread():
+            try:
+                signal.signal(signal.SIGTERM, self._handler)
+            except ValueError:
+                pass
+
+    def _handler(self, signum, frame):
+        self.set = True
+
+
+def _pick_restore(ray_ckpt, run_dir, world: int):
+    """The checkpoint to resume from: Ray's latest registered one, or a newer one in the
+    run directory whose every shard is on disk. Ray registers a reported checkpoint only
+    when its controller next polls the workers (every 2 s), so a worker that dies right
+    after a save would otherwise lose it. Rank 0 decides; all ranks load the same one."""
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    from raygpt.train import checkpoint as ckpt_lib
+
+    choice = [None]
+    if dist.get_rank() == 0:
+        best_path, best_step = None, -1
+        if ray_ckpt is not None:
+            try:
+                with ray_ckpt.as_directory() as d:
+                    best_step = ckpt_lib.read_state(d)["step"]
+                best_path = ("ray", ray_ckpt.path)
+            except Exception:
+                best_path, best_step = ("ray", ray_ckpt.path), -1
+        if run_dir is not None:
+            local = ckpt_lib.latest_checkpoint(run_dir)
+            if local is not None and ckpt_lib.read_state(local)["step"] > best_step:
+                best_path = ("dir", str(local))
+        choice = [best_path]
+    if world > 1:
+        dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
+        return None
+    kind, path = choice[0]
+    if kind == "ray":
+        return ray_ckpt if ray_ckpt is not None else Checkpoint(path)
+    return Checkpoint.from_directory(path)
+
+
+def _any_rank(flag: bool, device) -> bool:
+    """True if any rank has the flag (one tiny all-reduce)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def _threads(cfg: Config) -> int:
     n = int(cfg.run.cpus_per_worker or 1)
     return max(1, n)
@@ -142,7 +242,7 @@ def train_func(loop_config: dict) -> None:
 
     # ---------------------------------------------------------------- restore
     start_step, best_val, train_seconds_prev = 0, float("inf"), 0.0
-    restored = ray.train.get_checkpoint()
+    restored = _pick_restore(ray.train.get_checkpoint(), loop_config.get("run_dir"), world)
     if restored is not None:
         with restored.as_directory() as d:
             saved = ckpt_lib.read_state(d)
@@ -161,7 +261,11 @@ def train_func(loop_config: dict) -> None:
         _log(rank, f"restored step {start_step} from {restored.path}")
 
     run_dir = loop_config.get("run_dir")
+    inject = loop_config.get("inject") or {}
     writer = RunWriter(run_dir, enabled=(rank == 0 and run_dir is not None))
+    if run_dir is not None:
+        _register_worker(Path(run_dir), rank, world)
+    sigterm = _SigtermFlag()
     writer.event("start", step=start_step, world_size=world, plan=plan.describe(), micro_batch=micro,
                  accum=accum, restored=restored is not None)
     _log(rank, f"model {n_params / 1e6:.2f}M params | plan {plan.describe()} | device {device} | "
@@ -176,8 +280,12 @@ def train_func(loop_config: dict) -> None:
     tokens_per_step = cfg.train.global_batch * gcfg.block_size
     peak = device_peak_flops(device, _threads(cfg)) * world
     async_pg = None
-    if device.type == "cuda" and cfg.checkpoint.async_save:
-        async_pg = dist.new_group(backend="gloo")
+    if cfg.checkpoint.async_save and (device.type == "cuda" or inject.get("async_save_on_cpu")):
+        # DCP's async path runs its collectives on a separate gloo group (CPU tensors).
+        async_pg = dist.new_group(backend="gloo") if world > 1 else None
+        use_async = True
+    else:
+        use_async = False
     pending_save = None  # (future, local dir, step) of an async save in flight
 
     def all_mean(t: torch.Tensor) -> float:
@@ -193,17 +301,49 @@ def train_func(loop_config: dict) -> None:
                 "val_loss": val_loss, "train_seconds": train_seconds_prev + train_time,
                 "model": dict(gcfg.__dict__), "config": cfg.to_dict(), "rng": cfg.train.seed + step}
 
-    def save_and_report(step, metrics, val_loss):
+    def report_saved(local: Path, step: int, metrics: dict, upload_async: bool):
+        from ray.train import CheckpointUploadMode
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
+                         checkpoint_dir_name=f"checkpoint_{step:07d}",
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC if upload_async
+                         else CheckpointUploadMode.SYNC,
+                         delete_local_checkpoint_after_upload=True)
+
+    def finish_pending():
+        """Wait for an async save started earlier and report it (all ranks, same step)."""
+        nonlocal pending_save
+        if pending_save is None:
+            return
+        fut, local, saved_step, metrics, t_start = pending_save
+        t0 = time.perf_counter()
+        fut.result()
+        metrics["checkpoint_blocked_s"] = round(metrics["checkpoint_blocked_s"] + time.perf_counter() - t0, 4)
+        pending_save = None
+        report_saved(local, saved_step, metrics, upload_async=True)
+
+    def save_and_report(step, metrics, val_loss, final=False):
         """Write this rank's shard, then report it; Ray registers the checkpoint once
-        every rank has reported (a half-written save is never the latest)."""
+        every rank has reported (a half-written save is never the latest).
+
+        On GPU, dcp.async_save stages the state to host memory and writes it in the
+        background: training goes on, and the report (a barrier) happens at the next
+        save point or the end, when the files are complete."""
+        nonlocal pending_save
+        finish_pending()
         local = Path(tempfile.mkdtemp(prefix=f"raygpt-ckpt-{step}-"))
         t0 = time.perf_counter()
-        ckpt_lib.save_checkpoint(local, model, optimizer, trainer_state(step, val_loss), rank,
-                                 tokenizer_path)
-        metrics["checkpoint_save_s"] = round(time.perf_counter() - t0, 3)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local)),
-                         checkpoint_dir_name=f"checkpoint_{step:07d}")
-        shutil.rmtree(local, ignore_errors=True)
+        fut = ckpt_lib.save_checkpoint(local, model, optimizer, trainer_state(step, val_loss), rank,
+                                       tokenizer_path, use_async=use_async and not final,
+                                       async_pg=async_pg)
+        blocked = time.perf_counter() - t0
+        metrics["checkpoint_blocked_s"] = round(blocked, 4)
+        writer.event("checkpoint", step=step, blocked_s=round(blocked, 4), asynchronous=fut_async(use_async, final))
+        _maybe_crash_in_save(inject, step, rank, run_dir)
+        if fut is not None:
+            pending_save = (fut, local, step, metrics, t0)
+            return
+        report_saved(local, step, metrics, upload_async=False)
 
     # ---------------------------------------------------------------- loop
     model.train()
@@ -273,9 +413,18 @@ def train_func(loop_config: dict) -> None:
             if last_val is not None:
                 report["val_loss"] = last_val
             if is_ckpt:
-                save_and_report(step, report, last_val)
+                save_and_report(step, report, last_val, final=step == cfg.train.max_steps)
             else:
                 ray.train.report(report)
+        elif is_log and world > 1 and _any_rank(sigterm.set, device):
+            _log(rank, f"SIGTERM received: checkpointing step {step} before exit")
+            writer.event("sigterm", step=step)
+            save_and_report(step, {"step": step, "sigterm": True}, last_val, final=True)
+        elif is_log and world == 1 and sigterm.set:
+            _log(rank, f"SIGTERM received: checkpointing step {step} before exit")
+            writer.event("sigterm", step=step)
+            save_and_report(step, {"step": step, "sigterm": True}, last_val, final=True)
+            sigterm.set = False
         elif step % (cfg.train.log_every * 10) == 0:
             # Spot reclaim: every rank asks (it is a barrier); save while there is time.
             info = ray.train.get_preemption_info()
@@ -285,6 +434,7 @@ def train_func(loop_config: dict) -> None:
                 save_and_report(step, {"step": step, "preempted": True}, last_val)
 
     # ---------------------------------------------------------------- finish
+    finish_pending()
     if rank == 0 and run_dir is not None:
         summary = {
             "best_val_loss": best_val if best_val < float("inf") else None,

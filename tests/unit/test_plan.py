@@ -56,3 +56,18 @@ def test_lr_schedule():
     assert lr_at(5000, 1e-3, 1e-4, 100, 2000) == 1e-4
     mid = lr_at(1050, 1e-3, 1e-4, 100, 2000)
     assert mid == pytest.approx(1e-4 + 0.5 * 9e-4)
+
+
+def test_driver_checks_every_elastic_world_size():
+    from raygpt.parallel.plan import PlanError
+    from raygpt.train.launch import check_plans
+
+    ok = load_config("debug", overrides=["run.num_workers=4", "run.min_workers=1", "train.global_batch=12",
+                                         "train.micro_batch=4"])
+    check_plans(ok, 65, use_gpu=False)
+    bad = load_config("debug", overrides=["run.num_workers=3", "run.min_workers=1"])  # global batch 8
+    with pytest.raises(UserError, match="global_batch=8 is not divisible by the data-parallel size 3.*elastic range 1:3"):
+        check_plans(bad, 65, use_gpu=False)
+    hsdp = load_config("debug", overrides=["run.num_workers=2", "parallel.strategy=hsdp", "parallel.shard_degree=3"])
+    with pytest.raises(PlanError, match="shard_degree=3"):
+        check_plans(hsdp, 65, use_gpu=False)

@@ -1,0 +1,102 @@
+"""Training throughput: the plain loop and the same loop inside Ray Train, in one run.
+
+    python bench/train_throughput.py --preset gpt2-124m --steps 60            # on a GPU
+    python bench/train_throughput.py --preset debug --steps 200               # CPU smoke
+    python bench/train_throughput.py --preset gpt2-124m --set train.micro_batch=32 --set parallel.compile=true
+
+Both paths use the same model, plan, optimizer and train_step (raygpt.train.loop); the
+plain one runs in this process with no Ray at all. Prints tokens/s, MFU, peak memory and
+step time for each, and their ratio (Ray / plain).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+
+def plain_loop(cfg, steps: int, warmup: int) -> dict:
+    import torch
+
+    from raygpt.data.prepare import ensure_data, read_meta
+    from raygpt.data.loader import BatchLoader
+    from raygpt.parallel.apply import parallelize
+    from raygpt.parallel.plan import resolve_plan
+    from raygpt.train.loop import batch_geometry, build_optimizer, train_step
+    from raygpt.train.metrics import device_peak_flops
+    from raygpt.train.worker import _amp_dtype, build_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.use_gpu is not False else "cpu")
+    threads = int(cfg.run.cpus_per_worker or torch.get_num_threads())
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    data = ensure_data(cfg.data)
+    meta = read_meta(data)
+    model, g = build_model(cfg, meta["vocab_size"])
+    fpt = model.flops_per_token()
+    plan = resolve_plan(cfg.parallel, 1)
+    model = parallelize(model, plan, None, cfg.parallel, device)
+    opt = build_optimizer(model, cfg.optim, device.type)
+    _, micro, _ = batch_geometry(cfg.train.global_batch, 1, cfg.train.micro_batch)
+    loader = BatchLoader(data, "train", g.block_size, cfg.train.global_batch, cfg.train.seed)
+    amp = _amp_dtype(cfg, device)
+    t_start = None
+    for step in range(steps):
+        if step == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t_start = time.perf_counter()
+        loss, _ = train_step(model, opt, loader.get_micro(step, micro), device, amp, cfg.optim.grad_clip)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t_start
+    n = steps - warmup
+    tps = cfg.train.global_batch * g.block_size * n / dt
+    peak_mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    return {"tokens_per_s": tps, "mfu": fpt * tps / device_peak_flops(device, threads),
+            "step_ms": 1000 * dt / n, "peak_mem_mb": peak_mem, "loss": float(loss), "device": str(device)}
+
+
+def ray_loop(cfg, steps: int, warmup: int) -> dict:
+    from raygpt.train.launch import run_training
+    from raygpt.train.metrics import read_metrics
+
+    storage = tempfile.mkdtemp(prefix="raygpt-tput-")
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.storage, cfg.run.name = storage, "tput"
+    cfg.train.max_steps = steps
+    cfg.train.log_every = steps - warmup  # one window after warmup
+    cfg.train.eval_every = steps
+    cfg.train.eval_steps = 1
+    cfg.checkpoint.every = 0
+    s = run_training(cfg, progress=False)
+    last = [r for r in read_metrics(s["run_dir"]) if "tokens_per_s" in r][-1]
+    return {k: last.get(k) for k in ("tokens_per_s", "mfu", "step_ms", "peak_mem_mb", "loss")}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="debug")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--skip-plain", action="store_true")
+    args = ap.parse_args()
+    from raygpt.config import load_config
+
+    cfg = load_config(args.preset, overrides=[f"train.max_steps={args.steps}", "run.num_workers=1", *args.set])
+    plain = None if args.skip_plain else plain_loop(cfg, args.steps, args.warmup)
+    ray_r = ray_loop(cfg, args.steps, args.warmup)
+    out = {"preset": args.preset, "plain": plain, "ray_train": ray_r,
+           "ratio": ray_r["tokens_per_s"] / plain["tokens_per_s"] if plain else None}
+    print(json.dumps(out, indent=1))
+    if plain:
+        print(f"\nplain {plain['tokens_per_s']:,.0f} tok/s (MFU {100 * plain['mfu']:.1f}%) | Ray Train "
+              f"{ray_r['tokens_per_s']:,.0f} tok/s (MFU {100 * ray_r['mfu']:.1f}%) | ratio {out['ratio']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

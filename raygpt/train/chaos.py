@@ -1,0 +1,280 @@
+"""Fault injection against a real training run, with a timeline.
+
+`Chaos` follows <run_dir>/metrics.jsonl (rank 0 logs every step when train.log_every=1)
+and, when the run reaches a chosen step, kills a training worker process (SIGKILL, as
+the OOM killer or a crashed CUDA context would), removes a whole node, or adds one back
+(local multi-node clusters from ray.cluster_utils). It records what happened and when:
+failure injected -> failure detected (Ray tore the worker group down) -> worker group
+restarted -> first step after restore, and the steps lost.
+
+`raygpt chaos` runs a scenario on a local multi-node cluster (several raylets on this
+machine), e.g. `raygpt chaos --kill-worker-at 15 --remove-node-at 30 --add-node-at 40`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+WORKERS_DIR = ".workers"  # each rank writes rank<r>.json: pid, node id (see worker.py)
+
+
+@dataclass
+class Action:
+    kind: str  # kill-worker | remove-node | add-node
+    at_step: int
+    rank: int = 1  # kill-worker / remove-node: the worker (or its node) to hit
+    done: bool = False
+
+
+@dataclass
+class Timeline:
+    t0: float = field(default_factory=time.time)
+    events: list = field(default_factory=list)
+
+    def add(self, name: str, **kw):
+        rec = {"t": round(time.time() - self.t0, 3), "event": name, **kw}
+        self.events.append(rec)
+        print(f"[chaos] +{rec['t']:7.2f}s {name} {json.dumps(kw)}", flush=True)
+        return rec
+
+
+def read_workers(run_dir: Path) -> dict[int, dict]:
+    out = {}
+    for f in (run_dir / WORKERS_DIR).glob("rank*.json"):
+        try:
+            d = json.loads(f.read_text())
+            out[d["rank"]] = d
+        except (ValueError, KeyError):
+            pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+class Chaos:
+    def __init__(self, run_dir: str | os.PathLike, actions: list[Action], cluster=None,
+                 timeline: Timeline | None = None):
+        self.run_dir = Path(run_dir)
+        self.actions = sorted(actions, key=lambda a: a.at_step)
+        self.cluster = cluster
+        self.timeline = timeline or Timeline()
+        self._pos = 0
+        self._step = 0
+        self._starts = 0
+        self._pending: list[dict] = []  # injected failures awaiting recovery figures
+        self._victims: set[int] = set()
+
+    # ---------------------------------------------------------------- following
+    def _read_new(self) -> list[dict]:
+        p = self.run_dir / "metrics.jsonl"
+        if not p.exists():
+            return []
+        with open(p) as f:
+            f.seek(self._pos)
+            chunk = f.read()
+            # keep a partial last line for the next read
+            cut = chunk.rfind("\n") + 1
+            self._pos += len(chunk[:cut].encode())
+        out = []
+        for line in chunk[:cut].splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return out
+
+    def poll(self) -> None:
+        for r in self._read_new():
+            if r.get("event") == "start":
+                self._starts += 1
+                if self._starts > 1:
+                    self.timeline.add("worker group restarted", restored_step=r["step"],
+                                      world_size=r["world_size"], accum=r.get("accum"),
+                                      plan=r.get("plan"))
+                    for p in self._pending:
+                        p.setdefault("restored_step", r["step"])
+                        p.setdefault("restart_t", time.time())
+                continue
+            if "event" in r or "step" not in r:
+                continue
+            self._step = r["step"]
+            for p in self._pending:
+                if "restart_t" in p and "first_step_t" not in p and r["step"] > p["restored_step"]:
+                    p["first_step_t"] = time.time()
+                    lost = p["step"] - p["restored_step"]
+                    rec = self.timeline.add(
+                        "first step after restore", step=r["step"], world_size=r.get("world_size"),
+                        recovery_s=round(p["first_step_t"] - p["t"], 3), steps_lost=lost)
+                    p["summary"] = rec
+        self._pending = [p for p in self._pending if "first_step_t" not in p or "reported" in p]
+        # failure detection: every process of the old group is gone
+        for p in self._pending:
+            if "detected_t" not in p and p.get("old_pids") and not any(_alive(x) for x in p["old_pids"]):
+                p["detected_t"] = time.time()
+                self.timeline.add("failure detected (old worker group gone)",
+                                  after_s=round(p["detected_t"] - p["t"], 3))
+        for a in self.actions:
+            if not a.done and self._step >= a.at_step:
+                self._do(a)
+
+    # ---------------------------------------------------------------- actions
+    def _do(self, a: Action) -> None:
+        a.done = True
+        workers = read_workers(self.run_dir)
+        old_pids = [w["pid"] for w in workers.values()]
+        if a.kind == "kill-worker":
+            w = workers.get(a.rank) or workers.get(max(workers)) if workers else None
+            if w is None:
+                self.timeline.add("kill-worker skipped: no worker pids known", step=self._step)
+                return
+            os.kill(w["pid"], signal.SIGKILL)
+            rec = self.timeline.add("failure injected: worker killed", step=self._step,
+                                    rank=w["rank"], pid=w["pid"])
+            self._pending.append({**rec, "t": time.time(), "step": self._step, "old_pids": old_pids})
+        elif a.kind == "remove-node":
+            node = self._node_of(workers.get(a.rank))
+            if node is None:
+                self.timeline.add("remove-node skipped: no removable node", step=self._step)
+                return
+            self.cluster.remove_node(node, allow_graceful=False)
+            rec = self.timeline.add("failure injected: node removed", step=self._step,
+                                    node=node.unique_id[:12])
+            self._pending.append({**rec, "t": time.time(), "step": self._step, "old_pids": old_pids})
+        elif a.kind == "add-node":
+            self.cluster.add_node(**self.node_args)
+            self.timeline.add("node added", step=self._step)
+
+    node_args: dict = {"num_cpus": 1, "resources": {"w": 1}}
+
+    def _node_of(self, worker: dict | None):
+        if self.cluster is None:
+            return None
+        nodes = list(self.cluster.worker_nodes)
+        if worker is not None:
+            for n in nodes:
+                if n.unique_id == worker.get("node_id"):
+                    return n
+        return nodes[-1] if nodes else None
+
+    def follow(self, done: threading.Event, interval: float = 0.05) -> None:
+        while not done.is_set():
+            self.poll()
+            done.wait(interval)
+        self.poll()
+
+    def recoveries(self) -> list[dict]:
+        return [e for e in self.timeline.events if e["event"] == "first step after restore"]
+
+
+def run_with_chaos(cfg, actions: list[Action], cluster=None, timeline: Timeline | None = None):
+    """Run training in a thread; inject `actions` from this (main) thread, where
+    Cluster.add_node/remove_node must be called. Returns (summary, timeline, error)."""
+    from raygpt.train.launch import resolve_storage, run_training
+
+    storage = resolve_storage(cfg)
+    name = cfg.run.name
+    run_dir = Path(storage) / name
+    chaos = Chaos(run_dir, actions, cluster=cluster, timeline=timeline)
+    result: dict = {}
+    done = threading.Event()
+
+    def target():
+        try:
+            result["summary"] = run_training(cfg, progress=False)
+        except BaseException as e:  # reported to the caller
+            result["error"] = e
+        finally:
+            done.set()
+
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    chaos.follow(done)
+    th.join()
+    chaos.timeline.add("run finished", ok="error" not in result)
+    return result.get("summary"), chaos, result.get("error")
+
+
+# -------------------------------------------------------------------- CLI
+
+
+def chaos_cmd(
+    preset: str = typer.Option("debug", "--preset", "-p"),
+    config: Optional[str] = typer.Option(None, "--config", "-c"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s"),
+    nodes: int = typer.Option(2, "--nodes", help="worker nodes (1 CPU + resource 'w' each)"),
+    workers: str = typer.Option("1:2", "--num-workers", "-n", help="N or MIN:MAX (elastic)"),
+    steps: int = typer.Option(60, "--steps"),
+    kill_worker_at: List[int] = typer.Option([], "--kill-worker-at", help="step(s) to SIGKILL a worker"),
+    remove_node_at: List[int] = typer.Option([], "--remove-node-at", help="step(s) to remove a node"),
+    add_node_at: List[int] = typer.Option([], "--add-node-at", help="step(s) to add a node back"),
+    out: str = typer.Option("runs/chaos", "--out", help="storage dir; timeline.json goes in the run dir"),
+    max_failures: int = typer.Option(5, "--max-failures"),
+    resize_interval: float = typer.Option(5.0, "--resize-interval", help="elastic resize check period (s)"),
+):
+    """Train on a local multi-node Ray cluster while killing workers / removing and
+    adding nodes at chosen steps; print the recovery timeline."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from raygpt.train.commands import build_run_config
+
+    if not (kill_worker_at or remove_node_at or add_node_at):
+        kill_worker_at = [steps // 3]
+    name = f"chaos-{time.strftime('%Y%m%d-%H%M%S')}"
+    sets = ["train.log_every=1", f"train.max_steps={steps}", f"run.elastic_resize_interval_s={resize_interval}",
+            "run.cpus_per_worker=1", *(set_ or [])]
+    cfg = build_run_config(config, None if config else preset, sets, num_workers=workers, storage=out, name=name,
+                           max_failures=max_failures, resources='{"w": 1}')
+    actions = ([Action("kill-worker", s) for s in kill_worker_at]
+               + [Action("remove-node", s) for s in remove_node_at]
+               + [Action("add-node", s) for s in add_node_at])
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        for _ in range(nodes):
+            cluster.add_node(num_cpus=1, resources={"w": 1})
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        timeline = Timeline()
+        timeline.add("cluster up", nodes=nodes + 1)
+        summary, chaos, err = run_with_chaos(cfg, actions, cluster=cluster, timeline=timeline)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    run_dir = Path(out).resolve() / name
+    from raygpt.train.metrics import write_json_atomic
+
+    write_json_atomic(run_dir / "timeline.json", {"events": chaos.timeline.events, "summary": summary})
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"raygpt chaos: {run_dir}")
+    for col in ("t (s)", "event", "details"):
+        t.add_column(col)
+    for e in chaos.timeline.events:
+        d = {k: v for k, v in e.items() if k not in ("t", "event")}
+        t.add_row(f"{e['t']:.2f}", e["event"], ", ".join(f"{k}={v}" for k, v in d.items()))
+    Console().print(t)
+    if err is not None:
+        raise err
