@@ -139,6 +139,15 @@ class RunConfig(_Section):
         return self
 
 
+class DistillConfig(_Section):
+    """Knowledge distillation: train on a teacher's soft targets (raygpt distill)."""
+
+    teacher: str | None = None  # exported model dir; None = no distillation
+    temperature: float = Field(2.0, gt=0)
+    # Weight of the KL term; (1 - alpha) goes to the usual cross-entropy on the data.
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+
+
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -147,6 +156,7 @@ class Config(_Section):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     preset: str | None = None  # informational: which preset this started from
 
     @model_validator(mode="after")
@@ -179,6 +189,7 @@ SECTIONS = {
     "parallel": ParallelConfig,
     "checkpoint": CheckpointConfig,
     "run": RunConfig,
+    "distill": DistillConfig,
 }
 
 

@@ -113,6 +113,15 @@ def is_complete(path: str | os.PathLike) -> bool:
     return True
 
 
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in a local run directory, oldest first."""
+    out = []
+    for d in Path(run_dir).glob("checkpoint_*"):
+        if d.is_dir() and is_complete(d):
+            out.append((read_state(d)["step"], d))
+    return [d for _, d in sorted(out)]
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint in a local run directory (by step)."""
     best, best_step = None, -1

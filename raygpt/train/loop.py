@@ -98,7 +98,22 @@ def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def train_step(model, optimizer, micro_batches, device, amp_dtype, grad_clip: float):
+def distill_loss(student_logits, teacher_logits, targets, temperature: float, alpha: float):
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, data).
+    Returns (total, ce) so the logged loss stays comparable to plain training."""
+    import torch.nn.functional as F
+
+    V = student_logits.size(-1)
+    s = student_logits.float().view(-1, V)
+    t = teacher_logits.float().view(-1, teacher_logits.size(-1))[:, :V]
+    ce = F.cross_entropy(s, targets.view(-1))
+    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                  log_target=True, reduction="batchmean")
+    return alpha * temperature**2 * kl + (1 - alpha) * ce, ce
+
+
+def train_step(model, optimizer, micro_batches, device, amp_dtype, grad_clip: float,
+               teacher=None, distill=None):
     """One optimizer step over this rank's micro-batches.
 
     Loss of each micro-batch is divided by the number of micro-batches, so the gradient
@@ -113,9 +128,15 @@ def train_step(model, optimizer, micro_batches, device, amp_dtype, grad_clip: fl
         y = y.to(device, non_blocking=True)
         with grad_sync(model, enabled=(i == n - 1)):
             with autocast_ctx(device, amp_dtype):
-                _, loss = model(x, y)
+                if teacher is None:
+                    _, loss = model(x, y)
+                    report = loss
+                else:
+                    with torch.no_grad():
+                        t_logits = teacher(x)
+                    loss, report = distill_loss(model(x), t_logits, y, distill.temperature, distill.alpha)
             (loss / n).backward()
-        total += loss.detach().float()
+        total += report.detach().float()
     params = [p for p in model.parameters() if p.requires_grad]
     norm = clip_grad_norm(params, grad_clip)
     optimizer.step()

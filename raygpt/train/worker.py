@@ -239,6 +239,18 @@ def train_func(loop_config: dict) -> None:
     if mp is not None:
         amp_dtype = None  # FSDP's mixed-precision policy casts; no autocast on top
     optimizer = build_optimizer(model, cfg.optim, device.type)
+    teacher = None
+    if cfg.distill.teacher:
+        # The teacher runs beside the student on every worker, inference only, unwrapped.
+        from raygpt.model.io import load_model_dir
+
+        teacher, _ = load_model_dir(cfg.distill.teacher, device=device)
+        teacher.requires_grad_(False)
+        if teacher.config.vocab_size < gcfg.vocab_size and teacher.config.vocab_size < meta["vocab_size"]:
+            raise UserError(f"distill.teacher {cfg.distill.teacher}: vocabulary {teacher.config.vocab_size} "
+                            f"is smaller than the data's {meta['vocab_size']}")
+        _log(rank, f"distilling from {cfg.distill.teacher} ({teacher.num_params() / 1e6:.2f}M params, "
+                   f"T={cfg.distill.temperature}, alpha={cfg.distill.alpha})")
 
     # ---------------------------------------------------------------- restore
     start_step, best_val, train_seconds_prev = 0, float("inf"), 0.0
@@ -360,7 +372,7 @@ def train_func(loop_config: dict) -> None:
             g["lr"] = lr
         t0 = time.perf_counter()
         loss, gnorm = train_step(model, optimizer, train_loader.get_micro(step, micro), device,
-                                 amp_dtype, cfg.optim.grad_clip)
+                                 amp_dtype, cfg.optim.grad_clip, teacher=teacher, distill=cfg.distill)
         step += 1
         loss_acc += loss
         window_steps += 1

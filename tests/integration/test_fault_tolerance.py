@@ -13,7 +13,8 @@ import torch
 from raygpt.config import load_config
 from raygpt.model.io import load_model_dir
 from raygpt.train.chaos import Action, run_with_chaos
-from raygpt.train.checkpoint import export_checkpoint, is_complete, latest_checkpoint, read_state
+from raygpt.train.checkpoint import (export_checkpoint, is_complete, latest_checkpoint,
+                                     list_checkpoints, read_state)
 from raygpt.train.launch import run_training
 from raygpt.train.metrics import read_metrics
 
@@ -77,8 +78,10 @@ def test_async_checkpoint_save_path(ray_session, char_data, tmp_path):
     cfg = _cfg(char_data, tmp_path, "async", "train.max_steps=20", "optim.decay_steps=20")
     summary = run_training(cfg, progress=False, inject={"async_save_on_cpu": True})
     assert summary["steps"] == 20
-    cks = sorted((tmp_path / "async").glob("checkpoint_*"))
-    assert [read_state(c)["step"] for c in cks] == [10, 20] and all(is_complete(c) for c in cks)
+    cks = list_checkpoints(tmp_path / "async")
+    assert [read_state(c)["step"] for c in cks] == [10, 20]
+    blocked = [r for r in read_metrics(tmp_path / "async") if r.get("event") == "checkpoint"]
+    assert [r["asynchronous"] for r in blocked] == [True, False]  # the final save is synchronous
 
 
 @pytest.mark.slow

@@ -1,0 +1,89 @@
+"""`raygpt serve MODEL_DIR`: the Serve app of serve/*.yaml in one command. Heavy imports inside."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from raygpt.errors import UserError
+
+
+def serve_cmd(
+    model_dir: str = typer.Argument(..., help="exported model directory (raygpt export)"),
+    port: int = typer.Option(8000, "--port", help="HTTP port"),
+    host: str = typer.Option("127.0.0.1", "--host", help="HTTP host (0.0.0.0 for all interfaces)"),
+    replicas: Optional[int] = typer.Option(
+        None, "--replicas", min=1, help="fixed number of replicas (default: 1)"),
+    max_slots: int = typer.Option(32, "--max-slots", min=1,
+                                  help="KV-cache slots per replica (the most requests batched)"),
+    max_ongoing: int = typer.Option(64, "--max-ongoing", min=1,
+                                    help="max_ongoing_requests per replica"),
+    max_queued: int = typer.Option(256, "--max-queued", help="max_queued_requests (503 beyond; -1 = no limit)"),
+    num_cpus: float = typer.Option(1.0, "--num-cpus", min=0.0, help="CPUs per replica"),
+    num_gpus: float = typer.Option(0.0, "--num-gpus", min=0.0, help="GPUs per replica (fractions allowed)"),
+    name: str = typer.Option("raygpt", "--model-name", help="the model name clients pass"),
+    api_key_env: Optional[str] = typer.Option(
+        None, "--api-key-env", help="environment variable holding an API key (Bearer auth)"),
+    rate_limit: float = typer.Option(0.0, "--rate-limit", min=0.0,
+                                     help="requests/s per client and replica (0 = off)"),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Ray cluster to join (default: start a local Ray; 'auto' = running one)"),
+    dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard",
+                                   help="start Ray's dashboard with a local Ray (needed by `serve status`)"),
+):
+    """Serve MODEL_DIR over HTTP (OpenAI-style /v1/completions, playground at /) until Ctrl-C."""
+    import os
+    import time
+    from pathlib import Path
+
+    from raygpt.model.io import read_model_config
+
+    md = Path(model_dir).expanduser().resolve()
+    meta = read_model_config(md)  # fails fast (exit 2) on a missing/broken directory
+    if api_key_env and not os.environ.get(api_key_env):
+        raise UserError(f"--api-key-env {api_key_env}: that environment variable is empty")
+
+    import ray
+    from ray import serve
+
+    from raygpt.serving.app import make_app
+
+    import signal
+
+    def _term(signum, frame):  # SIGTERM stops like Ctrl-C: Serve and Ray shut down cleanly
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=dashboard)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        opts: dict = {"max_ongoing_requests": max_ongoing, "max_queued_requests": max_queued,
+                      "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
+        if replicas:
+            opts["num_replicas"] = replicas
+        args = {"model_dir": str(md), "max_slots": max_slots, "model_name": name,
+                "rate_limit_rps": rate_limit}
+        if api_key_env:
+            args["api_key_env"] = api_key_env
+            if address:  # a local Ray inherits our environment; a cluster's nodes do not
+                opts["ray_actor_options"]["runtime_env"] = {
+                    "env_vars": {api_key_env: os.environ[api_key_env]}}
+        serve.run(make_app(args, **opts), name="raygpt", route_prefix="/")
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        url = f"http://{shown}:{port}"
+        typer.echo(f"serving {md} (version {meta.get('version')}) as model {name!r}")
+        typer.echo(f"  playground  {url}/")
+        typer.echo(f"  API         {url}/v1/completions   (GET {url}/v1/models)")
+        typer.echo("Ctrl-C to stop.", err=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        typer.echo("stopping", err=True)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

@@ -1,0 +1,547 @@
+"""Tune sweeps of Ray Train runs (Train V2 style).
+
+Each Tune trial runs `_trial`, a function that builds and fits a `TorchTrainer`
+(raygpt.train.launch.build_trainer); a `TuneReportCallback` in the trainer's RunConfig
+carries every `ray.train.report` to Tune, where ASHA can stop the trial early.
+
+Releasing a stopped trial's resources (ray-project/ray#54305)
+------------------------------------------------------------
+When Tune stops a trial, it stops the trial's actor. The Train controller and workers
+that the trial started die with it, but the workers' placement group belongs to the
+job, not to the controller, so it keeps its CPUs/GPUs until the driver exits (Ray
+2.60 adds a detached PlacementGroupCleaner that polls the state API; it does nothing
+when the dashboard is off and acts a poll interval later otherwise). The next trial's
+worker group then waits for resources that never come.
+
+raygpt releases them itself, synchronously, before Tune starts the next trial:
+- a Train callback (`_RegisterWithReaper`, run by the controller) registers the
+  controller actor and each worker group's placement group under the trial id with a
+  small registry actor (`_Reaper`, 0 CPU, owned by the sweep driver);
+- a Tune callback (`_ReapStoppedTrials`, in the driver) runs on every trial end
+  (`on_trial_complete` is called before Tune stops the trial actor and before it
+  schedules another trial, `on_trial_error` too): it kills that trial's controller and
+  removes its placement groups, then waits until Ray reports them removed.
+A trial that finishes normally has already shut its worker group down; reaping it is a
+no-op. Tune must not stop a trial on its final report (the worker still writes its
+summary after it), so Train's `done` flag reaches Tune as `finished`, and ASHA's last
+rung stays below train.max_steps.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raygpt.config import Config, ConfigError, validate
+from raygpt.errors import UserError
+
+logger = logging.getLogger("raygpt.tune")
+
+SWEEP_FILE = "sweep.json"
+EXPERIMENT = "tune"  # Tune's experiment directory inside --out
+TRIALS = "trials"  # Train runs, one per trial id
+REAPER_NAMESPACE = "raygpt"
+# The trial actor is only a driver for its Train run: a sliver of memory, no CPU, so it
+# never competes with Train workers for cores (Tune refuses an all-zero request).
+TRIAL_ACTOR_RESOURCES = {"CPU": 0, "memory": 64 * 2**20}
+MODES = ("quality", "throughput")
+SEARCHES = ("random", "optuna")
+
+
+@dataclass
+class SweepSpec:
+    """Everything a sweep needs; saved as sweep.json so `--resume` rebuilds it."""
+
+    mode: str
+    base: dict  # the user's config (run.storage/run.name cleared)
+    space: dict  # Space.to_dict()
+    out: str
+    num_samples: int = 8
+    search: str = "random"
+    max_concurrent: int | None = None
+    steps: int | None = None  # throughput: steps per measurement trial
+    reduction_factor: int = 2
+    seed: int | None = None
+    address: str | None = None
+    storage: str | None = None  # Tune + Train state; default: <out>
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out)
+
+    @property
+    def storage_path(self) -> str:
+        return self.storage or str(self.out_path)
+
+    def save(self) -> None:
+        p = self.out_path / SWEEP_FILE
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, p)
+
+    @classmethod
+    def load(cls, out: str | os.PathLike) -> "SweepSpec":
+        p = Path(out) / SWEEP_FILE
+        if not p.is_file():
+            raise UserError(f"--resume {str(out)!r}: no {SWEEP_FILE} there (not a raygpt tune output directory)")
+        d = json.loads(p.read_text())
+        spec = cls(**d)
+        spec.out = str(Path(out).resolve())
+        return spec
+
+
+def throughput_overrides(cfg: Config, steps: int) -> dict[str, Any]:
+    """Short measurement runs: the last log window (after warm-up) gives tokens/s."""
+    return {"train.max_steps": steps, "train.log_every": max(1, steps // 2),
+            "train.eval_every": steps, "train.eval_steps": 1, "checkpoint.every": 0,
+            "optim.decay_steps": cfg.optim.decay_steps or cfg.train.max_steps,
+            "run.max_failures": 0}
+
+
+# ---------------------------------------------------------------- #54305 workaround
+
+
+class _Reaper:
+    """Registry (a 0-CPU actor owned by the driver): trial id -> its Train controller
+    actors and worker-group placement groups."""
+
+    def __init__(self):
+        self._live: dict[str, dict] = {}
+        self._reaped: set[str] = set()
+
+    def register_controller(self, trial_id: str, handle) -> None:
+        self._live.setdefault(trial_id, {"controllers": [], "pgs": []})["controllers"].append(handle)
+
+    def register_pg(self, trial_id: str, pg) -> None:
+        self._live.setdefault(trial_id, {"controllers": [], "pgs": []})["pgs"].append(pg)
+
+    def take(self, trial_id: str):
+        self._reaped.add(trial_id)
+        return self._live.pop(trial_id, None)
+
+    def take_all(self):
+        out, self._live = self._live, {}
+        self._reaped.update(out)
+        return out
+
+    def was_reaped(self, trial_id: str) -> bool:
+        return trial_id in self._reaped
+
+    def live(self) -> list[str]:
+        return sorted(self._live)
+
+
+_REAPER_HANDLE = None  # keeps the driver's registry alive for the process
+
+
+def reaper_name() -> str:
+    import ray
+
+    return f"raygpt-tune-reaper-{ray.get_runtime_context().get_job_id()}"
+
+
+def get_reaper(create: bool = False):
+    import ray
+
+    global _REAPER_HANDLE
+    name = reaper_name()
+    if create:
+        if _REAPER_HANDLE is None or getattr(_REAPER_HANDLE, "_raygpt_name", None) != name:
+            h = ray.remote(num_cpus=0)(_Reaper).options(
+                name=name, namespace=REAPER_NAMESPACE, get_if_exists=True).remote()
+            h._raygpt_name = name
+            _REAPER_HANDLE = h
+        return _REAPER_HANDLE
+    return ray.get_actor(name, namespace=REAPER_NAMESPACE)
+
+
+def release(entry: dict | None, timeout_s: float = 30.0) -> int:
+    """Kill the controllers and remove the placement groups of one trial; wait until Ray
+    reports the groups removed. Returns how many groups were still holding resources."""
+    import ray
+    from ray.util.placement_group import placement_group_table, remove_placement_group
+
+    if not entry:
+        return 0
+    for h in entry.get("controllers", []):
+        try:
+            ray.kill(h, no_restart=True)
+        except Exception:  # already gone
+            pass
+    held = []
+    for pg in entry.get("pgs", []):
+        try:
+            state = placement_group_table(pg).get("state")
+        except Exception:
+            state = None
+        if state in (None, "REMOVED"):
+            continue
+        try:
+            remove_placement_group(pg)
+            held.append(pg)
+        except Exception as e:
+            logger.warning("raygpt tune: could not remove placement group %s: %s", pg.id, e)
+    deadline = time.monotonic() + timeout_s
+    for pg in held:
+        while time.monotonic() < deadline:
+            try:
+                if placement_group_table(pg).get("state", "REMOVED") == "REMOVED":
+                    break
+            except Exception:
+                break
+            time.sleep(0.05)
+    return len(held)
+
+
+def _make_train_callbacks(trial_id: str, name: str):
+    """Train-side callbacks, built inside the trial (TuneReportCallback needs its session)."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class _TuneReport(TuneReportCallback):
+        """Train's `done` would make Tune stop the trial on its final report, while the
+        worker still writes its summary: pass it on as `finished`."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            m = [dict(x) for x in metrics]
+            m[0]["finished"] = bool(m[0].pop("done", False))
+            super().after_report(run_context, m, checkpoint)
+
+    class _RegisterWithReaper(ControllerCallback, WorkerGroupCallback):
+        """Runs in the Train controller: tell the sweep's registry what to release."""
+
+        def __init__(self, trial_id: str, reaper: str):
+            self.trial_id, self.reaper = trial_id, reaper
+
+        def _call(self, method: str, arg) -> None:
+            import ray
+
+            try:
+                h = ray.get_actor(self.reaper, namespace=REAPER_NAMESPACE)
+                ray.get(getattr(h, method).remote(self.trial_id, arg), timeout=30)
+            except Exception as e:
+                logger.warning("raygpt tune: could not register %s for trial %s: %s",
+                               method, self.trial_id, e)
+
+        def after_controller_start(self, train_run_context):
+            import ray
+
+            self._call("register_controller", ray.get_runtime_context().current_actor)
+
+        def after_worker_group_start(self, worker_group):
+            state = worker_group.get_worker_group_state()
+            self._call("register_pg", state.placement_group_handle.placement_group)
+
+    return [_TuneReport(), _RegisterWithReaper(trial_id, name)]
+
+
+def _reap_callback():
+    from ray import tune
+
+    class _ReapStoppedTrials(tune.Callback):
+        """Driver side: release a trial's Train resources the moment it ends."""
+
+        def _reap(self, trial) -> None:
+            import ray
+
+            try:
+                entry = ray.get(get_reaper().take.remote(trial.trial_id), timeout=30)
+            except Exception as e:
+                logger.warning("raygpt tune: reaper unavailable for %s: %s", trial.trial_id, e)
+                return
+            n = release(entry)
+            if n:
+                print(f"raygpt tune: released the Train workers of stopped trial {trial.trial_id} "
+                      f"({n} placement group{'s' if n > 1 else ''})", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._reap(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._reap(trial)
+
+        def on_experiment_end(self, trials, **info):
+            import ray
+
+            try:
+                rest = ray.get(get_reaper().take_all.remote(), timeout=30)
+            except Exception:
+                return
+            for entry in rest.values():
+                release(entry)
+
+    return _ReapStoppedTrials()
+
+
+# ---------------------------------------------------------------- the trial
+
+
+def _is_oom(text: str) -> bool:
+    t = text.lower()
+    return any(s in t for s in ("out of memory", "outofmemory", "low on memory", "oom"))
+
+
+def _first_line(e: BaseException) -> str:
+    """The innermost useful message of a (Train) error, one line."""
+    text = str(e).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # Train's WorkerGroupError text ends with the worker's traceback: the last line is the error.
+    cand = lines[-1] if lines else type(e).__name__
+    return cand[:300]
+
+
+def _infeasible(reason: str, **extra) -> None:
+    import ray.tune
+
+    ray.tune.report({"infeasible": True, "reason": reason, "step": 0, "val_loss": math.inf,
+                     "tokens_per_s": 0.0, "finished": False, **extra})
+
+
+def trial_values(config: dict) -> dict[str, Any]:
+    values = {k: v for k, v in config.items() if "." in k}
+    values.update(config.get("plan") or {})
+    return values
+
+
+def _trial(config: dict, ctx: dict) -> None:
+    """One Tune trial: build the trial's config, refuse it if infeasible, else fit a
+    TorchTrainer whose reports reach Tune."""
+    import ray
+    import ray.tune
+
+    from raygpt.train.launch import build_trainer, is_uri
+    from raygpt.tune.planner import Cluster, infeasible_reason, per_worker_resources
+    from raygpt.tune.space import apply_params
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    values = {**trial_values(config), **ctx["trial_overrides"]}
+    cluster = Cluster(ctx["cluster"], ctx["use_gpu"])
+    try:
+        cfg = validate(apply_params(ctx["base"], values))
+        reason = infeasible_reason(cfg, cluster, ctx["mode"])
+    except (ConfigError, UserError) as e:
+        cfg, reason = None, str(e)
+    if reason:
+        print(f"raygpt tune: trial {trial_id} is infeasible: {reason}", flush=True)
+        _infeasible(reason)
+        return
+
+    storage = ctx["train_storage"]
+    run_dir = None if is_uri(storage) else str(Path(storage) / trial_id)
+    if run_dir:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        from raygpt.config import dump_config
+
+        dump_config(cfg, Path(run_dir) / "config.yaml")
+    per_worker = per_worker_resources(cfg, ctx["use_gpu"])
+    trainer = build_trainer(cfg, storage=storage, name=trial_id, data_dir=ctx["data_dir"],
+                            run_dir=run_dir, use_gpu=ctx["use_gpu"], per_worker=per_worker,
+                            callbacks=_make_train_callbacks(trial_id, ctx["reaper"]))
+    try:
+        trainer.fit()
+    except Exception as e:
+        try:
+            reaper = ray.get_actor(ctx["reaper"], namespace=REAPER_NAMESPACE)
+            reaped = ray.get(reaper.was_reaped.remote(trial_id), timeout=10)
+        except Exception:
+            reaped = False
+        if reaped:  # stopped by Tune: its controller was killed on purpose
+            return
+        line = _first_line(e)
+        if _is_oom(f"{type(e).__name__} {e}"):
+            _infeasible(f"out of memory: {line}")
+            return
+        if ctx["mode"] == "throughput":
+            _infeasible(f"failed: {line}")
+            return
+        raise
+
+
+# ---------------------------------------------------------------- the driver
+
+
+@dataclass
+class SweepOutcome:
+    spec: SweepSpec
+    rows: list[dict] = field(default_factory=list)
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    best_path: str | None = None
+    best_row: dict | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def _cluster(spec: SweepSpec, base_cfg: Config):
+    import ray
+
+    from raygpt.tune.planner import Cluster
+
+    total = {k: float(v) for k, v in ray.cluster_resources().items()
+             if k in ("CPU", "GPU", "memory") or k in base_cfg.run.resources_per_worker}
+    use_gpu = base_cfg.run.use_gpu if base_cfg.run.use_gpu is not None else total.get("GPU", 0) > 0
+    if use_gpu and total.get("GPU", 0) <= 0:
+        raise UserError("run.use_gpu is true but the Ray cluster has no GPU")
+    return Cluster(total, bool(use_gpu))
+
+
+def _plan_trials(spec: SweepSpec, space, base_cfg: Config, cluster):
+    """-> (param_space, pre-decided rows, resource needs of the trials that will run)."""
+    from raygpt.tune.planner import candidate_configs, infeasible_reason, plan_description, plan_key, trial_resources
+    from raygpt.tune.space import trial_config
+
+    base = spec.base
+    if spec.mode == "throughput":
+        if not space.is_discrete:
+            cont = [p.key for p in space.params if p.kind in ("loguniform", "uniform")]
+            raise ConfigError(f"throughput mode measures a finite set of configurations: "
+                              f"{', '.join(cont)} must be a choice or grid")
+        pre, runs, needs, seen = [], [], [], {}
+        for i, (values, cfg, err) in enumerate(candidate_configs(base, space)):
+            row = {"config_id": i, **values}
+            reason = err or infeasible_reason(cfg, cluster, "throughput")
+            if reason:
+                pre.append({**row, "status": "infeasible", "reason": reason})
+                continue
+            key = plan_key(cfg, cluster)
+            if key in seen:
+                pre.append({**row, "status": "duplicate", "plan": plan_description(cfg, cluster),
+                            "reason": f"runs the same as config {seen[key]}"})
+                continue
+            seen[key] = i
+            runs.append({"config_id": i, **values})
+            needs.append(trial_resources(cfg, cluster.use_gpu))
+        from ray import tune
+
+        param_space = {"plan": tune.grid_search(runs)} if runs else None
+        return param_space, pre, needs
+
+    # quality: every value a discrete parameter may take bounds the trial sizes
+    needs = []
+    nw = space.get("run.num_workers")
+    for w in (nw.values() if nw else [base_cfg.run.num_workers]):
+        try:
+            cfg = trial_config(base, {**space.constants, "run.num_workers": w})
+        except ConfigError:
+            continue
+        needs.append(trial_resources(cfg, cluster.use_gpu))
+    return space.to_tune(), [], needs
+
+
+def _scheduler(spec: SweepSpec, base_cfg: Config):
+    if spec.mode != "quality":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    grace = base_cfg.train.eval_every
+    max_t = base_cfg.train.max_steps - 1  # the last rung stays below the final step
+    if grace > max_t:
+        print(f"raygpt tune: train.eval_every={grace} leaves no evaluation before the last "
+              f"step ({base_cfg.train.max_steps}): no early stopping", flush=True)
+        return None
+    return ASHAScheduler(time_attr="step", metric="val_loss", mode="min", max_t=max_t,
+                         grace_period=grace, reduction_factor=spec.reduction_factor,
+                         stop_last_trials=False)
+
+
+def _search_alg(spec: SweepSpec, space):
+    from ray.tune.search import BasicVariantGenerator
+
+    if spec.mode == "throughput" or spec.search == "random":
+        return BasicVariantGenerator(random_state=spec.seed)
+    if spec.search == "optuna":
+        if any(p.kind == "grid" for p in space.params):
+            raise ConfigError("--search optuna samples every parameter: use choice instead of grid")
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+            import optuna  # noqa: F401
+        except ImportError:
+            raise UserError("--search optuna needs the optuna package (pip install optuna)") from None
+        return OptunaSearch(metric="val_loss", mode="min", seed=spec.seed)
+    raise UserError(f"--search {spec.search!r}: expected one of {', '.join(SEARCHES)}")
+
+
+def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepOutcome:
+    """Run (or resume) a sweep; writes results into spec.out and returns them."""
+    import ray
+    from ray import tune
+
+    from raygpt.data.prepare import ensure_data
+    from raygpt.train.launch import init_ray, resolve_local_storage
+    from raygpt.tune import results as res
+    from raygpt.tune.space import parse_space
+
+    if spec.mode not in MODES:
+        raise UserError(f"--mode {spec.mode!r}: expected quality or throughput")
+    base_cfg = validate(spec.base)
+    space = parse_space(spec.space, "<sweep>")
+    out = spec.out_path
+    exp_dir = Path(spec.storage_path) / EXPERIMENT
+    if resume:
+        if not (exp_dir / "tuner.pkl").is_file():
+            raise UserError(f"--resume {spec.out}: no Tune experiment in {exp_dir}")
+    elif (exp_dir / "tuner.pkl").exists():
+        raise UserError(f"--out {spec.out} already holds a sweep: use --resume {spec.out} to "
+                        f"continue it, or another --out")
+    resolve_local_storage(str(out))
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # checkpoint-only reports
+
+    started = init_ray(spec.address)
+    try:
+        cluster = _cluster(spec, base_cfg)
+        data_dir = str(ensure_data(base_cfg.data))
+        param_space, pre_rows, needs = _plan_trials(spec, space, base_cfg, cluster)
+        from raygpt.tune.planner import max_concurrent
+
+        concurrent = max_concurrent(needs, cluster, spec.max_concurrent)
+        spec.save()
+        outcome = SweepOutcome(spec)
+        if param_space is None:  # throughput: nothing feasible to measure
+            outcome.rows = pre_rows
+            res.finish(outcome, base_cfg, cluster)
+            return outcome
+
+        get_reaper(create=True)
+        trial_overrides = throughput_overrides(base_cfg, spec.steps or 10) if spec.mode == "throughput" else {}
+        ctx = {"base": spec.base, "mode": spec.mode, "cluster": cluster.resources,
+               "use_gpu": cluster.use_gpu, "data_dir": data_dir,
+               "train_storage": str(Path(spec.storage_path) / TRIALS), "reaper": reaper_name(),
+               "trial_overrides": trial_overrides}
+        trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), TRIAL_ACTOR_RESOURCES)
+        print(f"raygpt tune: {spec.mode} sweep -> {out} | up to {concurrent} trial(s) at once "
+              f"on {cluster.cpus:g} CPU / {cluster.gpus:g} GPU"
+              + (" (resuming)" if resume else ""), flush=True)
+        if resume:
+            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    num_samples=1 if spec.mode == "throughput" else spec.num_samples,
+                    search_alg=_search_alg(spec, space),
+                    scheduler=_scheduler(spec, base_cfg),
+                    max_concurrent_trials=concurrent,
+                    reuse_actors=False,
+                    trial_dirname_creator=lambda t: t.trial_id,
+                ),
+                run_config=tune.RunConfig(
+                    name=EXPERIMENT, storage_path=spec.storage_path,
+                    callbacks=[_reap_callback()],
+                    failure_config=tune.FailureConfig(max_failures=0),
+                    verbose=int(os.environ.get("RAYGPT_TUNE_VERBOSE", "1")),
+                ),
+            )
+        grid = tuner.fit()
+        outcome.rows, outcome.curves = res.collect(grid, spec, base_cfg, cluster, space)
+        outcome.rows = pre_rows + outcome.rows
+        res.finish(outcome, base_cfg, cluster)
+        return outcome
+    finally:
+        if started:
+            ray.shutdown()
