@@ -13,6 +13,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # Keep Ray's own usage stats / metrics exporters quiet and offline.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Worker groups start slowly on a loaded 2-core machine (Ray Train's default is 60 s).
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 # Logical CPUs for the shared instance: enough for 2-worker trainers plus a Serve app.
 RAY_NUM_CPUS = int(os.environ.get("RAYGPT_TEST_CPUS", "6"))

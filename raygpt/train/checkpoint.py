@@ -152,9 +152,35 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return latest
 
 
+def download_checkpoint(uri: str) -> Path:
+    """A checkpoint (or run dir: its newest checkpoint) at a pyarrow URI -> local temp dir."""
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    path = path.rstrip("/")
+    info = fs.get_file_info(f"{path}/{STATE_FILE}")
+    if info.type == pafs.FileType.NotFound:
+        sel = pafs.FileSelector(path, allow_not_found=True)
+        dirs = sorted(i.path for i in fs.get_file_info(sel)
+                      if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+        if not dirs:
+            raise CheckpointError(f"{uri!r} holds no raygpt checkpoint")
+        path = dirs[-1]  # checkpoint_<zero-padded step>: the newest sorts last
+    local = Path(tempfile.mkdtemp(prefix="raygpt-export-"))
+    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
 def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     """DCP checkpoint -> model.safetensors + config.json + tokenizer.json (one process,
-    no process group: DCP assembles the full tensors from every rank's shard)."""
+    no process group: DCP assembles the full tensors from every rank's shard).
+    `path` may be a local dir or a pyarrow URI (s3://...)."""
+    if "://" in str(path) and not str(path).startswith("file://"):
+        path = download_checkpoint(str(path))
+    elif str(path).startswith("file://"):
+        path = str(path)[len("file://"):]
     from raygpt.config import validate
     from raygpt.model.gpt import GPT, GPTConfig
     from raygpt.model.io import save_model_dir

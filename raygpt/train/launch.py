@@ -48,6 +48,9 @@ def init_ray(address: str | None, num_cpus: int | None = None):
 
     if ray.is_initialized():
         return False
+    # Ray Train gives a worker group 60 s to start; importing torch in every worker on a
+    # busy small machine can take longer. The controller inherits this from the raylet.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -252,9 +255,18 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
         per_worker = resolve_resources(cfg, use_gpu, embedded)
         check_placeable(cfg, per_worker)
 
-        run_dir = None if is_uri(storage) else Path(storage) / name
+        run_uri = f"{storage.rstrip('/')}/{name}" if is_uri(storage) else None
+        if run_uri:
+            # Checkpoints go to the URI through Ray; metrics/summary/plot are written to a
+            # local staging dir by rank 0 and uploaded to the URI at the end.
+            from raygpt.data.prepare import cache_dir
+
+            run_dir = Path(cache_dir()) / "runs" / name
+            run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            run_dir = Path(storage) / name
         resume_step = None
-        if run_dir is not None:
+        if run_uri is None:
             resume_step = check_existing_run(run_dir, cfg, meta["vocab_size"])
             run_dir.mkdir(parents=True, exist_ok=True)
             from raygpt.config import dump_config
@@ -263,9 +275,9 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
         print(f"raygpt: run '{name}' -> {storage}/{name}"
               + (f" (resuming from step {resume_step})" if resume_step is not None else ""), flush=True)
         trainer = build_trainer(cfg, storage=storage, name=name, data_dir=str(data_dir),
-                                run_dir=str(run_dir) if run_dir else None, use_gpu=use_gpu,
-                                per_worker=per_worker, inject=inject)
-        prog = _Progress(run_dir, cfg.train.max_steps) if (progress and run_dir) else None
+                                run_dir=str(run_dir), use_gpu=use_gpu,
+                                per_worker=per_worker, inject=dict(inject or {}, run_uri=run_uri))
+        prog = _Progress(run_dir, cfg.train.max_steps) if progress else None
         th = threading.Thread(target=prog.run, daemon=True) if prog else None
         if th:
             th.start()
@@ -277,16 +289,21 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
                 th.join(timeout=2)
         if result.error:
             raise result.error
-        summary = {}
-        if run_dir is not None and (run_dir / "summary.json").is_file():
-            summary = json.loads((run_dir / "summary.json").read_text())
-        ck = result.checkpoint.path if result.checkpoint else None
-        summary["checkpoint"] = ck
-        summary["run_dir"] = str(run_dir) if run_dir else f"{storage}/{name}"
-        if run_dir is not None:
-            from raygpt.train.metrics import write_json_atomic
+        from raygpt.train.metrics import read_uri_json, upload_dir, write_json_atomic
 
-            write_json_atomic(run_dir / "summary.json", summary)
+        summary = {}
+        if (run_dir / "summary.json").is_file():
+            summary = json.loads((run_dir / "summary.json").read_text())
+        elif run_uri:  # rank 0 ran on another node
+            summary = read_uri_json(f"{run_uri}/summary.json") or {}
+        ck = result.checkpoint.path if result.checkpoint else None
+        if ck and run_uri and not is_uri(ck):
+            ck = f"{storage.split('://', 1)[0]}://{ck}"
+        summary["checkpoint"] = ck
+        summary["run_dir"] = run_uri or str(run_dir)
+        write_json_atomic(run_dir / "summary.json", summary)
+        if run_uri:
+            upload_dir(run_dir, run_uri)
         return summary
     finally:
         if started:

@@ -118,3 +118,34 @@ def plot_loss(run_dir: str | os.PathLike) -> Path | None:
     plt.close(fig)
     os.replace(tmp, out)
     return out
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str) -> int:
+    """Copy a run directory's files (not checkpoints: Ray stores those) to a pyarrow
+    filesystem URI (s3://, gs://, hdfs://, ...). Returns the number of files."""
+    import pyarrow.fs as pafs
+
+    fs, base = pafs.FileSystem.from_uri(uri)
+    local_dir = Path(local_dir)
+    n = 0
+    for f in sorted(local_dir.rglob("*")):
+        rel = f.relative_to(local_dir)
+        if not f.is_file() or rel.parts[0].startswith((".", "checkpoint_")):
+            continue
+        dest = f"{base.rstrip('/')}/{rel.as_posix()}"
+        fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(dest) as out:
+            out.write(f.read_bytes())
+        n += 1
+    return n
+
+
+def read_uri_json(uri: str) -> dict | None:
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+    except (FileNotFoundError, OSError):
+        return None

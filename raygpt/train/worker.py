@@ -254,7 +254,8 @@ def train_func(loop_config: dict) -> None:
 
     # ---------------------------------------------------------------- restore
     start_step, best_val, train_seconds_prev = 0, float("inf"), 0.0
-    restored = _pick_restore(ray.train.get_checkpoint(), loop_config.get("run_dir"), world)
+    scan_dir = None if (loop_config.get("inject") or {}).get("run_uri") else loop_config.get("run_dir")
+    restored = _pick_restore(ray.train.get_checkpoint(), scan_dir, world)
     if restored is not None:
         with restored.as_directory() as d:
             saved = ckpt_lib.read_state(d)
@@ -468,3 +469,7 @@ def train_func(loop_config: dict) -> None:
             _log(rank, f"loss plot skipped: {e}")
     writer.event("end", step=step)
     writer.close()
+    if rank == 0 and run_dir is not None and inject.get("run_uri"):
+        from raygpt.train.metrics import upload_dir
+
+        upload_dir(run_dir, inject["run_uri"])
