@@ -87,6 +87,9 @@ class TrainConfig(_Section):
     eval_every: int = Field(250, ge=1)
     eval_steps: int = Field(20, ge=1)
     log_every: int = Field(10, ge=1)
+    # Pipeline microbatches per optimizer step and data-parallel rank; 0 = auto
+    # (2 x pp_degree, or the largest divisor of the per-rank batch below it).
+    pp_microbatches: int = Field(0, ge=0)
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
@@ -103,6 +106,10 @@ class ParallelConfig(_Section):
     tp_degree: int = Field(1, ge=1)
     activation_checkpointing: bool = False
     compile: bool = False
+    # Pipeline parallelism: stages of consecutive blocks (embeddings with the first,
+    # head and loss with the last); combinable with fsdp/hsdp and tp.
+    pp_degree: int = Field(1, ge=1)
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
 
 
 class CheckpointConfig(_Section):
@@ -166,6 +173,14 @@ class Config(_Section):
             raise ValueError(
                 f"train.micro_batch={self.train.micro_batch} is larger than "
                 f"train.global_batch={self.train.global_batch}"
+            )
+        pp = self.parallel.pp_degree
+        stages = pp * (2 if self.parallel.pp_schedule == "interleaved" and pp > 1 else 1)
+        if stages > self.model.n_layer:
+            raise ValueError(
+                f"parallel.pp_degree={pp} ({stages} stages with pp_schedule="
+                f"{self.parallel.pp_schedule}) is larger than model.n_layer={self.model.n_layer}: "
+                f"every stage needs at least one block"
             )
         if self.model.n_head % self.parallel.tp_degree:
             raise ValueError(

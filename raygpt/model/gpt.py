@@ -149,8 +149,10 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
-        # A ModuleList named `blocks`: raygpt.parallel wraps each element.
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        # A ModuleDict keyed "0".."L-1" (same names as a ModuleList): a pipeline stage
+        # deletes the blocks it does not own and the parameter names stay the same, so
+        # checkpoints move between pipelined and unpipelined plans.
+        self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
         self.ln_f = LayerNorm(cfg.n_embd, cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying
@@ -174,7 +176,7 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters (the tied embedding counts once)."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and self.wpe is not None:
             n -= self.wpe.weight.numel()
         return n
 
@@ -187,14 +189,22 @@ class GPT(nn.Module):
     # ------------------------------------------------------------ forward
 
     def forward(self, idx, targets=None):
-        """idx (B,T) -> logits (B,T,V); with targets, (logits, mean cross-entropy)."""
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} > block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
-        for block in self.blocks:
+        """idx (B,T) -> logits (B,T,V); with targets, (logits, mean cross-entropy).
+
+        A pipeline stage without the embeddings takes hidden states (B,T,C) instead of
+        token ids, and one without the head returns hidden states."""
+        if self.wte is not None:
+            B, T = idx.shape
+            if T > self.config.block_size:
+                raise ValueError(f"sequence length {T} > block_size {self.config.block_size}")
+            pos = torch.arange(T, device=idx.device)
+            x = self.drop(self.wte(idx) + self.wpe(pos))
+        else:
+            x = idx
+        for block in self.blocks.values():
             x = block(x)
+        if self.lm_head is None:
+            return x
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits
@@ -220,7 +230,7 @@ class GPT(nn.Module):
         L = int(qpos.max()) + 1
         attn_mask = torch.arange(L, device=dev)[None, None, :] <= qpos[:, :, None]  # (B,T,L)
         x = self.wte(idx) + self.wpe(qpos)
-        for block, layer_cache in zip(self.blocks, cache.layers):
+        for block, layer_cache in zip(self.blocks.values(), cache.layers):
             x = block.forward_cached(x, layer_cache, slots, pos, attn_mask)
         return self.lm_head(self.ln_f(x))
 

@@ -32,7 +32,7 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
         "mlp.c_fc": ColwiseParallel(),
         "mlp.c_proj": RowwiseParallel(),
     }
-    for block in model.blocks:
+    for block in model.blocks.values():
         parallelize_module(block, tp_mesh, plan)
 
 
@@ -40,14 +40,14 @@ def apply_ac(model: nn.Module) -> None:
     """Recompute each block's activations in backward (memory for compute)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    for i, block in enumerate(model.blocks):
-        model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+    for name, block in list(model.blocks.items()):
+        model.blocks[name] = checkpoint_wrapper(block, preserve_rng_state=True)
 
 
 def apply_compile(model: nn.Module) -> None:
     """Compile each block in place (module.compile keeps parameter names unchanged, so
     checkpoints stay loadable by an uncompiled model)."""
-    for block in model.blocks:
+    for block in model.blocks.values():
         block.compile()
 
 
@@ -60,10 +60,10 @@ def apply_fsdp(model: nn.Module, dp_mesh, mp_dtype: torch.dtype | None, reshard_
     kw = {"mesh": dp_mesh}
     if mp is not None:
         kw["mp_policy"] = mp
-    n = len(model.blocks)
-    for i, block in enumerate(model.blocks):
+    blocks = list(model.blocks.values())
+    for i, block in enumerate(blocks):
         # The last block's params are needed again at once by backward: keep them.
-        fully_shard(block, reshard_after_forward=reshard_after_forward and i < n - 1, **kw)
+        fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kw)
     fully_shard(model, **kw)
 
 
@@ -87,8 +87,8 @@ def parallelize(model: nn.Module, plan: ParallelPlan, mesh, pcfg, device: torch.
         apply_compile(model)
     if plan.strategy == "ddp":
         return apply_ddp(model, device)
-    if plan.strategy in ("fsdp", "hsdp") or (plan.strategy == "tp" and plan.dp > 1):
-        if plan.replicate > 1 and plan.shard > 1:
+    if plan.shard > 1:  # fsdp, hsdp, tp+fsdp, pp+fsdp/hsdp (mesh here has no pp dim)
+        if plan.replicate > 1:
             dp_mesh = mesh["dp_replicate", "dp_shard"]
         else:
             dp_mesh = mesh["dp_shard"]

@@ -24,13 +24,14 @@ class ParallelPlan:
     replicate: int = 1
     shard: int = 1
     tp: int = 1
+    pp: int = 1
 
     def __post_init__(self):
-        prod = self.replicate * self.shard * self.tp
+        prod = self.pp * self.replicate * self.shard * self.tp
         if prod != self.world_size:
             raise PlanError(
-                f"parallel plan '{self.strategy}': replicate={self.replicate} x shard={self.shard} "
-                f"x tp={self.tp} = {prod}, but the world size is {self.world_size}"
+                f"parallel plan '{self.strategy}': pp={self.pp} x replicate={self.replicate} x "
+                f"shard={self.shard} x tp={self.tp} = {prod}, but the world size is {self.world_size}"
             )
 
     @property
@@ -39,10 +40,15 @@ class ParallelPlan:
         return self.replicate * self.shard
 
     def dp_rank(self, rank: int) -> int:
-        return rank // self.tp
+        return (rank // self.tp) % self.dp
+
+    def pp_rank(self, rank: int) -> int:
+        return rank // (self.dp * self.tp)
 
     def describe(self) -> str:
         parts = [f"{self.strategy}", f"world={self.world_size}"]
+        if self.pp > 1:
+            parts.append(f"pp={self.pp}")
         if self.replicate > 1:
             parts.append(f"replicate={self.replicate}")
         if self.shard > 1:
@@ -52,7 +58,7 @@ class ParallelPlan:
         return " ".join(parts)
 
     def mesh_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
-        dims = [("dp_replicate", self.replicate), ("dp_shard", self.shard), ("tp", self.tp)]
+        dims = [("pp", self.pp), ("dp_replicate", self.replicate), ("dp_shard", self.shard), ("tp", self.tp)]
         dims = [(n, s) for n, s in dims if s > 1] or [("dp_replicate", 1)]
         return tuple(s for _, s in dims), tuple(n for n, _ in dims)
 
@@ -72,6 +78,32 @@ def _divisors_msg(world: int) -> str:
 
 def resolve_plan(pcfg, world_size: int, n_heads: int | None = None, n_params: int | None = None,
                  device_memory: int | None = None, on_gpu: bool = False) -> ParallelPlan:
+    """pp x (replicate x shard x tp): the pipeline degree splits the world first; the
+    rest is resolved as below for world_size / pp ranks per stage."""
+    import dataclasses
+
+    pp = getattr(pcfg, "pp_degree", 1)
+    if pp == 1:
+        return _resolve_inner(pcfg, world_size, n_heads, n_params, device_memory, on_gpu)
+    if world_size % pp:
+        raise PlanError(
+            f"parallel.pp_degree={pp} does not divide the world size {world_size} "
+            f"(divisors: {_divisors_msg(world_size)})"
+        )
+    if pcfg.strategy == "ddp":
+        raise PlanError("parallel.strategy=ddp cannot be combined with parallel.pp_degree>1: "
+                        "use fsdp, hsdp or tp (with pipeline stages)")
+    inner_cfg = pcfg.model_copy(update={"strategy": "fsdp" if pcfg.strategy in ("auto", "none") else pcfg.strategy})
+    inner_world = world_size // pp
+    inner = _resolve_inner(inner_cfg, inner_world, n_heads, n_params, device_memory, on_gpu)
+    if inner.strategy == "ddp":  # hsdp with groups of one: shard instead (no DDP under pp)
+        inner = ParallelPlan(inner_world, "fsdp", shard=inner.replicate)
+    name = "pp" if inner.world_size == 1 else f"pp+{inner.strategy}"
+    return dataclasses.replace(inner, world_size=world_size, strategy=name, pp=pp)
+
+
+def _resolve_inner(pcfg, world_size: int, n_heads: int | None = None, n_params: int | None = None,
+                   device_memory: int | None = None, on_gpu: bool = False) -> ParallelPlan:
     """Turn a ParallelConfig into a concrete plan for `world_size` ranks.
 
     Elastic restarts call this again with the new world size. ddp/fsdp/hsdp on one rank

@@ -34,10 +34,29 @@ def _dcp():
     return dcp
 
 
+def _pairs(model, optimizer):
+    """(module, optimizer) pairs: one for a plain/wrapped model, one per pipeline stage."""
+    if isinstance(model, (list, tuple)):
+        return list(zip(model, optimizer))
+    return [(model, optimizer)]
+
+
+def _opts():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Flattened optimizer state: keys per parameter FQN (incl. param-group settings), so
+    # stages that hold different parameters never collide and any plan can load them.
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 def state_dicts(model, optimizer):
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = {}, {}
+    for m, o in _pairs(model, optimizer):
+        msd, osd = get_state_dict(m, o, options=_opts())
+        model_sd.update(msd)
+        optim_sd.update(osd)
     return {"model": model_sd, "optim": optim_sd}
 
 
@@ -83,10 +102,18 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     dcp = _dcp()
-    state = state_dicts(model, optimizer)
+    parts = []
+    for m, o in _pairs(model, optimizer):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(m, o, options=_opts())
+        parts.append((m, o, msd, osd))
+    state = {"model": {k: v for _, _, msd, _ in parts for k, v in msd.items()},
+             "optim": {k: v for _, _, _, osd in parts for k, v in osd.items()}}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
+    for m, o, msd, osd in parts:
+        set_state_dict(m, o, model_state_dict={k: state["model"][k] for k in msd},
+                       optim_state_dict={k: state["optim"][k] for k in osd}, options=_opts())
     return read_state(path)
 
 

@@ -110,7 +110,16 @@ def check_plans(cfg: Config, vocab_size: int, use_gpu: bool) -> None:
     for world in range(lo, cfg.run.num_workers + 1):
         try:
             plan = resolve_plan(cfg.parallel, world, n_heads=gcfg.n_head, on_gpu=use_gpu)
-            batch_geometry(cfg.train.global_batch, plan.dp, cfg.train.micro_batch)
+            per_rank, _, _ = batch_geometry(cfg.train.global_batch, plan.dp, cfg.train.micro_batch)
+            if plan.pp > 1:
+                from raygpt.train.loop import pp_microbatches
+
+                n_mb = pp_microbatches(cfg.train.pp_microbatches, per_rank, plan.pp)
+                if cfg.parallel.pp_schedule == "interleaved" and n_mb % plan.pp:
+                    raise PlanError(f"train.pp_microbatches={n_mb} must be a multiple of "
+                                    f"parallel.pp_degree={plan.pp} for the interleaved schedule")
+                if cfg.distill.teacher:
+                    raise PlanError("distillation does not run with pipeline parallelism (parallel.pp_degree>1)")
         except UserError as e:
             if lo == cfg.run.num_workers:
                 raise

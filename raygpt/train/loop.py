@@ -34,7 +34,8 @@ def build_optimizer(model: nn.Module, ocfg, device_type: str) -> torch.optim.Opt
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_embedding = name.endswith("wte.weight") or name.endswith("wpe.weight")
+        # lm_head.weight shows up only as a pipeline stage's copy of the tied embedding.
+        is_embedding = name.endswith(("wte.weight", "wpe.weight", "lm_head.weight"))
         (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": ocfg.weight_decay},
@@ -64,23 +65,46 @@ def batch_geometry(global_batch: int, dp: int, micro_max: int) -> tuple[int, int
     return per_rank, micro, per_rank // micro
 
 
+def pp_microbatches(requested: int, per_rank: int, pp: int) -> int:
+    """Pipeline microbatches per step: the requested count (must divide the per-rank
+    batch), or by default the largest divisor of it up to 2 x pp."""
+    if requested:
+        if per_rank % requested:
+            raise UserError(
+                f"train.pp_microbatches={requested} does not divide the per-rank batch {per_rank} "
+                f"(train.global_batch / data-parallel size)"
+            )
+        return requested
+    return pick_micro_batch(per_rank, 2 * pp)
+
+
 def _is_dtensor(t) -> bool:
     return type(t).__name__ == "DTensor"
 
 
 @torch.no_grad()
-def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params, max_norm: float, pp_group=None, skip: set | None = None,
+                   device=None) -> torch.Tensor:
     """Global L2 norm over plain and DTensor grads (FSDP/TP shards are reduced over their
-    mesh by DTensor), then clip. Returns the norm before clipping (a 0-d local tensor)."""
+    mesh by DTensor; pipeline stages are summed over pp_group, counting parameters in
+    `skip` (ids) zero times), then clip. Returns the norm before clipping."""
+    params = list(params)
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    total_sq = None
-    for g in grads:
-        sq = torch.linalg.vector_norm(g, dtype=torch.float32) ** 2
+    skip = skip or set()
+    total_sq = torch.zeros((), device=device or (grads[0].device if grads else "cpu"))
+    for p in params:
+        if p.grad is None or id(p) in skip:
+            continue
+        sq = torch.linalg.vector_norm(p.grad, dtype=torch.float32) ** 2
         if _is_dtensor(sq):
             sq = sq.full_tensor()
-        total_sq = sq if total_sq is None else total_sq + sq.to(total_sq.device)
+        total_sq = total_sq + sq.to(total_sq.device)
+    if pp_group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(total_sq, op=dist.ReduceOp.SUM, group=pp_group)
+    if not grads:
+        return total_sq.sqrt()
     norm = total_sq.sqrt()
     if max_norm > 0:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
@@ -110,6 +134,17 @@ def distill_loss(student_logits, teacher_logits, targets, temperature: float, al
     kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
                   log_target=True, reduction="batchmean")
     return alpha * temperature**2 * kl + (1 - alpha) * ce, ce
+
+
+def pp_train_step(pipe, optimizers, x, y, device, grad_clip: float):
+    """One optimizer step through the pipeline schedule (microbatching happens inside)."""
+    loss = pipe.forward_backward(x, y, device)
+    norm = clip_grad_norm(list(pipe.parameters()), grad_clip, pp_group=pipe.pp_group,
+                          skip=pipe.tied_duplicate(), device=device)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loss, norm
 
 
 def train_step(model, optimizer, micro_batches, device, amp_dtype, grad_clip: float,

@@ -180,7 +180,7 @@ def apply_freeze(model, freeze: list[str]) -> list[str]:
                 raise UserError(f"train.freeze entry {item!r}: expected blocks:N") from None
             if not 0 < n <= len(model.blocks):
                 raise UserError(f"train.freeze={item!r}: the model has {len(model.blocks)} blocks")
-            mods = list(model.blocks[:n])
+            mods = list(model.blocks.values())[:n]
         else:
             raise UserError(f"train.freeze entry {item!r}: expected 'embeddings' or 'blocks:N'")
         for m in mods:
@@ -201,7 +201,8 @@ def train_func(loop_config: dict) -> None:
     from raygpt.parallel.apply import parallelize
     from raygpt.parallel.plan import resolve_plan
     from raygpt.train import checkpoint as ckpt_lib
-    from raygpt.train.loop import batch_geometry, build_optimizer, evaluate, lr_at, train_step
+    from raygpt.train.loop import (batch_geometry, build_optimizer, evaluate, lr_at, pp_train_step,
+                                   train_step)
     from raygpt.train.metrics import RunWriter, device_peak_flops, plot_loss, write_json_atomic
 
     cfg = validate(loop_config["config"])
@@ -234,13 +235,25 @@ def train_func(loop_config: dict) -> None:
     dp_rank = plan.dp_rank(rank)
     per_rank, micro, accum = batch_geometry(cfg.train.global_batch, plan.dp, cfg.train.micro_batch)
 
-    mp = amp_dtype if plan.strategy in ("fsdp", "hsdp") or (plan.strategy == "tp" and plan.dp > 1) else None
-    model = parallelize(model, plan, mesh, cfg.parallel, device, mp_dtype=mp)
+    mp = amp_dtype if plan.shard > 1 else None
+    pipe = None
+    if plan.pp > 1:
+        from raygpt.parallel.pipeline import Pipeline
+        from raygpt.train.loop import pp_microbatches
+
+        n_mb = pp_microbatches(cfg.train.pp_microbatches, per_rank, plan.pp)
+        pipe = Pipeline(model, plan, mesh, cfg.parallel, device, n_mb, mp_dtype=mp)
+        model = pipe.parts  # checkpoints go over the list of stage modules
+        optimizer = [build_optimizer(p, cfg.optim, device.type) for p in pipe.parts]
+        micro, accum = per_rank // n_mb, n_mb
+    else:
+        model = parallelize(model, plan, mesh, cfg.parallel, device, mp_dtype=mp)
+        optimizer = build_optimizer(model, cfg.optim, device.type)
     if mp is not None:
         amp_dtype = None  # FSDP's mixed-precision policy casts; no autocast on top
-    optimizer = build_optimizer(model, cfg.optim, device.type)
+    optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
     teacher = None
-    if cfg.distill.teacher:
+    if cfg.distill.teacher and pipe is None:
         # The teacher runs beside the student on every worker, inference only, unwrapped.
         from raygpt.model.io import load_model_dir
 
@@ -302,10 +315,11 @@ def train_func(loop_config: dict) -> None:
     pending_save = None  # (future, local dir, step) of an async save in flight
 
     def all_mean(t: torch.Tensor) -> float:
+        """Mean over ranks; with a pipeline only the last stage's ranks hold a loss."""
         if world > 1:
             t = t.detach().clone()
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            t /= world
+            t /= (plan.dp * plan.tp) if pipe is not None else world
         return float(t)
 
     def trainer_state(step, val_loss):
@@ -359,7 +373,8 @@ def train_func(loop_config: dict) -> None:
         report_saved(local, step, metrics, upload_async=False)
 
     # ---------------------------------------------------------------- loop
-    model.train()
+    for m in (model if isinstance(model, list) else [model]):
+        m.train()
     train_time = 0.0
     window_t, window_steps = 0.0, 0
     loss_acc = torch.zeros((), device=device)
@@ -369,11 +384,16 @@ def train_func(loop_config: dict) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     while step < cfg.train.max_steps:
         lr = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, decay)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        for opt in optimizers:
+            for g in opt.param_groups:
+                g["lr"] = lr
         t0 = time.perf_counter()
-        loss, gnorm = train_step(model, optimizer, train_loader.get_micro(step, micro), device,
-                                 amp_dtype, cfg.optim.grad_clip, teacher=teacher, distill=cfg.distill)
+        if pipe is not None:
+            x, y = train_loader.get(step)
+            loss, gnorm = pp_train_step(pipe, optimizers, x, y, device, cfg.optim.grad_clip)
+        else:
+            loss, gnorm = train_step(model, optimizer, train_loader.get_micro(step, micro), device,
+                                     amp_dtype, cfg.optim.grad_clip, teacher=teacher, distill=cfg.distill)
         step += 1
         loss_acc += loss
         window_steps += 1
@@ -406,7 +426,12 @@ def train_func(loop_config: dict) -> None:
             loss_acc.zero_()
             window_t, window_steps = 0.0, 0
         if is_eval:
-            last_val = all_mean(evaluate(model, val_loader, cfg.train.eval_steps, micro, device, amp_dtype))
+            if pipe is not None:
+                vl = torch.stack([pipe.eval_loss(*val_loader.get(k), device)
+                                  for k in range(cfg.train.eval_steps)]).mean()
+            else:
+                vl = evaluate(model, val_loader, cfg.train.eval_steps, micro, device, amp_dtype)
+            last_val = all_mean(vl)
             best_val = min(best_val, last_val)
             rec["val_loss"] = last_val
         rec["best_val_loss"] = best_val if best_val < float("inf") else None

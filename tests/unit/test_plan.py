@@ -71,3 +71,24 @@ def test_driver_checks_every_elastic_world_size():
     hsdp = load_config("debug", overrides=["run.num_workers=2", "parallel.strategy=hsdp", "parallel.shard_degree=3"])
     with pytest.raises(PlanError, match="shard_degree=3"):
         check_plans(hsdp, 65, use_gpu=False)
+
+
+def test_pipeline_plans_and_errors():
+    from raygpt.config import ConfigError, ParallelConfig
+    from raygpt.parallel.pipeline import stage_layers
+    from raygpt.train.launch import check_plans
+
+    p = resolve_plan(ParallelConfig(pp_degree=2, strategy="fsdp"), 4)
+    assert (p.pp, p.shard, p.pp_rank(3), p.dp_rank(3)) == (2, 2, 1, 1)
+    assert [list(r) for r in stage_layers(5, 2)] == [[0, 1, 2], [3, 4]]
+    with pytest.raises(ConfigError, match="pp_degree=3 .* larger than model.n_layer=2"):
+        load_config("debug", overrides=["parallel.pp_degree=3"])
+    with pytest.raises(ConfigError, match="4 stages with pp_schedule=interleaved.*n_layer=2"):
+        load_config("debug", overrides=["parallel.pp_degree=2", "parallel.pp_schedule=interleaved"])
+    with pytest.raises(PlanError, match="pp_degree=2 does not divide the world size 3"):
+        resolve_plan(ParallelConfig(pp_degree=2), 3)
+    with pytest.raises(PlanError, match="ddp cannot be combined"):
+        resolve_plan(ParallelConfig(pp_degree=2, strategy="ddp"), 4)
+    bad_mb = load_config("debug", overrides=["run.num_workers=2", "parallel.pp_degree=2", "train.pp_microbatches=3"])
+    with pytest.raises(UserError, match="pp_microbatches=3 does not divide the per-rank batch 8"):
+        check_plans(bad_mb, 65, use_gpu=False)
