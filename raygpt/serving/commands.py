@@ -30,6 +30,8 @@ def serve_cmd(
         None, "--address", help="Ray cluster to join (default: start a local Ray; 'auto' = running one)"),
     dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard",
                                    help="start Ray's dashboard with a local Ray (needed by `serve status`)"),
+    step_delay: float = typer.Option(0.0, "--step-delay", min=0.0, hidden=True,
+                                     help="testing aid: sleep after each engine step"),
 ):
     """Serve MODEL_DIR over HTTP (OpenAI-style /v1/completions, playground at /) until Ctrl-C."""
     import os
@@ -65,7 +67,7 @@ def serve_cmd(
         if replicas:
             opts["num_replicas"] = replicas
         args = {"model_dir": str(md), "max_slots": max_slots, "model_name": name,
-                "rate_limit_rps": rate_limit}
+                "rate_limit_rps": rate_limit, "step_delay_s": step_delay}
         if api_key_env:
             args["api_key_env"] = api_key_env
             if address:  # a local Ray inherits our environment; a cluster's nodes do not

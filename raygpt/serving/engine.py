@@ -448,11 +448,21 @@ class Engine:
             am = logits[greedy].float().argmax(dim=-1).tolist()
             for i, t in zip(greedy, am):
                 out[i] = t
+        # Unseeded rows with the same parameters are sampled together (one call per group);
+        # a seeded row uses its own generator, so its tokens do not depend on the batch.
+        groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(reqs):
             if out[i] is None:
                 p = r.params
-                out[i] = int(sample_next(logits[i:i + 1], p.temperature, p.top_k, p.top_p,
-                                         r.generator)[0])
+                if r.generator is not None:
+                    out[i] = int(sample_next(logits[i:i + 1], p.temperature, p.top_k, p.top_p,
+                                             r.generator)[0])
+                else:
+                    groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+        for (temp, top_k, top_p), rows in groups.items():
+            toks = sample_next(logits[rows], temp, top_k, top_p).tolist()
+            for i, t in zip(rows, toks):
+                out[i] = t
         return out  # type: ignore[return-value]
 
     def _emit(self, r: Request, tok: int) -> None:

@@ -1,0 +1,487 @@
+"""Ray Serve hosting, end to end over HTTP on 127.0.0.1 (CPU, a tiny exported model).
+
+One Serve instance for the module; four applications deployed together with one
+declarative config (the `serve deploy` REST API), each on its own route prefix:
+  /main   the API (64 slots)            /over   tiny limits to provoke 503s
+  /guard  API key, rate limit, body cap  /upd    live model updates
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n"
+        "All:\nSpeak, speak.\nROMEO: JULIET? What light through yonder window breaks!\n")
+BLOCK = 64
+API_KEY = "s3cret-test-key"
+APPS = ("main", "over", "guard", "upd")
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _export(out: Path, tok_path: Path, seed: int, vocab: int) -> str:
+    from raygpt.model.gpt import GPT, GPTConfig
+    from raygpt.model.io import save_model_dir
+
+    torch.manual_seed(seed)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK, vocab_size=vocab))
+    save_model_dir(m, out, tok_path)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from raygpt.data.tokenizer import train_char_tokenizer
+
+    d = tmp_path_factory.mktemp("serve-models")
+    tok = train_char_tokenizer(TEXT)
+    tok_path = tok.save(d / "tokenizer.json")
+    a = _export(d / "model-a", tok_path, 0, tok.vocab_size)
+    b = _export(d / "model-b", tok_path, 1, tok.vocab_size)
+    broken = d / "model-broken"
+    shutil.copytree(a, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    return {"a": a, "b": b, "broken": str(broken), "tok": tok}
+
+
+class Ref:
+    """Greedy reference outputs (what `raygpt generate --temperature 0` prints)."""
+
+    def __init__(self, model_dir):
+        from raygpt.data.tokenizer import load_tokenizer
+        from raygpt.model.io import load_model_dir
+
+        self.model, self.meta = load_model_dir(model_dir)
+        self.tok = load_tokenizer(Path(model_dir) / "tokenizer.json")
+        self.version = self.meta["version"]
+        self._cache = {}
+
+    def greedy(self, prompt: str, n: int) -> str:
+        key = (prompt, n)
+        if key not in self._cache:
+            ids = torch.tensor([self.tok.encode(prompt)])
+            out = self.model.generate(ids, n, temperature=0.0)
+            self._cache[key] = self.tok.decode(out[0, ids.shape[1]:].tolist())
+        return self._cache[key]
+
+
+@pytest.fixture(scope="module")
+def refs(models):
+    return {"a": Ref(models["a"]), "b": Ref(models["b"])}
+
+
+def _app(name, model_dir, args=None, deployment=None, runtime_env=None):
+    app = {"name": name, "route_prefix": f"/{name}", "import_path": "raygpt.serving.app:build_app",
+           "args": {"model_dir": model_dir, **(args or {})},
+           "deployments": [{"name": "GPTServer", "ray_actor_options": {"num_cpus": 0.25},
+                            "health_check_period_s": 2, **(deployment or {})}]}
+    if runtime_env:
+        app["runtime_env"] = runtime_env
+    return app
+
+
+class Cluster:
+    def __init__(self, port, dashboard, models):
+        self.port, self.dashboard, self.models = port, dashboard, models
+        self.base = f"http://127.0.0.1:{port}"
+        self.upd_user_config = None
+
+    def config(self):
+        m = self.models
+        upd_dep = {"max_ongoing_requests": 32}
+        if self.upd_user_config:
+            upd_dep["user_config"] = self.upd_user_config
+        return {
+            "http_options": {"host": "127.0.0.1", "port": self.port},
+            "applications": [
+                _app("main", m["a"], {"max_slots": 64},
+                     {"max_ongoing_requests": 100, "max_queued_requests": 200}),
+                _app("over", m["a"], {"max_slots": 2, "step_delay_s": 0.05},
+                     {"max_ongoing_requests": 2, "max_queued_requests": 2,
+                      "backpressure_config": {"status_code": 503, "retry_after_s": 2}}),
+                _app("guard", m["a"], {"api_key_env": "RAYGPT_TEST_API_KEY", "rate_limit_rps": 1,
+                                       "rate_limit_burst": 3, "max_body_bytes": 2048},
+                     runtime_env={"env_vars": {"RAYGPT_TEST_API_KEY": API_KEY}}),
+                _app("upd", m["a"], {"max_slots": 16, "step_delay_s": 0.005}, upd_dep),
+            ],
+        }
+
+    def deploy(self):
+        """`serve deploy` of the whole config (PUT to the dashboard's Serve REST API)."""
+        cfg = self.config()
+        if self.dashboard:  # the client `serve deploy` uses (it adds Ray's auth token)
+            from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+            ServeSubmissionClient(self.dashboard).deploy_applications(cfg)
+        else:  # no dashboard in this Ray session: what the REST handler calls
+            from ray.serve._private.api import serve_start
+            from ray.serve.schema import ServeDeploySchema
+
+            serve_start(http_options=cfg["http_options"]).deploy_apps(
+                ServeDeploySchema.model_validate(cfg))
+
+    def wait_running(self, timeout=180):
+        from ray import serve
+
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            apps = serve.status().applications
+            st = {n: apps[n].status if n in apps else None for n in APPS}
+            if all(s == "RUNNING" for s in st.values()):
+                return
+            bad = {n: s for n, s in st.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")}
+            assert not bad, (bad, {n: apps[n].message for n in bad})
+            time.sleep(0.5)
+        raise AssertionError(f"apps not running after {timeout}s: {st}")
+
+    def client(self, app, **kw):
+        return httpx.Client(base_url=f"{self.base}/{app}", timeout=60, **kw)
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_session, models):
+    from ray import serve
+
+    ctx = ray_session.init(ignore_reinit_error=True)
+    web = ctx.address_info.get("webui_url") if hasattr(ctx, "address_info") else None
+    dashboard = f"http://{web}" if web else None
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    c = Cluster(port, dashboard, models)
+    try:
+        c.deploy()
+        c.wait_running()
+        yield c
+    finally:
+        serve.shutdown()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def sse_events(raw: str) -> list[str]:
+    """Split an SSE body into the data payloads, checking the framing on the way."""
+    assert raw.endswith("\n\n"), raw[-50:]
+    out = []
+    for block in raw.split("\n\n")[:-1]:
+        lines = block.split("\n")
+        assert len(lines) == 1 and lines[0].startswith("data: "), block
+        out.append(lines[0][len("data: "):])
+    return out
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = "?"):
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param != "?":
+        assert err["param"] == param, err
+    return err
+
+
+def stats(c, app="main"):
+    with c.client(app) as h:
+        return h.get("/v1/stats").json()["totals"]
+
+
+# ----------------------------------------------------------------------------- tests
+
+def test_completion_greedy_equals_generate(cluster, refs):
+    with cluster.client("main") as h:
+        body = {"model": "raygpt", "prompt": "ROMEO:", "max_tokens": 30, "temperature": 0}
+        r1, r2 = h.post("/v1/completions", json=body), h.post("/v1/completions", json=body)
+    assert r1.status_code == 200, r1.text
+    j = r1.json()
+    assert j["object"] == "text_completion" and j["model"] == "raygpt"
+    assert j["system_fingerprint"] == refs["a"].version
+    (ch,) = j["choices"]
+    assert ch["index"] == 0 and ch["finish_reason"] == "length"
+    assert ch["text"] == refs["a"].greedy("ROMEO:", 30)
+    assert j["usage"] == {"prompt_tokens": 6, "completion_tokens": 30, "total_tokens": 36}
+    assert r2.json()["choices"][0]["text"] == ch["text"]  # deterministic
+
+
+def test_streaming_sse(cluster, refs):
+    body = {"prompt": "All:", "max_tokens": 25, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with cluster.client("main") as h, h.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    usage = chunks[-1]
+    assert usage["choices"] == [] and usage["usage"] == {
+        "prompt_tokens": 4, "completion_tokens": 25, "total_tokens": 29}
+    text_chunks = chunks[:-1]
+    assert len(text_chunks) > 1  # streamed, not one blob
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in text_chunks) == refs["a"].greedy("All:", 25)
+    assert [c["choices"][0]["finish_reason"] for c in text_chunks][-1] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in text_chunks[:-1])
+
+
+def test_list_prompts_n_seed_stop(cluster, refs):
+    with cluster.client("main") as h:
+        body = {"prompt": ["First", "hear me"], "n": 2, "max_tokens": 12, "temperature": 0.9,
+                "top_p": 0.9, "seed": 7}
+        j = h.post("/v1/completions", json=body).json()
+        j2 = h.post("/v1/completions", json=body).json()
+        assert [c["index"] for c in j["choices"]] == [0, 1, 2, 3]
+        assert [c["text"] for c in j["choices"]] == [c["text"] for c in j2["choices"]]  # seeded
+        assert j["usage"]["prompt_tokens"] == len("First") + len("hear me")  # once per prompt
+        assert j["usage"]["completion_tokens"] == 4 * 12
+        # streaming with several choices: every index ends once
+        with h.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            chunks = [json.loads(e) for e in sse_events(r.read().decode())[:-1]]
+        texts = {}
+        for c in chunks:
+            (ch,) = c["choices"]
+            texts[ch["index"]] = texts.get(ch["index"], "") + ch["text"]
+        assert [texts[i] for i in range(4)] == [c["text"] for c in j["choices"]]
+        # stop strings
+        full = refs["a"].greedy("ROMEO:", 40)
+        stop = full[15:17]
+        s = h.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 40,
+                                            "temperature": 0, "stop": [stop]}).json()
+        assert s["choices"][0] == {"index": 0, "text": full[:full.index(stop)], "logprobs": None,
+                                   "finish_reason": "stop"}
+        # a prompt given as token ids
+        ids = refs["a"].tok.encode("ROMEO:")
+        t = h.post("/v1/completions", json={"prompt": ids, "max_tokens": 30, "temperature": 0})
+        assert t.json()["choices"][0]["text"] == refs["a"].greedy("ROMEO:", 30)
+
+
+def test_models_health_playground(cluster, refs):
+    with cluster.client("main") as h:
+        m = h.get("/v1/models").json()
+        (card,) = m["data"]
+        assert card["id"] == "raygpt" and card["version"] == refs["a"].version
+        assert card["context_length"] == BLOCK and card["last_update_error"] is None
+        assert h.get("/v1/models/raygpt").json()["version"] == refs["a"].version
+        assert_error(h.get("/v1/models/nope"), 404)
+        hz = h.get("/healthz")
+        assert hz.status_code == 200 and hz.json()["status"] == "ok"
+        page = h.get("/")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        assert '"/main"' in page.text and "{{ROOT}}" not in page.text
+        script = page.text.split("<script", 1)[1]
+        assert "://" not in script and "src=" not in script  # no CDN, nothing external
+
+
+BAD = [
+    ("{not json", 400, None),
+    ('{"prompt": "a", "unknown_field": 1}', 400, "unknown_field"),
+    ('{"max_tokens": 5}', 400, "prompt"),
+    ('{"prompt": "a", "max_tokens": 0}', 400, "max_tokens"),
+    ('{"prompt": "a", "max_tokens": -3}', 400, "max_tokens"),
+    ('{"prompt": "a", "max_tokens": 100000}', 400, "max_tokens"),
+    ('{"prompt": "a", "max_tokens": "ten"}', 400, "max_tokens"),
+    ('{"prompt": "a", "temperature": -0.5}', 400, "temperature"),
+    ('{"prompt": "a", "top_p": 0}', 400, "top_p"),
+    ('{"prompt": "a", "top_p": 1.5}', 400, "top_p"),
+    ('{"prompt": "a", "n": 0}', 400, "n"),
+    ('{"prompt": "a", "n": 1000}', 400, "n"),
+    ('{"prompt": "a", "stop": ""}', 400, "stop"),
+    ('{"prompt": "a", "stop": ["a","b","c","d","e"]}', 400, "stop"),
+    ('{"prompt": "a", "stream": "yes"}', 400, "stream"),
+    ('{"prompt": ""}', 400, "prompt"),
+    ('{"prompt": []}', 400, "prompt"),
+    ('{"prompt": ["ok", ""]}', 400, "prompt"),
+    ('{"prompt": [99999]}', 400, "prompt"),
+    ('{"prompt": "%s"}' % ("a" * (BLOCK + 1)), 400, "prompt"),
+    ('{"prompt": "snow \\u2603 man"}', 400, "prompt"),
+    ('{"prompt": "a", "model": "gpt-4"}', 404, "model"),
+    ("[1, 2]", 400, None),
+    ("", 400, None),
+]
+
+
+def test_bad_inputs_are_4xx_error_objects(cluster):
+    with cluster.client("main") as h:
+        for body, status, param in BAD:
+            r = h.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+            assert_error(r, status, param)
+        assert_error(h.get("/v1/completions"), 405)
+        assert_error(h.get("/no/such/route"), 404)
+        assert h.get("/healthz").status_code == 200  # the replica is fine
+        assert h.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
+
+
+def test_64_concurrent_streams_batch(cluster, refs):
+    prompts = ["First", "Before we", "All:", "hear me", "Speak", "ROMEO:", "JULIET?", "What light"]
+    jobs = [(prompts[i % len(prompts)], 8 + (i * 7) % 40) for i in range(64)]
+    before = stats(cluster)
+
+    async def one(client, prompt, n):
+        body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            raw = (await r.aread()).decode()
+        ev = sse_events(raw)
+        assert ev[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in ev[:-1]]
+        return "".join(ch["text"] for c in chunks for ch in c["choices"]), chunks[-1]["usage"]
+
+    async def main():
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=f"{cluster.base}/main", timeout=120,
+                                     limits=limits) as client:
+            return await asyncio.gather(*(one(client, p, n) for p, n in jobs))
+
+    results = asyncio.run(main())
+    for (p, n), (text, usage) in zip(jobs, results):
+        assert text == refs["a"].greedy(p, n), (p, n)
+        assert usage["completion_tokens"] == n and usage["prompt_tokens"] == len(p)
+    after = stats(cluster)
+    steps = after["decode_steps"] - before["decode_steps"]
+    tokens = after["tokens_generated"] - before["tokens_generated"]
+    assert tokens == sum(n for _, n in jobs)
+    assert steps < tokens / 4, f"{steps} decode steps for {tokens} tokens: not batching"
+
+
+def test_overload_503_with_retry_after(cluster):
+    """max_ongoing 2 + max_queued 2: of 16 simultaneous requests some get 503 + Retry-After,
+    all others complete, and the service is healthy afterwards."""
+
+    async def one(client):
+        r = await client.post("/v1/completions",
+                              json={"prompt": "hear", "max_tokens": 20, "temperature": 0})
+        return r
+
+    async def main():
+        async with httpx.AsyncClient(base_url=f"{cluster.base}/over", timeout=120,
+                                     limits=httpx.Limits(max_connections=32)) as client:
+            return await asyncio.gather(*(one(client) for _ in range(16)))
+
+    rs = asyncio.run(main())
+    codes = [r.status_code for r in rs]
+    rejected = [r for r in rs if r.status_code == 503]
+    ok = [r for r in rs if r.status_code == 200]
+    assert len(rejected) + len(ok) == len(rs), codes
+    assert rejected, codes
+    assert len(ok) >= 4, codes
+    assert all(r.headers.get("retry-after") == "2" for r in rejected)
+    texts = {r.json()["choices"][0]["text"] for r in ok}
+    assert len(texts) == 1 and all(r.json()["usage"]["completion_tokens"] == 20 for r in ok)
+    with cluster.client("over") as h:
+        assert h.get("/healthz").status_code == 200
+        assert h.post("/v1/completions", json={"prompt": "hear", "max_tokens": 3}).status_code == 200
+
+
+def test_auth_rate_limit_body_limit(cluster):
+    with cluster.client("guard") as h:
+        assert h.get("/healthz").status_code == 200  # health is public
+        err = assert_error(h.post("/v1/completions", json={"prompt": "a"}), 401)
+        assert err["code"] == "invalid_api_key"
+        assert_error(h.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    with cluster.client("guard", headers=auth) as h:
+        r = h.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        big = json.dumps({"prompt": "a", "user": "u" * 4000})
+        assert_error(h.post("/v1/completions", content=big,
+                            headers={"content-type": "application/json"}), 413)
+        codes = [h.get("/v1/models") for _ in range(8)]
+        limited = [r for r in codes if r.status_code == 429]
+        assert limited, [r.status_code for r in codes]
+        err = assert_error(limited[0], 429)
+        assert err["code"] == "rate_limit_exceeded" and int(limited[0].headers["retry-after"]) >= 1
+        time.sleep(2.5)
+        assert h.get("/v1/models").status_code == 200  # the bucket refills
+
+
+def test_model_update_under_load(cluster, refs, models):
+    """user_config.model_dir A -> B under streaming load: no request fails, each one is
+    entirely from A or entirely from B; then a broken dir is refused, B keeps serving."""
+    prompt, n = "ROMEO:", 30
+    expect = {refs["a"].version: refs["a"].greedy(prompt, n),
+              refs["b"].version: refs["b"].greedy(prompt, n)}
+    assert len(set(expect.values())) == 2
+    results, errors = [], []
+    stop = asyncio.Event()
+
+    async def client_loop(client):
+        while not stop.is_set():
+            body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True}
+            try:
+                async with client.stream("POST", "/v1/completions", json=body) as r:
+                    raw = (await r.aread()).decode()
+                    if r.status_code != 200:
+                        errors.append((r.status_code, raw))
+                        continue
+                ev = sse_events(raw)
+                assert ev[-1] == "[DONE]"
+                chunks = [json.loads(e) for e in ev[:-1]]
+                fps = {c["system_fingerprint"] for c in chunks}
+                text = "".join(c["choices"][0]["text"] for c in chunks)
+                results.append((fps, text, chunks[-1]["choices"][0]["finish_reason"]))
+            except Exception as e:  # noqa: BLE001 - every failure is a dropped request
+                errors.append(repr(e))
+
+    async def version(client):
+        return (await client.get("/v1/models")).json()["data"][0]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=f"{cluster.base}/upd", timeout=120) as client:
+            loops = [asyncio.create_task(client_loop(client)) for _ in range(6)]
+            t0 = time.time()
+            while len(results) < 6:  # model A is serving the load
+                assert time.time() - t0 < 60 and not errors, errors[:3]
+                await asyncio.sleep(0.1)
+            cluster.upd_user_config = {"model_dir": models["b"]}
+            await asyncio.to_thread(cluster.deploy)
+            t0 = time.time()
+            while (await version(client))["version"] != refs["b"].version:
+                assert time.time() - t0 < 120, "model B never became current"
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(1.5)  # keep the load on after the swap
+            stop.set()
+            await asyncio.gather(*loops)
+            # a broken model dir: refused, B keeps serving, the error is reported
+            cluster.upd_user_config = {"model_dir": models["broken"]}
+            await asyncio.to_thread(cluster.deploy)
+            t0 = time.time()
+            while True:
+                card = await version(client)
+                if card["last_update_error"]:
+                    break
+                assert time.time() - t0 < 120, "the broken model dir was never tried"
+                await asyncio.sleep(0.2)
+            r = await client.post("/v1/completions",
+                                  json={"prompt": prompt, "max_tokens": n, "temperature": 0})
+            return card, r
+
+    card, r = asyncio.run(main())
+    assert not errors, errors[:3]
+    by_version = {}
+    for fps, text, finish in results:
+        assert len(fps) == 1, fps  # never a mix of models within one request
+        (fp,) = fps
+        assert text == expect[fp] and finish == "length"
+        by_version[fp] = by_version.get(fp, 0) + 1
+    assert set(by_version) == set(expect), by_version  # traffic was served by both
+    assert card["version"] == refs["b"].version
+    assert card["last_update_error"]["model_dir"] == models["broken"]
+    assert "model.safetensors" in card["last_update_error"]["error"]
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == expect[refs["b"].version]
+    from ray import serve
+
+    assert serve.status().applications["upd"].status == "RUNNING"

@@ -1,0 +1,183 @@
+"""The continuous-batching engine, without Ray."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from raygpt.data.tokenizer import train_char_tokenizer
+from raygpt.model.gpt import GPT, GPTConfig
+from raygpt.serving.engine import (
+    Engine,
+    EngineClosed,
+    InvalidRequest,
+    PromptTooLong,
+    SamplingParams,
+)
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak.\n"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_char_tokenizer(TEXT)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=tok.vocab_size))
+    return m.eval()
+
+
+@pytest.fixture
+def engine(model, tok):
+    e = Engine(model, tok, max_slots=8).start()
+    yield e
+    e.abort()
+
+
+def reference(model, tok, prompt, n):
+    ids = torch.tensor([tok.encode(prompt)])
+    out = model.generate(ids, n, temperature=0.0)[0, ids.shape[1]:].tolist()
+    return out
+
+
+def test_greedy_equals_generate(engine, model, tok):
+    for prompt, n in [("First", 20), ("hear me", 5), ("A", 63), ("Speak, speak.", 64)]:
+        c = engine.generate(prompt, SamplingParams(max_tokens=n, temperature=0))
+        ref = reference(model, tok, prompt, n)
+        assert c.token_ids == ref, prompt
+        assert c.text == tok.decode(ref)
+        assert c.prompt_tokens == len(prompt) and c.completion_tokens == len(ref)
+    # prompt + max_tokens beyond the context: capped, finish_reason "length"
+    c = engine.generate("Speak, speak.", SamplingParams(max_tokens=64, temperature=0))
+    assert c.completion_tokens == 64 - len("Speak, speak.") and c.finish_reason == "length"
+
+
+def test_continuous_batching(engine, model, tok):
+    """Requests of different lengths submitted mid-flight share decode steps and still
+    produce exactly the unbatched greedy output."""
+    jobs = [("First", 40), ("Before we", 7), ("All", 25), ("hear", 50), ("me ", 3),
+            ("speak", 33), ("proceed", 12), ("Citizen", 45), ("further", 20), ("A", 9)]
+    before = engine.stats()
+    reqs = []
+    for i, (p, n) in enumerate(jobs):
+        reqs.append(engine.submit(p, SamplingParams(max_tokens=n, temperature=0)))
+        if i % 3 == 2:
+            threading.Event().wait(0.01)  # later requests join a running batch
+    outs = [r.result(timeout=60) for r in reqs]
+    for (p, n), c in zip(jobs, outs):
+        assert c.token_ids == reference(model, tok, p, n), p
+        assert c.finish_reason == "length"
+    after = engine.stats()
+    steps = after["decode_steps"] - before["decode_steps"]
+    total = sum(c.completion_tokens for c in outs)
+    assert total == sum(n for _, n in jobs)
+    assert after["max_batch"] > 1
+    assert steps < total / 2, (steps, total)
+    assert after["active"] == 0 and after["waiting"] == 0
+
+
+def test_more_requests_than_slots(model, tok):
+    e = Engine(model, tok, max_slots=2).start()
+    try:
+        reqs = [e.submit("hear", SamplingParams(max_tokens=10, temperature=0)) for _ in range(7)]
+        outs = [r.result(timeout=60) for r in reqs]
+        assert all(o.token_ids == outs[0].token_ids for o in outs)
+        assert e.stats()["max_batch"] == 2
+    finally:
+        e.abort()
+
+
+def test_stop_strings(engine, tok):
+    full = engine.generate("First", SamplingParams(max_tokens=30, temperature=0)).text
+    stop = full[10:12]
+    c = engine.generate("First", SamplingParams(max_tokens=30, temperature=0, stop=[stop, "QQQ"]))
+    assert c.finish_reason == "stop"
+    assert c.text == full[: full.index(stop)]
+    assert stop not in c.text
+    # streamed deltas add up to the same text (held-back partial matches are released)
+    r = engine.submit("First", SamplingParams(max_tokens=30, temperature=0, stop=[stop]), loop=False)
+    evs = list(r.events(timeout=30))
+    assert "".join(e.text for e in evs) == c.text and evs[-1].finish_reason == "stop"
+    # a stop string that never matches: the held-back prefix is flushed at the end
+    c2 = engine.generate("First", SamplingParams(max_tokens=30, temperature=0,
+                                                 stop=[full[-1] + "\u00e9"]))
+    assert c2.text == full and c2.finish_reason == "length"
+
+
+def test_seeds_reproducible(engine):
+    p = SamplingParams(max_tokens=30, temperature=1.0, top_k=20, top_p=0.9, seed=1234)
+    a = engine.generate("hear", p)
+    # the same seed while other requests share the batch gives the same tokens
+    noise = [engine.submit("All", SamplingParams(max_tokens=40, temperature=1.0), loop=False)
+             for _ in range(4)]
+    b = engine.generate("hear", SamplingParams(**{**p.__dict__}))
+    for r in noise:
+        r.result(timeout=30)
+    c = engine.generate("hear", SamplingParams(**{**p.__dict__, "seed": 99}))
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_rejections(engine, tok):
+    with pytest.raises(PromptTooLong):
+        engine.submit("a" * 65)
+    with pytest.raises(InvalidRequest):
+        engine.submit("")
+    with pytest.raises(InvalidRequest):
+        engine.submit("First", SamplingParams(max_tokens=0))
+    with pytest.raises(InvalidRequest):
+        engine.submit("First", SamplingParams(temperature=-1))
+    with pytest.raises(InvalidRequest):
+        engine.submit("First", SamplingParams(top_p=0))
+    with pytest.raises(InvalidRequest):
+        engine.submit([tok.vocab_size + 5])
+    from raygpt.errors import UserError
+
+    with pytest.raises(UserError):
+        engine.submit("\u2603 unknown char")
+    # a prompt that fills the whole context still yields one token, like GPT.generate
+    c = engine.generate("a" * 64, SamplingParams(max_tokens=5, temperature=0))
+    assert c.completion_tokens == 1 and c.finish_reason == "length"
+
+
+def test_async_streaming_and_cancel(engine):
+    async def main():
+        r = engine.submit("First", SamplingParams(max_tokens=40, temperature=0))
+        got = []
+        async for ev in r.aevents():
+            got.append(ev)
+        assert got[-1].finish_reason == "length"
+        assert sum(len(e.token_ids) for e in got) == 40
+        # cancel mid-stream frees the slot
+        r2 = engine.submit("First", SamplingParams(max_tokens=60, temperature=0))
+        async for ev in r2.aevents():
+            r2.cancel()
+            if ev.finish_reason:
+                break
+        return ev
+
+    ev = asyncio.run(main())
+    assert ev.finish_reason in ("cancelled", "length")
+    for _ in range(100):
+        if engine.stats()["active"] == 0:
+            break
+        threading.Event().wait(0.01)
+    assert engine.stats()["active"] == 0
+
+
+def test_close_drains(model, tok):
+    e = Engine(model, tok, max_slots=4).start()
+    reqs = [e.submit("hear", SamplingParams(max_tokens=30, temperature=0), loop=False)
+            for _ in range(6)]
+    e.close(wait=False)
+    with pytest.raises(EngineClosed):
+        e.submit("hear")
+    outs = [r.result(timeout=60) for r in reqs]
+    assert all(o.finish_reason == "length" and o.completion_tokens == 30 for o in outs)
+    e.close()
+    assert not e._thread.is_alive()
