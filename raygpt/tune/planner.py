@@ -46,10 +46,12 @@ def trial_resources(cfg: Config, use_gpu: bool) -> dict[str, float]:
     return {k: v * cfg.run.num_workers for k, v in per.items()}
 
 
-def infeasible_reason(cfg: Config, cluster: Cluster, mode: str = "quality") -> str | None:
+def infeasible_reason(cfg: Config, cluster: Cluster, mode: str = "quality",
+                      vocab_size: int | None = None) -> str | None:
     """Why this configuration cannot run on this cluster, or None."""
     from raygpt.errors import UserError
     from raygpt.parallel.plan import resolve_plan
+    from raygpt.train.launch import check_plans
     from raygpt.train.loop import batch_geometry, pick_micro_batch
 
     n = cfg.run.num_workers
@@ -60,6 +62,8 @@ def infeasible_reason(cfg: Config, cluster: Cluster, mode: str = "quality") -> s
             return (f"run.num_workers={n} needs {need:g} {key} ({per:g} per worker) "
                     f"but the cluster has {have:g}")
     try:
+        # the training driver's own checks (plan for every world size, batch split, pipeline)
+        check_plans(cfg, vocab_size or cfg.model.vocab_size or 256, cluster.use_gpu)
         plan = resolve_plan(cfg.parallel, n, n_heads=cfg.model.n_head, on_gpu=cluster.use_gpu)
         per_rank, micro, _ = batch_geometry(cfg.train.global_batch, plan.dp, cfg.train.micro_batch)
     except UserError as e:

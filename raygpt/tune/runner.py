@@ -59,7 +59,7 @@ class SweepSpec:
 
     mode: str
     base: dict  # the user's config (run.storage/run.name cleared)
-    space: dict  # Space.to_dict()
+    space: dict | None  # Space.to_dict(); None: the mode's default space
     out: str
     num_samples: int = 8
     search: str = "random"
@@ -324,7 +324,7 @@ def _trial(config: dict, ctx: dict) -> None:
     cluster = Cluster(ctx["cluster"], ctx["use_gpu"])
     try:
         cfg = validate(apply_params(ctx["base"], values))
-        reason = infeasible_reason(cfg, cluster, ctx["mode"])
+        reason = infeasible_reason(cfg, cluster, ctx["mode"], ctx.get("vocab_size"))
     except (ConfigError, UserError) as e:
         cfg, reason = None, str(e)
     if reason:
@@ -366,6 +366,10 @@ def _trial(config: dict, ctx: dict) -> None:
 # ---------------------------------------------------------------- the driver
 
 
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
 @dataclass
 class SweepOutcome:
     spec: SweepSpec
@@ -389,7 +393,7 @@ def _cluster(spec: SweepSpec, base_cfg: Config):
     return Cluster(total, bool(use_gpu))
 
 
-def _plan_trials(spec: SweepSpec, space, base_cfg: Config, cluster):
+def _plan_trials(spec: SweepSpec, space, base_cfg: Config, cluster, vocab_size: int | None = None):
     """-> (param_space, pre-decided rows, resource needs of the trials that will run)."""
     from raygpt.tune.planner import candidate_configs, infeasible_reason, plan_description, plan_key, trial_resources
     from raygpt.tune.space import trial_config
@@ -403,7 +407,7 @@ def _plan_trials(spec: SweepSpec, space, base_cfg: Config, cluster):
         pre, runs, needs, seen = [], [], [], {}
         for i, (values, cfg, err) in enumerate(candidate_configs(base, space)):
             row = {"config_id": i, **values}
-            reason = err or infeasible_reason(cfg, cluster, "throughput")
+            reason = err or infeasible_reason(cfg, cluster, "throughput", vocab_size)
             if reason:
                 pre.append({**row, "status": "infeasible", "reason": reason})
                 continue
@@ -448,11 +452,13 @@ def _scheduler(spec: SweepSpec, base_cfg: Config):
                          stop_last_trials=False)
 
 
-def _search_alg(spec: SweepSpec, space):
+def _search_alg(spec: SweepSpec, space, concurrent: int):
+    """-> (search algorithm, max_concurrent_trials for TuneConfig). Tune ignores
+    max_concurrent_trials for a BasicVariantGenerator instance: it takes the limit itself."""
     from ray.tune.search import BasicVariantGenerator
 
     if spec.mode == "throughput" or spec.search == "random":
-        return BasicVariantGenerator(random_state=spec.seed)
+        return BasicVariantGenerator(max_concurrent=concurrent, random_state=spec.seed), None
     if spec.search == "optuna":
         if any(p.kind == "grid" for p in space.params):
             raise ConfigError("--search optuna samples every parameter: use choice instead of grid")
@@ -461,7 +467,7 @@ def _search_alg(spec: SweepSpec, space):
             import optuna  # noqa: F401
         except ImportError:
             raise UserError("--search optuna needs the optuna package (pip install optuna)") from None
-        return OptunaSearch(metric="val_loss", mode="min", seed=spec.seed)
+        return OptunaSearch(metric="val_loss", mode="min", seed=spec.seed), concurrent
     raise UserError(f"--search {spec.search!r}: expected one of {', '.join(SEARCHES)}")
 
 
@@ -478,7 +484,6 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepOutcome:
     if spec.mode not in MODES:
         raise UserError(f"--mode {spec.mode!r}: expected quality or throughput")
     base_cfg = validate(spec.base)
-    space = parse_space(spec.space, "<sweep>")
     out = spec.out_path
     exp_dir = Path(spec.storage_path) / EXPERIMENT
     if resume:
@@ -493,8 +498,18 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepOutcome:
     started = init_ray(spec.address)
     try:
         cluster = _cluster(spec, base_cfg)
+        if spec.space is None:  # the mode's default space, sized to this cluster
+            from raygpt.tune.space import default_space
+
+            devices = cluster.gpus if cluster.use_gpu else cluster.cpus
+            per = base_cfg.run.gpus_per_worker if cluster.use_gpu else (base_cfg.run.cpus_per_worker or 1)
+            spec.space = default_space(spec.mode, base_cfg, int(devices // per)).to_dict()
+        space = parse_space(spec.space, "<sweep>")
         data_dir = str(ensure_data(base_cfg.data))
-        param_space, pre_rows, needs = _plan_trials(spec, space, base_cfg, cluster)
+        from raygpt.data.prepare import read_meta
+
+        vocab_size = read_meta(data_dir)["vocab_size"]
+        param_space, pre_rows, needs = _plan_trials(spec, space, base_cfg, cluster, vocab_size)
         from raygpt.tune.planner import max_concurrent
 
         concurrent = max_concurrent(needs, cluster, spec.max_concurrent)
@@ -508,7 +523,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepOutcome:
         get_reaper(create=True)
         trial_overrides = throughput_overrides(base_cfg, spec.steps or 10) if spec.mode == "throughput" else {}
         ctx = {"base": spec.base, "mode": spec.mode, "cluster": cluster.resources,
-               "use_gpu": cluster.use_gpu, "data_dir": data_dir,
+               "use_gpu": cluster.use_gpu, "data_dir": data_dir, "vocab_size": vocab_size,
                "train_storage": str(Path(spec.storage_path) / TRIALS), "reaper": reaper_name(),
                "trial_overrides": trial_overrides}
         trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), TRIAL_ACTOR_RESOURCES)
@@ -519,20 +534,22 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepOutcome:
             tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
         else:
+            search_alg, limit = _search_alg(spec, space, concurrent)
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space,
                 tune_config=tune.TuneConfig(
                     num_samples=1 if spec.mode == "throughput" else spec.num_samples,
-                    search_alg=_search_alg(spec, space),
+                    search_alg=search_alg,
                     scheduler=_scheduler(spec, base_cfg),
-                    max_concurrent_trials=concurrent,
+                    max_concurrent_trials=limit,
                     reuse_actors=False,
-                    trial_dirname_creator=lambda t: t.trial_id,
+                    trial_dirname_creator=_trial_dirname,
                 ),
                 run_config=tune.RunConfig(
                     name=EXPERIMENT, storage_path=spec.storage_path,
-                    callbacks=[_reap_callback()],
+                    # RAYGPT_TUNE_REAPER=0 turns the #54305 workaround off (to see the bug).
+                    callbacks=[_reap_callback()] if os.environ.get("RAYGPT_TUNE_REAPER", "1") != "0" else [],
                     failure_config=tune.FailureConfig(max_failures=0),
                     verbose=int(os.environ.get("RAYGPT_TUNE_VERBOSE", "1")),
                 ),
