@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -148,7 +149,14 @@ class Cluster:
         env.pop("RAY_ADDRESS", None)
         env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in a job = this venv
         env["RAY_USAGE_STATS_ENABLED"] = "0"
+        # Ray 2.60 turns token auth on when ~/.ray/auth_token exists (shared by everything
+        # on this machine). Use it, but with a private token: deterministic and isolated.
+        self.token = secrets.token_hex(32)
+        env["RAY_AUTH_MODE"] = "token"
+        env["RAY_AUTH_TOKEN"] = self.token
+        env.pop("RAY_AUTH_TOKEN_PATH", None)
         self.base_env = env
+        self.headers = {"Authorization": f"Bearer {self.token}"}
         self.cmd = [
             RAY, "start", "--head", "--block",
             "--node-ip-address", "127.0.0.1", "--port", str(gcs),
@@ -167,7 +175,7 @@ class Cluster:
         """For CLI calls against this cluster: RAY_ADDRESS only in the subprocess env."""
         return {**self.base_env, "RAY_ADDRESS": self.dashboard}
 
-    def start(self, timeout: float = 180):
+    def start(self, timeout: float = 240):
         t0 = time.time()
         self.proc = subprocess.Popen(self.cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
                                      env=self.base_env, cwd=REPO, start_new_session=True)
@@ -175,7 +183,8 @@ class Cluster:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray start exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{self.dashboard}/api/jobs/", timeout=2).status_code == 200:
+                r = httpx.get(f"{self.dashboard}/api/jobs/", headers=self.headers, timeout=5)
+                if r.status_code == 200:
                     print(f"cluster up in {time.time() - t0:.1f}s (dashboard {self.dashboard})")
                     return
             except httpx.HTTPError:
@@ -210,9 +219,10 @@ def run(cmd: list[str], env: dict, timeout: float, check: bool = True) -> subpro
 
 
 def job_status(cluster: Cluster, job_id: str) -> str:
-    from ray.job_submission import JobSubmissionClient  # same server the CLI talks to
-
-    return str(JobSubmissionClient(cluster.dashboard).get_job_status(job_id).value)
+    """The job's status from the same REST API the CLI uses (`ray job status`)."""
+    r = httpx.get(f"{cluster.dashboard}/api/jobs/{job_id}", headers=cluster.headers, timeout=30)
+    r.raise_for_status()
+    return r.json()["status"]
 
 
 def wait_status(cluster, job_id, want: tuple[str, ...], timeout: float) -> str:
@@ -311,6 +321,9 @@ def test_job_submit_stop_export_serve(cluster, tmp_path):
     apps = serve_cfg["applications"]
     for app in apps:
         app.setdefault("args", {})["model_dir"] = str(model_dir)
+        for dep in app.get("deployments") or []:  # a user_config model_dir would win
+            if "model_dir" in (dep.get("user_config") or {}):
+                dep["user_config"]["model_dir"] = str(model_dir)
     cfg_path = tmp_path / "serve.yaml"
     cfg_path.write_text(yaml.safe_dump(serve_cfg, sort_keys=False))
     t0 = time.time()

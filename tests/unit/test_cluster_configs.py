@@ -528,25 +528,72 @@ def test_serve_configs_import():
 
 
 def _comparable_app(app: dict) -> dict:
+    """An application minus where its model lives (that is per cluster)."""
     app = copy.deepcopy(app)
     app.get("args", {}).pop("model_dir", None)
+    for dep in app.get("deployments", []):
+        (dep.get("user_config") or {}).pop("model_dir", None)
     app.pop("runtime_env", None)
     return app
+
+
+def _rayservices() -> list[dict]:
+    return [d for p in KUBERAY_YAMLS for d in _docs(p) if d.get("kind") == "RayService"]
 
 
 def test_rayservice_embeds_the_serve_config():
     gpu = REPO / "serve" / "gpu.yaml"
     assert gpu.is_file(), "serve/gpu.yaml does not exist"
     want = {a["name"]: _comparable_app(a) for a in _load(gpu)["applications"]}
-    docs = [d for p in KUBERAY_YAMLS for d in _docs(p) if d.get("kind") == "RayService"]
-    assert docs
-    for doc in docs:
+    assert _rayservices()
+    for doc in _rayservices():
         cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])
         got = {a["name"]: _comparable_app(a) for a in cfg["applications"]}
         assert got == want, "RayService serveConfigV2 differs from serve/gpu.yaml (beyond model_dir)"
+        cluster = doc["spec"]["rayClusterConfig"]
+        mounts = {m["mountPath"] for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+                  for c in g["template"]["spec"]["containers"] for m in c.get("volumeMounts", [])}
         for app in cfg["applications"]:
             _import(app["import_path"])
-            assert app["args"]["model_dir"].startswith("/mnt/"), "model_dir must be on the shared volume"
+            dirs = {app["args"].get("model_dir")} | {
+                (d.get("user_config") or {}).get("model_dir") for d in app.get("deployments", [])
+                if "model_dir" in (d.get("user_config") or {})}
+            assert len(dirs) == 1, f"args and user_config name different model dirs: {dirs}"
+            (model_dir,) = dirs
+            assert any(model_dir.startswith(m + "/") for m in mounts), (
+                f"model_dir {model_dir} is not on a volume the pods mount ({mounts})")
+            key_env = app["args"].get("api_key_env")
+            if key_env:  # the replicas (on GPU workers) must have the key in their env
+                for g in cluster["workerGroupSpecs"]:
+                    for c in g["template"]["spec"]["containers"]:
+                        assert key_env in {e["name"] for e in c.get("env", [])}, (
+                            f"{g['groupName']}: no {key_env} for args.api_key_env")
+
+
+def _serve_clusters() -> list[tuple[str, dict, list]]:
+    out = [c for c in _training_clusters() if "RayCluster" not in c[0]]
+    for doc in _rayservices():
+        cr = {"metadata": {"name": doc["metadata"]["name"], "namespace": "default"},
+              "spec": doc["spec"]["rayClusterConfig"]}
+        head, workers = node_shapes_from_kuberay(cr)
+        out.append((f"RayService/{doc['metadata']['name']}", head, workers))
+    return out
+
+
+@pytest.mark.parametrize("cluster", _serve_clusters(), ids=lambda c: c[0])
+def test_gpu_serve_config_fits_the_cluster(cluster):
+    """serve/gpu.yaml at max_replicas fits the GPU nodes (replicas as Ray Train workers)."""
+    label, head, workers = cluster
+    gpu = REPO / "serve" / "gpu.yaml"
+    assert gpu.is_file(), "serve/gpu.yaml does not exist"
+    for app in _load(gpu)["applications"]:
+        for dep in app.get("deployments", []):
+            opts = dep.get("ray_actor_options", {})
+            n = (dep.get("autoscaling_config") or {}).get("max_replicas", dep.get("num_replicas", 1))
+            shape = {"num_workers": n, "use_gpu": opts.get("num_gpus", 0) > 0,
+                     "gpus_per_worker": opts.get("num_gpus", 0), "cpus_per_worker": opts.get("num_cpus", 1)}
+            cap = worker_capacity(shape, head, workers)
+            assert cap >= n, f"{dep['name']}: {n} replicas x {opts} do not fit {label} (at most {cap})"
 
 
 # ---------------------------------------------------------------- job upload
