@@ -1,0 +1,261 @@
+"""Data for an existing model: text prepared with the model's own tokenizer, and the
+default held-out data a model is evaluated on.
+
+`raygpt prepare` trains a new tokenizer on its corpus; a fine-tuning or evaluation corpus
+must instead be encoded with the tokenizer the model was trained with (a char model
+trained on Shakespeare maps 'a' to id 39; a tokenizer trained on new text would not).
+`prepare_with_tokenizer` writes the same layout as `raygpt prepare` (train/val Arrow
+shards + meta.json + tokenizer.json) with a given tokenizer.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from raygpt.errors import UserError
+
+TOKENIZER = "tokenizer.json"
+META = "meta.json"
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def _tokenizer_file(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    return p / TOKENIZER if p.is_dir() else p
+
+
+def tokenizer_fingerprint(path: str | os.PathLike) -> str:
+    """Hash of a tokenizer.json's content (formatting-independent)."""
+    f = _tokenizer_file(path)
+    if not f.is_file():
+        raise UserError(f"no tokenizer at {f}")
+    try:
+        obj = json.loads(f.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise UserError(f"{f} is not valid JSON: {e}") from None
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def same_tokenizer(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    return tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
+
+
+def check_same_tokenizer(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
+                         what: str = "model") -> None:
+    """UserError unless the data directory was encoded with the model's tokenizer."""
+    mt, dt = _tokenizer_file(model_dir), _tokenizer_file(data_dir)
+    if not mt.is_file():
+        raise UserError(f"{what} directory {model_dir} has no {TOKENIZER}")
+    if not dt.is_file():
+        raise UserError(f"data directory {data_dir} has no {TOKENIZER}")
+    if not same_tokenizer(mt, dt):
+        raise UserError(
+            f"data {data_dir} was encoded with another tokenizer than the {what} {model_dir}: "
+            f"encode its text with the {what}'s tokenizer (pass the text file or directory "
+            f"instead, or use raygpt.lifecycle.data.prepare_with_tokenizer)")
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def prepare_with_tokenizer(corpus: str | os.PathLike | None, out: str | os.PathLike,
+                           tokenizer_path: str | os.PathLike, val_fraction: float = 0.1,
+                           unknown: str = "error", shard_tokens: int = 50_000_000,
+                           log: Callable[[str], None] | None = None) -> dict:
+    """Encode `corpus` (None = the bundled tinyshakespeare; a file; or a directory of text
+    files) with an existing tokenizer.json into `out` (atomic, like `raygpt prepare`).
+
+    unknown: what to do with characters a char tokenizer does not know: "error" (a
+    UserError naming the character) or "drop" (removed; their count lands in meta.json).
+    Byte-level BPE encodes any text."""
+    from raygpt.data import prepare as prep
+    from raygpt.data.tokenizer import load_tokenizer
+
+    if unknown not in ("error", "drop"):
+        raise UserError(f"unknown={unknown!r}: use 'error' or 'drop'")
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
+    log = log or (lambda _m: None)
+    t0 = time.time()
+    tok_file = _tokenizer_file(tokenizer_path)
+    tok = load_tokenizer(tok_file)
+    files, label, is_dir = prep._resolve_corpus(corpus)
+    out = Path(out).expanduser().absolute()
+    prep._check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        dtype = prep.dtype_for_vocab(tok.vocab_size)
+        writers = {s: prep._ShardWriter(tmp / s, dtype, shard_tokens) for s in prep.SPLITS}
+        known = set(getattr(tok, "chars", []))
+        eos = (np.asarray([tok.eos_id], dtype=dtype)
+               if (tok.eos_id is not None and len(files) > 1) else None)
+        dropped, total_bytes, docs = 0, 0, 0
+        digest = hashlib.sha256()
+        for f in files:
+            data = f.read_bytes()
+            total_bytes += len(data)
+            digest.update(hashlib.sha256(data).hexdigest().encode())
+            text = prep._read_text(f)
+            if not text:
+                continue
+            if tok.kind == "char" and unknown == "drop":
+                bad = set(text) - known
+                if bad:
+                    before = len(text)
+                    text = text.translate({ord(c): None for c in bad})
+                    dropped += before - len(text)
+            ids = tok.encode_np(text).astype(dtype)
+            if eos is not None:
+                ids = np.concatenate([ids, eos])
+            cut = int(len(ids) * (1.0 - val_fraction))
+            writers["train"].add(ids[:cut])
+            writers["val"].add(ids[cut:])
+            docs += 1
+        for w in writers.values():
+            w.close()
+        n_train, n_val = writers["train"].num_tokens, writers["val"].num_tokens
+        if docs == 0:
+            raise UserError(f"corpus {label} has no text")
+        if n_train < prep.MIN_SPLIT_TOKENS or n_val < prep.MIN_SPLIT_TOKENS:
+            raise UserError(f"corpus {label} is too small for val_fraction={val_fraction}: "
+                            f"train gets {n_train} and val {n_val} tokens")
+        shutil.copyfile(tok_file, tmp / TOKENIZER)
+        meta = {
+            "format_version": prep.FORMAT_VERSION,
+            "vocab_size": tok.vocab_size,
+            "tokenizer": tok.kind,
+            "eos_id": tok.eos_id,
+            "train_tokens": n_train,
+            "val_tokens": n_val,
+            "num_shards": {s: writers[s].num_shards for s in prep.SPLITS},
+            "dtype": dtype,
+            "shard_tokens": shard_tokens,
+            "val_fraction": val_fraction,
+            "split": "per document: first (1 - val_fraction) of its tokens -> train, rest -> val",
+            "corpus": label,
+            "corpus_files": len(files),
+            "corpus_bytes": total_bytes,
+            "corpus_sha256": digest.hexdigest(),
+            "corpus_stat": prep._corpus_stat(files, label),
+            "tokenizer_from": str(tok_file),
+            "tokenizer_fingerprint": tokenizer_fingerprint(tok_file),
+            "dropped_chars": dropped,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        prep._install(tmp, out, True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"encoded {label} with {tok_file} -> {out}: train {n_train:,} / val {n_val:,} tokens"
+        + (f", {dropped} unknown characters dropped" if dropped else "")
+        + f" ({time.time() - t0:.1f}s)")
+    return meta
+
+
+# ----------------------------------------------------------------------------- model data
+
+
+def _is_prepared(p: Path) -> bool:
+    return (p / META).is_file() and (p / TOKENIZER).is_file()
+
+
+def _cached_encoding(corpus: str | None, model_dir: Path, val_fraction: float,
+                     log: Callable[[str], None]) -> Path:
+    """`corpus` encoded with the model's tokenizer, cached (re-encoded when it changed)."""
+    from raygpt.data import prepare as prep
+
+    files, label, _ = prep._resolve_corpus(corpus)
+    if corpus is None:
+        name = prep.BUNDLED_NAME
+    else:
+        p = Path(corpus).expanduser().absolute()
+        name = f"{p.stem or 'corpus'}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
+    fp = tokenizer_fingerprint(model_dir)
+    suffix = "" if val_fraction == 0.1 else f"-val{val_fraction:g}"
+    target = prep.cache_dir() / "data" / f"{name}-tok{fp[:12]}{suffix}"
+    if _is_prepared(target):
+        try:
+            meta = json.loads((target / META).read_text())
+        except ValueError:
+            meta = {}
+        if meta.get("corpus_stat") == prep._corpus_stat(files, label):
+            return target
+    prepare_with_tokenizer(corpus, target, model_dir / TOKENIZER, val_fraction=val_fraction,
+                           unknown="drop", log=log)
+    return target
+
+
+def resolve_data_arg(data: str | os.PathLike, model_dir: str | os.PathLike,
+                     log: Callable[[str], None] | None = None) -> Path:
+    """--data: a prepared directory (its tokenizer must be the model's), or a text file /
+    directory of text files (encoded with the model's tokenizer, cached)."""
+    log = log or (lambda _m: None)
+    p = Path(data).expanduser()
+    if not p.exists():
+        raise UserError(f"--data {data}: no such file or directory")
+    if (p / META).is_file():
+        check_same_tokenizer(model_dir, p)
+        return p
+    return _cached_encoding(str(p), Path(model_dir), 0.1, log)
+
+
+def data_for_model(model_dir: str | os.PathLike, data: str | os.PathLike | None = None,
+                   log: Callable[[str], None] | None = None) -> Path:
+    """The held-out data to evaluate `model_dir` on.
+
+    `data` given: see resolve_data_arg. Otherwise the data the model was trained on, as
+    recorded in config.json (raygpt_config.data): its prepared directory when it still
+    exists with the same tokenizer, else its corpus (None = the bundled one) encoded with
+    the model's tokenizer. A model without that record: the bundled corpus."""
+    from raygpt.data import prepare as prep
+    from raygpt.model.io import read_model_config
+
+    log = log or (lambda _m: None)
+    model_dir = Path(model_dir).expanduser()
+    meta = read_model_config(model_dir)
+    if not (model_dir / TOKENIZER).is_file():
+        raise UserError(f"model directory {model_dir} has no {TOKENIZER}")
+    if data is not None:
+        return resolve_data_arg(data, model_dir, log)
+    dcfg = (meta.get("raygpt_config") or {}).get("data") or {}
+    path = dcfg.get("path")
+    if path and _is_prepared(Path(path).expanduser()) and same_tokenizer(model_dir, Path(path).expanduser()):
+        return Path(path).expanduser()
+    corpus = dcfg.get("corpus")
+    vf = float(dcfg.get("val_fraction") or 0.1)
+    if path and not corpus:
+        # The prepared directory is gone or differs: its meta may name the corpus.
+        try:
+            label = json.loads((Path(path).expanduser() / META).read_text()).get("corpus")
+            if label and not label.startswith("bundled:") and Path(label).exists():
+                corpus = label
+        except (OSError, ValueError):
+            pass
+    if corpus is not None and not Path(corpus).expanduser().exists():
+        log(f"the model's training corpus {corpus} is not here: evaluating on the bundled corpus")
+        corpus = None
+    # The standard cache of `raygpt train` (same corpus, same tokenizer) when present.
+    if dcfg:
+        try:
+            from raygpt.config import DataConfig
+
+            dc = DataConfig(**{**dcfg, "path": None, "corpus": corpus})
+            std = prep.cache_dir() / "data" / prep._cache_key(dc)
+            if _is_prepared(std) and same_tokenizer(model_dir, std):
+                return std
+        except Exception:  # noqa: BLE001 - an odd recorded config: fall through
+            pass
+    return _cached_encoding(corpus, model_dir, vf, log)
