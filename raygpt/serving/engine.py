@@ -3,8 +3,8 @@
 One background thread owns the model and a preallocated `KVCache` with `max_slots`
 slots. Each iteration of its loop
 
-1. admits waiting requests into free slots and prefills each one (B=1, T=prompt
-   length), sampling its first token from the prefill logits;
+1. admits waiting requests into free slots and prefills them (batched by length,
+   right-padded), sampling each one's first token from its prefill logits;
 2. runs ONE batched decode step (T=1) over every active slot, each row at its own
    position (`GPT.forward_cached`), and samples one token per row with the row's own
    temperature / top-k / top-p / torch.Generator;
@@ -212,11 +212,14 @@ class Engine:
     max_slots: KV-cache slots = the most requests decoded together.
     max_waiting: requests allowed to wait for a slot before submit() raises EngineOverloaded.
     step_delay_s: sleep added to each loop iteration (a testing aid to hold requests open).
+    max_prefills_per_step: requests admitted per iteration (default: max_slots).
+    prefill_tokens: admitted prompts are prefilled together in groups of at most this many
+    (padded) tokens; a longer prompt is prefilled alone.
     """
 
     def __init__(self, model: GPT, tokenizer, max_slots: int = 16, max_waiting: int = 1024,
                  version: str | None = None, name: str = "engine", step_delay_s: float = 0.0,
-                 max_prefills_per_step: int | None = None):
+                 max_prefills_per_step: int | None = None, prefill_tokens: int = 2048):
         if max_slots < 1:
             raise ValueError("max_slots must be >= 1")
         self.model = model.eval()
@@ -231,6 +234,7 @@ class Engine:
         self.name = name
         self.step_delay_s = step_delay_s
         self.max_prefills_per_step = max_prefills_per_step or max_slots
+        self.prefill_tokens = prefill_tokens  # padded tokens per batched prefill (>= 1 request)
         self.cache = KVCache(self.cfg, max_slots, device=self.device, dtype=self.dtype)
         tok_vocab = getattr(tokenizer, "vocab_size", None)
         # Padded model vocabularies: never sample an id the tokenizer cannot decode.
@@ -250,6 +254,7 @@ class Engine:
         # counters
         self.decode_steps = 0
         self.prefills = 0
+        self.prefill_batches = 0
         self.tokens_generated = 0
         self.requests_finished = 0
         self.max_batch = 0
@@ -290,6 +295,7 @@ class Engine:
                 "version": self.version,
                 "decode_steps": self.decode_steps,
                 "prefills": self.prefills,
+                "prefill_batches": self.prefill_batches,
                 "tokens_generated": self.tokens_generated,
                 "requests_finished": self.requests_finished,
                 "max_batch": self.max_batch,
@@ -399,14 +405,28 @@ class Engine:
 
     @torch.inference_mode()
     def _step(self, admit: list[Request]) -> None:
-        # 1. prefill newly admitted requests, one at a time (B=1, T=len(prompt)).
-        for r in admit:
-            ids = torch.tensor([r.prompt_ids], dtype=torch.long, device=self.device)
-            logits = self.model.forward_cached(ids, self.cache, [r.slot], [0])[:, -1]
-            self.prefills += 1
-            tok = self._sample(logits, [r])
-            self._active.append(r)
-            self._emit(r, tok[0])
+        # 1. prefill the newly admitted requests, batched: sorted by length, right-padded
+        # to the longest of a group (B x T_max <= prefill_tokens). Padding writes junk k/v
+        # after a prompt's end in its slot; decode overwrites each position before any
+        # query can see it (keys beyond a row's position are masked), so it is harmless.
+        for group in self._prefill_groups(admit):
+            lens = [len(r.prompt_ids) for r in group]
+            T = max(lens)
+            ids = torch.zeros((len(group), T), dtype=torch.long)
+            for i, r in enumerate(group):
+                ids[i, :lens[i]] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            ids = ids.to(self.device)
+            logits = self.model.forward_cached(ids, self.cache, [r.slot for r in group],
+                                               [0] * len(group))
+            last = logits[torch.arange(len(group), device=self.device),
+                          torch.tensor(lens, device=self.device) - 1]
+            with self._cv:
+                self.prefills += len(group)
+                self.prefill_batches += 1
+            toks = self._sample(last, group)
+            for r, t in zip(group, toks):
+                self._active.append(r)
+                self._emit(r, t)
         # drop finished and cancelled requests, freeing their slots
         self._reap()
         if not self._active:
@@ -424,6 +444,18 @@ class Engine:
         for r, t in zip(batch, toks):
             self._emit(r, t)
         self._reap()
+
+    def _prefill_groups(self, admit: list[Request]) -> list[list[Request]]:
+        groups: list[list[Request]] = []
+        cur: list[Request] = []
+        for r in sorted(admit, key=lambda r: len(r.prompt_ids)):
+            if cur and (len(cur) + 1) * len(r.prompt_ids) > self.prefill_tokens:
+                groups.append(cur)
+                cur = []
+            cur.append(r)
+        if cur:
+            groups.append(cur)
+        return groups
 
     def _reap(self) -> None:
         with self._cv:

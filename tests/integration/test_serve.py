@@ -358,8 +358,8 @@ def test_64_concurrent_streams_batch(cluster, refs):
 
 
 def test_overload_503_with_retry_after(cluster):
-    """max_ongoing 2 + max_queued 2: of 16 simultaneous requests some get 503 + Retry-After,
-    all others complete, and the service is healthy afterwards."""
+    """max_ongoing 2 + max_queued 2: of 16 simultaneous requests at least 12 get 503 +
+    Retry-After, all others complete, and the service is healthy afterwards."""
 
     async def one(client):
         r = await client.post("/v1/completions",
@@ -376,8 +376,10 @@ def test_overload_503_with_retry_after(cluster):
     rejected = [r for r in rs if r.status_code == 503]
     ok = [r for r in rs if r.status_code == 200]
     assert len(rejected) + len(ok) == len(rs), codes
-    assert rejected, codes
-    assert len(ok) >= 4, codes
+    # at most max_ongoing + max_queued = 4 are taken. Serve may reject a few more than
+    # strictly necessary when requests arrive together (see ray.serve's router), but the
+    # queue itself (2) is always used.
+    assert len(ok) >= 2 and len(rejected) >= len(rs) - 4, codes
     assert all(r.headers.get("retry-after") == "2" for r in rejected)
     texts = {r.json()["choices"][0]["text"] for r in ok}
     assert len(texts) == 1 and all(r.json()["usage"]["completion_tokens"] == 20 for r in ok)

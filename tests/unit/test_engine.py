@@ -181,3 +181,21 @@ def test_close_drains(model, tok):
     assert all(o.finish_reason == "length" and o.completion_tokens == 30 for o in outs)
     e.close()
     assert not e._thread.is_alive()
+
+
+def test_batched_prefill_mixed_lengths(model, tok):
+    """Prompts admitted together are prefilled in one padded batch; outputs are unchanged."""
+    e = Engine(model, tok, max_slots=8).start()
+    try:
+        jobs = [("A", 12), ("Speak, speak.", 20), ("hear me", 9), ("Before we proceed", 30),
+                ("First Citizen:", 15), ("me", 40)]
+        with e._cv:  # hold the engine loop so that all six are admitted in one iteration
+            reqs = [e.submit(p, SamplingParams(max_tokens=n, temperature=0), loop=False)
+                    for p, n in jobs]
+        outs = [r.result(timeout=60) for r in reqs]
+        for (p, n), c in zip(jobs, outs):
+            assert c.token_ids == reference(model, tok, p, n), p
+        st = e.stats()
+        assert st["prefills"] >= 6 and st["prefill_batches"] <= st["prefills"] - 5
+    finally:
+        e.abort()
