@@ -258,3 +258,49 @@ def test_refused_update_is_reported(serve_apps, models, tmp_path):
     assert c["model_dir"] == models["a"] and c["last_update_error"]["model_dir"] == str(broken)
     # put the config back to A for whoever comes next
     set_model_dir("lm", models["a"], timeout=120)
+
+
+def _load_retrain():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "jobs" / "retrain.py"
+    spec = importlib.util.spec_from_file_location("raygpt_job_retrain", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_retrain_job_finetunes_and_promotes(serve_apps, models, tmp_path):
+    """jobs/retrain.py end to end: what 'lm' serves is fine-tuned on new text (a ship's
+    log, encoded with the served model's tokenizer) under Ray Train, exported, and
+    promoted because it beats the served model on the new data's held-out split."""
+    import random
+
+    from raygpt.lifecycle.promote import read_log
+    from raygpt.lifecycle.serve_ops import set_model_dir
+
+    rng = random.Random(0)
+    words = ["the captain", "a sailor", "sighted", "mended", "the north sail", "a grey whale", "at dawn"]
+    (tmp_path / "incoming").mkdir()
+    (tmp_path / "incoming" / "log.txt").write_text(
+        "\n".join("LOG: " + " ".join(rng.choice(words) for _ in range(5)) + "." for _ in range(400)))
+    job = _load_retrain()
+    state = str(tmp_path / "state")
+    assert card(serve_apps, "lm")["model_dir"] == models["a"]
+    try:
+        rc = job.main(["--serve-app", "lm", "--new-data", str(tmp_path / "incoming"),
+                       "--storage", str(tmp_path / "runs"), "--name", "nightly", "--preset", "debug",
+                       "--steps", "60", "--set", "run.cpus_per_worker=1", "--set", "checkpoint.every=0",
+                       "--set", "train.eval_every=30", "--set", "optim.lr=3e-3",
+                       "--state-dir", state, "--eval-steps", "8"])
+        assert rc == 0
+        (rec,) = read_log("lm", state)
+        assert rec["decision"] == "promoted" and rec["previous"] == models["a"]
+        assert rec["candidate_dir"] == str(tmp_path / "runs" / "models" / "nightly")
+        assert rec["candidate"]["val_loss"] < rec["served"]["val_loss"]
+        assert rec["data_dir"] == str(tmp_path / "runs" / "data" / "nightly")
+        assert card(serve_apps, "lm")["model_dir"] == rec["candidate_dir"]
+        summary = json.loads((tmp_path / "runs" / "nightly" / "retrain.json").read_text())
+        assert summary["decision"] == "promoted" and summary["train"]["steps"] == 60
+    finally:
+        set_model_dir("lm", models["a"], timeout=120)
