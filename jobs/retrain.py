@@ -44,7 +44,8 @@ def retrain(*, new_data: str, storage: str, serve_app: str | None = None, base: 
             num_workers: str | None = None, address: str | None = None,
             serve_address: str | None = None, margin: float = 0.0, eval_on: str = "new",
             eval_steps: int = 20, url: str | None = None, api_key: str | None = None,
-            state_dir: str | None = None, dry_run: bool = False, log=_log) -> dict:
+            dashboard: str | None = None, state_dir: str | None = None, dry_run: bool = False,
+            log=_log) -> dict:
     import ray
 
     from raygpt.lifecycle import serve_ops
@@ -66,9 +67,9 @@ def retrain(*, new_data: str, storage: str, serve_app: str | None = None, base: 
 
     # 1. the base model
     if base is None:
-        started = serve_ops.connect(serve_address or address)
+        started = False if dashboard else serve_ops.connect(serve_address or address)
         try:
-            base = serve_ops.served_model(serve_app, url, api_key)["model_dir"]
+            base = serve_ops.served_model(serve_app, url, api_key, dashboard)["model_dir"]
         finally:
             if started:
                 ray.shutdown()
@@ -107,7 +108,7 @@ def retrain(*, new_data: str, storage: str, serve_app: str | None = None, base: 
     if serve_app:
         rec = promote(candidate, serve_app, margin=margin, data=eval_data, steps=eval_steps,
                       address=serve_address or address, url=url, api_key=api_key,
-                      state=state_dir, dry_run=dry_run, log=log)
+                      state=state_dir, dry_run=dry_run, dashboard=dashboard, log=log)
         out["promotion"] = rec
         out["decision"] = rec["decision"]
     else:
@@ -139,6 +140,8 @@ def parse_args(argv=None):
     p.add_argument("--address", help="Ray cluster for training ('auto' inside a job)")
     p.add_argument("--serve-address", help="Ray cluster running Serve, when not the training one "
                                           "(e.g. ray://raygpt-serve-head-svc:10001)")
+    p.add_argument("--dashboard", help="reach Serve through its dashboard REST API instead "
+                                      "(e.g. http://raygpt-serve-head-svc:8265; config-deployed apps)")
     p.add_argument("--url", help="the Serve app's HTTP base URL (e.g. http://raygpt-serve-serve-svc:8000)")
     p.add_argument("--api-key", default=os.environ.get("RAYGPT_API_KEY"), help="Bearer key (env RAYGPT_API_KEY)")
     p.add_argument("--margin", type=float, default=0.0, help="promote if candidate <= served + margin")
@@ -158,7 +161,7 @@ def main(argv=None) -> int:
                       sets=a.sets, steps=a.steps, num_workers=a.num_workers, address=a.address,
                       serve_address=a.serve_address, margin=a.margin, eval_on=a.eval_on,
                       eval_steps=a.eval_steps, url=a.url, api_key=a.api_key,
-                      state_dir=a.state_dir, dry_run=a.dry_run)
+                      dashboard=a.dashboard, state_dir=a.state_dir, dry_run=a.dry_run)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

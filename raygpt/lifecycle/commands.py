@@ -15,6 +15,7 @@ _DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda")
 _ADDRESS = typer.Option(None, "--address", help="Ray cluster running Serve (default: RAY_ADDRESS or 'auto')")
 _URL = typer.Option(None, "--url", help="the app's HTTP base URL (default: from Serve's HTTP options + route prefix)")
 _STATE = typer.Option(None, "--state-dir", help="decision log dir (default: $RAYGPT_STATE_DIR or ~/.cache/raygpt/promotions)")
+_DASHBOARD = typer.Option(None, "--dashboard", help="reach Serve via the dashboard REST API (http://HEAD:8265) instead of joining Ray; config-deployed apps only")
 _API_KEY = typer.Option(None, "--api-key", envvar="RAYGPT_API_KEY", help="Bearer key when the app requires one")
 
 
@@ -116,6 +117,7 @@ def promote_cmd(
     seed: int = _SEED,
     device: str = _DEVICE,
     address: Optional[str] = _ADDRESS,
+    dashboard: Optional[str] = _DASHBOARD,
     url: Optional[str] = _URL,
     api_key: Optional[str] = _API_KEY,
     state_dir: Optional[str] = _STATE,
@@ -129,7 +131,7 @@ def promote_cmd(
     rec = promote(candidate, serve_app, margin=margin, data=data, steps=steps,
                   batch_size=batch_size, seed=seed, device=device, address=address, url=url,
                   api_key=api_key, state=state_dir, dry_run=dry_run, timeout=timeout,
-                  log=None if as_json else _err)
+                  dashboard=dashboard, log=None if as_json else _err)
     _print_decision(rec, as_json)
     if rec["decision"] == "failed":
         raise SystemExit(1)
@@ -141,6 +143,7 @@ def rollback_cmd(
     serve_app: str = typer.Option(..., "--serve-app", help="name of the running Serve application"),
     to: Optional[str] = typer.Option(None, "--to", help="this model dir instead of the one the last promotion replaced"),
     address: Optional[str] = _ADDRESS,
+    dashboard: Optional[str] = _DASHBOARD,
     url: Optional[str] = _URL,
     api_key: Optional[str] = _API_KEY,
     state_dir: Optional[str] = _STATE,
@@ -151,7 +154,7 @@ def rollback_cmd(
     from raygpt.lifecycle.promote import rollback
 
     rec = rollback(serve_app, to=to, address=address, url=url, api_key=api_key, state=state_dir,
-                   timeout=timeout, log=None if as_json else _err)
+                   timeout=timeout, dashboard=dashboard, log=None if as_json else _err)
     if as_json:
         typer.echo(json.dumps(rec))
     else:

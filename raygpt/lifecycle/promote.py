@@ -99,8 +99,12 @@ def promote(candidate: str | os.PathLike, app: str, *, margin: float = 0.0,
             batch_size: int | None = None, seed: int | None = None, device: str = "auto",
             address: str | None = None, url: str | None = None, api_key: str | None = None,
             state: str | os.PathLike | None = None, dry_run: bool = False,
-            timeout: float = 600.0, log: Callable[[str], None] | None = None) -> dict:
-    """Evaluate, decide, maybe swap; returns the logged decision record."""
+            timeout: float = 600.0, dashboard: str | None = None,
+            log: Callable[[str], None] | None = None) -> dict:
+    """Evaluate, decide, maybe swap; returns the logged decision record.
+
+    dashboard: reach Serve through the dashboard's REST API (http://HEAD:8265) instead of
+    joining the Ray cluster (declaratively deployed apps only)."""
     import ray
 
     from raygpt.lifecycle import eval as ev
@@ -112,9 +116,9 @@ def promote(candidate: str | os.PathLike, app: str, *, margin: float = 0.0,
         raise UserError("--margin must be a number")
     cand = serve_ops.resolve_model_dir(str(candidate))
     cmeta = read_model_config(cand)
-    started = serve_ops.connect(address)
+    started = False if dashboard else serve_ops.connect(address)
     try:
-        served = serve_ops.served_model(app, url, api_key)
+        served = serve_ops.served_model(app, url, api_key, dashboard)
         if not Path(served["model_dir"]).is_dir():
             raise UserError(f"the served model {served['model_dir']} is not readable here: run "
                             f"promote where the model directories are (a shared volume)")
@@ -146,7 +150,7 @@ def promote(candidate: str | os.PathLike, app: str, *, margin: float = 0.0,
             try:
                 card = serve_ops.set_model_dir(app, cand, expect_version=cmeta.get("version"),
                                                url=url or served.get("url"), api_key=api_key,
-                                               timeout=timeout, log=log)
+                                               timeout=timeout, dashboard=dashboard, log=log)
                 rec.update(decision="promoted", previous=served["model_dir"],
                            previous_version=served.get("version"),
                            serving_version=card.get("version"),
@@ -164,7 +168,7 @@ def promote(candidate: str | os.PathLike, app: str, *, margin: float = 0.0,
 def rollback(app: str, *, to: str | os.PathLike | None = None, address: str | None = None,
              url: str | None = None, api_key: str | None = None,
              state: str | os.PathLike | None = None, timeout: float = 600.0,
-             log: Callable[[str], None] | None = None) -> dict:
+             dashboard: str | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Put back the model the last (not yet undone) promotion replaced, or `to`."""
     import ray
 
@@ -182,16 +186,16 @@ def rollback(app: str, *, to: str | os.PathLike | None = None, address: str | No
         raise UserError(f"no promotion of Serve app {app!r} to roll back "
                         f"(log: {log_path(app, state)})")
     tmeta = read_model_config(target)
-    started = serve_ops.connect(address)
+    started = False if dashboard else serve_ops.connect(address)
     try:
-        served = serve_ops.served_model(app, url, api_key)
+        served = serve_ops.served_model(app, url, api_key, dashboard)
         rec = {"time": _now(), "action": "rollback", "app": app, "from": served["model_dir"],
                "from_version": served.get("version"), "to": target,
                "to_version": tmeta.get("version"), "explicit": to is not None}
         try:
             card = serve_ops.set_model_dir(app, target, expect_version=tmeta.get("version"),
                                            url=url or served.get("url"), api_key=api_key,
-                                           timeout=timeout, log=log)
+                                           timeout=timeout, dashboard=dashboard, log=log)
             rec.update(decision="rolled_back", serving_version=card.get("version"))
         except UserError as e:
             rec.update(decision="failed", reason=str(e))

@@ -17,6 +17,10 @@ How the new user_config reaches Serve depends on how the application was deploye
   restarts the replicas). This uses Serve's controller API (ray.serve._private); a Ray
   version where it changed gives a clear error (redeploy from a config file then).
 
+Two ways to reach Serve: through Ray (this process joins the cluster: --address), or
+through the dashboard's Serve REST API (--dashboard http://HEAD:8265, what `serve deploy`
+and KubeRay use; declarative apps only), e.g. from a job running on another cluster.
+
 On a KubeRay RayService, KubeRay re-applies `serveConfigV2` when the custom resource
 changes: record a promotion there too (docs/lifecycle.md).
 """
@@ -28,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlparse
 
 from raygpt.errors import UserError
 
@@ -53,6 +58,22 @@ def connect(address: str | None = None) -> bool:
     return True
 
 
+def _rest(dashboard: str):
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    return ServeSubmissionClient(dashboard)
+
+
+def get_details(dashboard: str | None = None) -> dict:
+    """Serve's instance details (what `serve status -v` / GET /api/serve/applications/ show)."""
+    if dashboard:
+        try:
+            return _rest(dashboard).get_serve_details()
+        except Exception as e:  # noqa: BLE001 - connection refused, 404 without Serve, ...
+            raise UserError(f"--dashboard {dashboard}: cannot read Serve's state ({e})") from None
+    return _client().get_serve_details()
+
+
 def _client():
     from ray.serve.context import _get_global_client
 
@@ -74,19 +95,19 @@ class AppInfo:
     deployed_app_config: dict | None
 
 
-def _url(details: dict, route_prefix: str | None) -> str | None:
+def _url(details: dict, route_prefix: str | None, host_hint: str | None = None) -> str | None:
     http = details.get("http_options") or {}
     if details.get("proxy_location") in ("Disabled", "NoServer") or not http.get("port"):
         return None
     host = http.get("host") or "127.0.0.1"
     if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
+        host = host_hint or "127.0.0.1"  # the head we reached the dashboard on
     prefix = (route_prefix or "/").rstrip("/")
     return f"http://{host}:{http['port']}{prefix}"
 
 
-def app_info(app: str) -> AppInfo:
-    details = _client().get_serve_details()
+def app_info(app: str, dashboard: str | None = None) -> AppInfo:
+    details = get_details(dashboard)
     apps = details.get("applications") or {}
     if app not in apps:
         known = ", ".join(sorted(apps)) or "none"
@@ -109,7 +130,8 @@ def app_info(app: str) -> AppInfo:
     return AppInfo(name=app, source=str(src).lower(), route_prefix=a.get("route_prefix"),
                    deployment=name, user_config=dict(uc) if isinstance(uc, dict) else None,
                    status=str(getattr(a.get("status"), "value", a.get("status"))),
-                   url=_url(details, a.get("route_prefix")),
+                   url=_url(details, a.get("route_prefix"),
+                            urlparse(dashboard).hostname if dashboard else None),
                    deployed_app_config=a.get("deployed_app_config"))
 
 
@@ -131,13 +153,14 @@ def model_card(url: str, api_key: str | None = None, timeout: float = 10.0) -> d
     return r.json()["data"][0]
 
 
-def served_model(app: str, url: str | None = None, api_key: str | None = None) -> dict:
+def served_model(app: str, url: str | None = None, api_key: str | None = None,
+                 dashboard: str | None = None) -> dict:
     """-> {"model_dir", "version", "url", "source": "http"|"user_config", "card"}.
 
     The card the app answers on GET /v1/models is the truth (it is what replicas serve,
     also after a refused update); the deployment's user_config is the fallback when the
     HTTP endpoint is not reachable from here."""
-    info = app_info(app)
+    info = app_info(app, dashboard)
     url = url or info.url
     if url:
         try:
@@ -168,11 +191,8 @@ def served_model(app: str, url: str | None = None, api_key: str | None = None) -
 # ----------------------------------------------------------------------------- update
 
 
-def _update_declarative(info: AppInfo, new_user_config: dict) -> None:
-    from ray.serve.schema import ServeDeploySchema
-
-    c = _client()
-    details = c.get_serve_details()
+def _update_declarative(info: AppInfo, new_user_config: dict, dashboard: str | None = None) -> None:
+    details = get_details(dashboard)
     apps = []
     for name, a in (details.get("applications") or {}).items():
         src = str(getattr(a.get("source"), "value", a.get("source"))).lower()
@@ -194,7 +214,12 @@ def _update_declarative(info: AppInfo, new_user_config: dict) -> None:
         v = details.get(key)
         if v is not None:
             body[key] = v
-    c.deploy_apps(ServeDeploySchema.model_validate(body))
+    if dashboard:
+        _rest(dashboard).deploy_applications(body)
+    else:
+        from ray.serve.schema import ServeDeploySchema
+
+        _client().deploy_apps(ServeDeploySchema.model_validate(body))
 
 
 def _update_imperative(info: AppInfo, new_user_config: dict) -> None:
@@ -248,8 +273,8 @@ def _update_imperative(info: AppInfo, new_user_config: dict) -> None:
                                                       {info.name: app_args.SerializeToString()}))
 
 
-def _deployment_settled(app: str, deployment: str) -> bool:
-    details = _client().get_serve_details()
+def _deployment_settled(app: str, deployment: str, dashboard: str | None = None) -> bool:
+    details = get_details(dashboard)
     a = (details.get("applications") or {}).get(app) or {}
     d = (a.get("deployments") or {}).get(deployment) or {}
     status = str(getattr(d.get("status"), "value", d.get("status")))
@@ -259,18 +284,22 @@ def _deployment_settled(app: str, deployment: str) -> bool:
 
 def set_model_dir(app: str, model_dir: str, *, expect_version: str | None = None,
                   url: str | None = None, api_key: str | None = None, timeout: float = 600.0,
-                  log: Callable[[str], None] | None = None) -> dict:
+                  dashboard: str | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Point the app's user_config.model_dir at `model_dir` and wait until it serves it.
 
     Returns the new model card. Raises SwapError when the replicas refused the directory
     (the previous model keeps serving) or nothing changed within `timeout` seconds."""
     log = log or (lambda _m: None)
-    info = app_info(app)
+    info = app_info(app, dashboard)
     url = url or info.url
     new_uc = {**(info.user_config or {}), "model_dir": str(model_dir)}
     t0 = time.time()
     if info.source == "declarative":
-        _update_declarative(info, new_uc)
+        _update_declarative(info, new_uc, dashboard)
+    elif dashboard:
+        raise UserError(f"Serve app {app!r} was deployed with serve.run (imperative): the REST API "
+                        f"(--dashboard) can only update apps deployed from a config; run promote "
+                        f"with --address (joining the cluster) instead")
     else:
         _update_imperative(info, new_uc)
     log(f"Serve app {app!r}: user_config.model_dir -> {model_dir} ({info.source} update)")
@@ -290,14 +319,14 @@ def set_model_dir(app: str, model_dir: str, *, expect_version: str | None = None
                                     f"(still serving {card.get('model_dir')})")
                 ok = card.get("model_dir") == want and (
                     expect_version is None or card.get("version") == expect_version)
-                if ok and _deployment_settled(app, info.deployment):
+                if ok and _deployment_settled(app, info.deployment, dashboard):
                     # Every replica reconfigures; a second look catches a lagging one.
                     card2 = model_card(url, api_key)
                     if card2.get("model_dir") == want:
                         return card2
         else:
-            i2 = app_info(app)
-            if (i2.user_config or {}).get("model_dir") == want and _deployment_settled(app, info.deployment):
+            i2 = app_info(app, dashboard)
+            if (i2.user_config or {}).get("model_dir") == want and _deployment_settled(app, info.deployment, dashboard):
                 return {"model_dir": want, "version": expect_version}
         time.sleep(0.5)
     raise SwapError(f"Serve app {app!r} did not switch to {model_dir} within {timeout:.0f}s"

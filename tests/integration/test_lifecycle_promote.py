@@ -103,6 +103,14 @@ def serve_apps(ray_session, models):
         serve.shutdown()
 
 
+@pytest.fixture(scope="module")
+def dashboard(ray_session):
+    """The dashboard URL (Serve's REST API) of the test Ray, or None without one."""
+    ctx = ray_session.init(ignore_reinit_error=True)
+    web = ctx.address_info.get("webui_url") if hasattr(ctx, "address_info") else None
+    return f"http://{web}" if web else None
+
+
 def card(base, app):
     r = httpx.get(f"{base}/{app}/v1/models", timeout=30)
     assert r.status_code == 200, r.text
@@ -166,7 +174,7 @@ class Load:
             t.join(timeout=120)
 
 
-def test_promote_refuse_swap_under_load_rollback(serve_apps, models, char_data, tmp_path):
+def test_promote_refuse_swap_under_load_rollback(serve_apps, models, char_data, tmp_path, dashboard):
     from raygpt.lifecycle.promote import promote, read_log, rollback
 
     base, state = serve_apps, tmp_path / "state"
@@ -202,8 +210,10 @@ def test_promote_refuse_swap_under_load_rollback(serve_apps, models, char_data, 
     assert card(base, "lm")["model_dir"] == models["b"]
     assert replica_ids("lm") == replicas  # a lightweight update: no replica restarted
 
-    # 3. rollback restores A; a second rollback has nothing left to undo
-    rb = rollback("lm", state=state)
+    # 3. rollback restores A (through the dashboard's Serve REST API, as from another
+    # cluster); a second rollback has nothing left to undo
+    print(f"rollback through {dashboard or 'Ray (no dashboard here)'}")
+    rb = rollback("lm", state=state, dashboard=dashboard)
     assert rb["decision"] == "rolled_back" and rb["to"] == models["a"] and rb["from"] == models["b"]
     assert card(base, "lm")["version"] == version(models["a"])
     with pytest.raises(UserError, match="no promotion"):
