@@ -16,7 +16,11 @@ serving and the error shows in GET /v1/models (`last_update_error`) and in the l
 Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with a 4xx
 status for every bad input (400 invalid, 401 key, 404 model/route, 413 body, 429 rate).
 """
+# No `from __future__ import annotations` here: FastAPI must resolve the endpoint
+# annotations (`request: Request`) of the class Serve wraps; as strings they turn into
+# query parameters.
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -25,7 +29,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -360,17 +364,19 @@ class GPTServer:
 
     # ----------------------------------------------------------------- request guards
 
-    def _client_id(self, request: Request) -> str:
-        if self.api_key:
-            return "key:" + request.headers.get("authorization", "")[-16:]
+    @staticmethod
+    def _client_id(request: Request) -> str:
+        # The client's address as the Serve proxy saw it (one server-wide API key cannot
+        # tell clients apart). Behind a load balancer every client shares its address.
         c = request.client
-        return "ip:" + (c.host if c else "unknown")
+        return c.host if c else "unknown"
 
     def _guard(self, request: Request) -> None:
         if self.api_key:
             auth = request.headers.get("authorization", "")
             scheme, _, key = auth.partition(" ")
-            if scheme.lower() != "bearer" or key.strip() != self.api_key:
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    key.strip().encode(), self.api_key.encode()):
                 raise ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)",
                                "invalid_request_error", code="invalid_api_key",
                                headers={"WWW-Authenticate": "Bearer"})
