@@ -40,6 +40,8 @@ def build_spec(config=None, preset=None, sets=None, space=None, mode="quality", 
         s = load_space(space)
         check_constants(base, s)
         sp = s.to_dict()
+    if storage and "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
     if out is None:
         out = f"tune/{cfg.preset or 'run'}-{mode}-{time.strftime('%Y%m%d-%H%M%S')}"
     return SweepSpec(mode=mode, base=base, space=sp, out=str(Path(out).expanduser().resolve()),

@@ -35,6 +35,8 @@ def collect(grid, spec, base_cfg: Config, cluster, space) -> tuple[list[dict], d
         trial_id = m.get("trial_id") or Path(r.path).name
         values = trial_values(r.config or {})
         row: dict[str, Any] = {"trial_id": trial_id, **values}
+        if "config_id" in ((r.config or {}).get("plan") or {}):
+            row["config_id"] = r.config["plan"]["config_id"]
         step = int(m.get("step") or 0)
         row["step"] = step
         for k in ("val_loss", "best_val_loss", "loss", "tokens_per_s", "mfu", "peak_mem_mb",
@@ -183,7 +185,7 @@ def print_table(rows: list[dict], mode: str, best_path: str | None = None) -> No
     t.add_column("#", justify="right")
     t.add_column("trial" if mode == "quality" else "config")
     for p in params:
-        t.add_column(p)
+        t.add_column(p.split(".", 1)[1])
     if mode == "quality":
         metrics = [("step", "step"), ("val_loss", "val loss"), ("best_val_loss", "best val"),
                    ("tokens_per_s", "tok/s")]
@@ -201,7 +203,7 @@ def print_table(rows: list[dict], mode: str, best_path: str | None = None) -> No
         t.add_row(_fmt(r.get("rank")), str(r.get("trial_id") or r.get("config_id")),
                   *[_fmt(r.get(p)) for p in params], *[_fmt(r.get(k)) for k, _ in metrics],
                   status, style=style)
-    c = Console(width=max(120, Console().width))
+    c = Console(width=max(160, Console().width))
     c.print(t)
     if best_path:
         c.print(f"{'best' if mode == 'quality' else 'fastest'} configuration: {best_path} "
@@ -263,6 +265,7 @@ def plot(rows: list[dict], curves: dict, mode: str, path: Path) -> None:
         for y, r in zip(yb, bad):
             a.text(0, y, f" {r['status']}: {str(r.get('reason'))[:90]}", va="center", fontsize=7,
                    color="gray")
+        a.set_ylim(min(ys + yb, default=0) - 0.7, max(ys + yb, default=0) + 0.7)
         a.set_yticks(ys + yb)
         a.set_yticklabels([label(r) for r in ok] + [label(r) for r in bad], fontsize=7)
         a.set_xlabel("tokens/s per device")

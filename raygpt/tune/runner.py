@@ -162,39 +162,42 @@ def get_reaper(create: bool = False):
 
 
 def release(entry: dict | None, timeout_s: float = 30.0) -> int:
-    """Kill the controllers and remove the placement groups of one trial; wait until Ray
-    reports the groups removed. Returns how many groups were still holding resources."""
+    """Abort (or kill) the controllers and remove the placement groups of one trial; wait
+    until Ray reports the groups removed. Returns how many groups were holding resources."""
     import ray
     from ray.util.placement_group import placement_group_table, remove_placement_group
 
     if not entry:
         return 0
+
+    def state(pg):
+        try:
+            return placement_group_table(pg).get("state", "REMOVED")
+        except Exception:
+            return None
+
+    pgs = entry.get("pgs", [])
+    held = [pg for pg in pgs if state(pg) not in (None, "REMOVED")]
     for h in entry.get("controllers", []):
+        # Abort first (what Ctrl-C on a `trainer.fit()` driver does): the controller stops
+        # its workers and its PlacementGroupCleaner, then exits. Kill whatever is left.
+        try:
+            ray.get(h.abort.remote(), timeout=timeout_s / 2)
+        except Exception:  # exited (the normal end of abort), already dead, or stuck
+            pass
         try:
             ray.kill(h, no_restart=True)
-        except Exception:  # already gone
-            pass
-    held = []
-    for pg in entry.get("pgs", []):
-        try:
-            state = placement_group_table(pg).get("state")
         except Exception:
-            state = None
-        if state in (None, "REMOVED"):
-            continue
-        try:
-            remove_placement_group(pg)
-            held.append(pg)
-        except Exception as e:
-            logger.warning("raygpt tune: could not remove placement group %s: %s", pg.id, e)
+            pass
     deadline = time.monotonic() + timeout_s
     for pg in held:
-        while time.monotonic() < deadline:
+        if state(pg) not in (None, "REMOVED"):
             try:
-                if placement_group_table(pg).get("state", "REMOVED") == "REMOVED":
-                    break
-            except Exception:
-                break
+                remove_placement_group(pg)
+            except Exception as e:
+                logger.warning("raygpt tune: could not remove placement group %s: %s", pg.id, e)
+                continue
+        while time.monotonic() < deadline and state(pg) not in (None, "REMOVED"):
             time.sleep(0.05)
     return len(held)
 
@@ -304,8 +307,9 @@ def _infeasible(reason: str, **extra) -> None:
 
 
 def trial_values(config: dict) -> dict[str, Any]:
+    """The "section.field" values of a trial (flat keys, or a throughput plan's dict)."""
     values = {k: v for k, v in config.items() if "." in k}
-    values.update(config.get("plan") or {})
+    values.update({k: v for k, v in (config.get("plan") or {}).items() if "." in k})
     return values
 
 
@@ -333,16 +337,23 @@ def _trial(config: dict, ctx: dict) -> None:
         return
 
     storage = ctx["train_storage"]
-    run_dir = None if is_uri(storage) else str(Path(storage) / trial_id)
-    if run_dir:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        from raygpt.config import dump_config
+    inject = {}
+    if is_uri(storage):  # as `raygpt train`: run files staged locally, uploaded at the end
+        from raygpt.data.prepare import cache_dir
 
-        dump_config(cfg, Path(run_dir) / "config.yaml")
+        inject["run_uri"] = f"{storage.rstrip('/')}/{trial_id}"
+        run_dir = str(Path(cache_dir()) / "runs" / f"tune-{trial_id}")
+    else:
+        run_dir = str(Path(storage) / trial_id)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    from raygpt.config import dump_config
+
+    dump_config(cfg, Path(run_dir) / "config.yaml")
     per_worker = per_worker_resources(cfg, ctx["use_gpu"])
     trainer = build_trainer(cfg, storage=storage, name=trial_id, data_dir=ctx["data_dir"],
                             run_dir=run_dir, use_gpu=ctx["use_gpu"], per_worker=per_worker,
-                            callbacks=_make_train_callbacks(trial_id, ctx["reaper"]))
+                            callbacks=_make_train_callbacks(trial_id, ctx["reaper"]),
+                            inject=inject)
     try:
         trainer.fit()
     except Exception as e:
@@ -485,11 +496,13 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepOutcome:
         raise UserError(f"--mode {spec.mode!r}: expected quality or throughput")
     base_cfg = validate(spec.base)
     out = spec.out_path
-    exp_dir = Path(spec.storage_path) / EXPERIMENT
+    storage = spec.storage_path.rstrip("/")  # a local path or a URI (s3://...)
+    exp_dir = f"{storage}/{EXPERIMENT}"
+    exists = tune.Tuner.can_restore(exp_dir)
     if resume:
-        if not (exp_dir / "tuner.pkl").is_file():
+        if not exists:
             raise UserError(f"--resume {spec.out}: no Tune experiment in {exp_dir}")
-    elif (exp_dir / "tuner.pkl").exists():
+    elif exists:
         raise UserError(f"--out {spec.out} already holds a sweep: use --resume {spec.out} to "
                         f"continue it, or another --out")
     resolve_local_storage(str(out))
@@ -524,14 +537,14 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepOutcome:
         trial_overrides = throughput_overrides(base_cfg, spec.steps or 10) if spec.mode == "throughput" else {}
         ctx = {"base": spec.base, "mode": spec.mode, "cluster": cluster.resources,
                "use_gpu": cluster.use_gpu, "data_dir": data_dir, "vocab_size": vocab_size,
-               "train_storage": str(Path(spec.storage_path) / TRIALS), "reaper": reaper_name(),
+               "train_storage": f"{storage}/{TRIALS}", "reaper": reaper_name(),
                "trial_overrides": trial_overrides}
         trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), TRIAL_ACTOR_RESOURCES)
         print(f"raygpt tune: {spec.mode} sweep -> {out} | up to {concurrent} trial(s) at once "
               f"on {cluster.cpus:g} CPU / {cluster.gpus:g} GPU"
               + (" (resuming)" if resume else ""), flush=True)
         if resume:
-            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
         else:
             search_alg, limit = _search_alg(spec, space, concurrent)
