@@ -25,7 +25,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=True, dashboard_host="127.0.0.1",
+        # address="local": always a fresh instance, never a cluster another job started.
+        ray.init(address="local", num_cpus=RAY_NUM_CPUS, include_dashboard=True, dashboard_host="127.0.0.1",
                  log_to_driver=True, configure_logging=False)
     yield ray
     try:

@@ -213,9 +213,11 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def forward_cached(self, idx, cache: KVCache, slots, pos):
+    def forward_cached(self, idx, cache: KVCache, slots, pos, last_only: bool = False):
         """Incremental forward. idx (B,T) new tokens; slots (B,) cache slot of each row;
-        pos (B,) position of each row's first new token. Returns logits (B,T,V).
+        pos (B,) position of each row's first new token. Returns logits (B,T,V), or
+        (B,1,V) with last_only (prefill: only the next-token logits are needed, and a
+        50k-vocabulary head over every prompt position is most of the memory).
 
         Key j of row b is visible to query t iff j <= pos[b] + t: earlier tokens of the
         same sequence (already in the slot) plus the causal part of the new ones.
@@ -232,6 +234,8 @@ class GPT(nn.Module):
         x = self.wte(idx) + self.wpe(qpos)
         for block, layer_cache in zip(self.blocks.values(), cache.layers):
             x = block.forward_cached(x, layer_cache, slots, pos, attn_mask)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.ln_f(x))
 
     # ------------------------------------------------------------ generation
@@ -253,7 +257,7 @@ class GPT(nn.Module):
         dtype = next(self.parameters()).dtype
         cache = KVCache(self.config, B, device=idx.device, dtype=dtype)
         slots = torch.arange(B, device=idx.device)
-        logits = self.forward_cached(idx, cache, slots, torch.zeros(B, dtype=torch.long))[:, -1]
+        logits = self.forward_cached(idx, cache, slots, torch.zeros(B, dtype=torch.long), last_only=True)[:, -1]
         out = idx
         for i in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)

@@ -55,8 +55,9 @@ def init_ray(address: str | None, num_cpus: int | None = None):
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True)
+        # "local": a fresh embedded instance, even if another Ray runs on this machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", log_to_driver=True)
     return True
 
 
