@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--teacher", default=None, help="reuse this exported teacher (skip step 1)")
     ap.add_argument("--teacher-preset", default="shakespeare-char-cpu")
     ap.add_argument("--teacher-steps", type=int, default=1000)
     ap.add_argument("--student-steps", type=int, default=500)
@@ -70,10 +71,16 @@ def main(argv=None):
         out = export_checkpoint(s["checkpoint"] or s["run_dir"], os.path.join(storage, f"{name}-model"))
         return str(out), time.perf_counter() - t0
 
-    teacher_cfg = build_run_config(None, a.teacher_preset, common + [f"train.max_steps={a.teacher_steps}"],
-                                   num_workers=a.num_workers, use_gpu=gpu, storage=storage, name="teacher")
-    teacher, t_teacher = run(teacher_cfg, "teacher")
-    print(f"[distill] teacher trained in {t_teacher:.0f}s", flush=True)
+    if a.teacher:
+        teacher, t_teacher = str(os.path.abspath(a.teacher)), 0.0
+        from raygpt.model.io import read_model_config
+
+        a.teacher_steps = read_model_config(teacher).get("step")
+    else:
+        teacher_cfg = build_run_config(None, a.teacher_preset, common + [f"train.max_steps={a.teacher_steps}"],
+                                       num_workers=a.num_workers, use_gpu=gpu, storage=storage, name="teacher")
+        teacher, t_teacher = run(teacher_cfg, "teacher")
+        print(f"[distill] teacher trained in {t_teacher:.0f}s", flush=True)
 
     sset = common + student_set + [f"train.max_steps={a.student_steps}",
                                    f"optim.decay_steps={a.student_steps}"]

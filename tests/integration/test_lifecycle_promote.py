@@ -314,3 +314,39 @@ def test_retrain_job_finetunes_and_promotes(serve_apps, models, tmp_path):
         assert summary["decision"] == "promoted" and summary["train"]["steps"] == 60
     finally:
         set_model_dir("lm", models["a"], timeout=120)
+
+
+def test_rollback_stack_and_log(tmp_path):
+    from raygpt.lifecycle.promote import append_log, log_path, read_log, rollback_stack
+
+    recs = [
+        {"action": "promote", "decision": "promoted", "previous": "/m/a"},
+        {"action": "promote", "decision": "refused"},
+        {"action": "promote", "decision": "promoted", "previous": "/m/b"},
+        {"action": "rollback", "decision": "rolled_back", "to": "/m/b"},
+        {"action": "rollback", "decision": "rolled_back", "to": "/m/x", "explicit": True},
+        {"action": "promote", "decision": "failed", "previous": "/m/zzz"},
+    ]
+    assert rollback_stack(recs) == ["/m/a"]
+    assert rollback_stack(recs[:3]) == ["/m/a", "/m/b"]
+    for r in recs:
+        append_log("my app/1", r, tmp_path)
+    p = log_path("my app/1", tmp_path)
+    assert p.parent == tmp_path and "/" not in p.name
+    with open(p, "a") as f:
+        f.write('{"torn line')  # a crash mid-write is skipped
+    assert read_log("my app/1", tmp_path) == recs
+
+
+def test_eval_default_data_without_a_recorded_config(models, char_data, tmp_path, monkeypatch):
+    """A model dir with no raygpt_config (exported by hand): evaluated on the bundled
+    corpus encoded with its own tokenizer, which gives the same val tokens as `raygpt
+    prepare` of that corpus."""
+    from raygpt.lifecycle.eval import evaluate_model
+
+    monkeypatch.setenv("RAYGPT_CACHE_DIR", str(tmp_path))
+    r = evaluate_model(models["b"], steps=3, samples=0)
+    assert r["data_dir"].startswith(str(tmp_path))
+    assert r["val_loss"] == pytest.approx(evaluate_model(models["b"], char_data, steps=3, samples=0)["val_loss"])
+    again = evaluate_model(models["b"], steps=3, samples=0)  # cached, not encoded again
+    assert again["data_dir"] == r["data_dir"]
