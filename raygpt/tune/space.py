@@ -320,6 +320,9 @@ def default_space(mode: str, cfg: Config, max_workers: int = 1) -> Space:
         if len(workers) > 1:
             data["run.num_workers"] = {"grid": workers}
             data["parallel.strategy"] = {"grid": ["ddp", "fsdp"]}
+        if len(workers) > 1 and cfg.model.n_layer >= 2:
+            # Pipeline stages as well (pp x fsdp); pp with ddp is recorded as infeasible.
+            data["parallel.pp_degree"] = {"grid": [1, 2]}
         data["parallel.activation_checkpointing"] = {"grid": [False, True]}
         return parse_space(data, "<default throughput space>")
     raise SpaceError(f"--mode {mode!r}: expected quality or throughput")
