@@ -250,6 +250,12 @@ def chaos_cmd(
                + [Action("remove-node", s) for s in remove_node_at]
                + [Action("add-node", s) for s in add_node_at])
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # After a node loss the controller may first try to place the old world size while
+    # the dead node still counts; a short start timeout makes it fall back to what fits
+    # sooner (raygpt's usual 300 s is for slow starts on busy machines). The raylets
+    # started below inherit this.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = os.environ.get(
+        "RAYGPT_CHAOS_START_TIMEOUT_S", "45")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
         for _ in range(nodes):

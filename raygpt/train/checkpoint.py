@@ -185,7 +185,7 @@ def download_checkpoint(uri: str) -> Path:
 
     import pyarrow.fs as pafs
 
-    fs, path = pafs.FileSystem.from_uri(uri)
+    fs, path = pafs.FileSystem.from_uri(uri)  # the query (endpoint, region) configures fs
     path = path.rstrip("/")
     info = fs.get_file_info(f"{path}/{STATE_FILE}")
     if info.type == pafs.FileType.NotFound:

@@ -18,6 +18,21 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def redact_uri(uri: str) -> str:
+    """s3://KEY:SECRET@bucket/... -> s3://bucket/... (for anything printed or saved)."""
+    scheme, sep, rest = uri.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        rest = rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Append path parts to a URI, keeping its query (s3://b/p?endpoint_override=...)."""
+    path, _, query = base.partition("?")
+    joined = "/".join([path.rstrip("/"), *(p.strip("/") for p in parts)])
+    return f"{joined}?{query}" if query else joined
+
+
 def resolve_storage(cfg: Config) -> str:
     storage = cfg.run.storage or os.environ.get("RAYGPT_STORAGE") or "./runs"
     if is_uri(storage):
@@ -265,7 +280,7 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
         per_worker = resolve_resources(cfg, use_gpu, embedded)
         check_placeable(cfg, per_worker)
 
-        run_uri = f"{storage.rstrip('/')}/{name}" if is_uri(storage) else None
+        run_uri = join_uri(storage, name) if is_uri(storage) else None
         if run_uri:
             # Checkpoints go to the URI through Ray; metrics/summary/plot are written to a
             # local staging dir by rank 0 and uploaded to the URI at the end.
@@ -282,7 +297,7 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
             from raygpt.config import dump_config
 
             dump_config(cfg, run_dir / "config.yaml")
-        print(f"raygpt: run '{name}' -> {storage}/{name}"
+        print(f"raygpt: run '{name}' -> {redact_uri(join_uri(storage, name))}"
               + (f" (resuming from step {resume_step})" if resume_step is not None else ""), flush=True)
         trainer = build_trainer(cfg, storage=storage, name=name, data_dir=str(data_dir),
                                 run_dir=str(run_dir), use_gpu=use_gpu,
@@ -305,12 +320,15 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
         if (run_dir / "summary.json").is_file():
             summary = json.loads((run_dir / "summary.json").read_text())
         elif run_uri:  # rank 0 ran on another node
-            summary = read_uri_json(f"{run_uri}/summary.json") or {}
+            summary = read_uri_json(join_uri(run_uri, "summary.json")) or {}
         ck = result.checkpoint.path if result.checkpoint else None
         if ck and run_uri and not is_uri(ck):
-            ck = f"{storage.split('://', 1)[0]}://{ck}"
+            # Ray gives the path without scheme and query; put both back.
+            scheme, _, rest = storage.partition("://")
+            query = storage.partition("?")[2]
+            ck = f"{scheme}://{ck}" + (f"?{query}" if query else "")
         summary["checkpoint"] = ck
-        summary["run_dir"] = run_uri or str(run_dir)
+        summary["run_dir"] = redact_uri(run_uri) if run_uri else str(run_dir)
         write_json_atomic(run_dir / "summary.json", summary)
         if run_uri:
             upload_dir(run_dir, run_uri)
