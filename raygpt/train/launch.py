@@ -262,6 +262,14 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
         # The driver prepares (or checks) the data so that errors show before workers start.
         data_dir = ensure_data(cfg.data)
         meta = read_meta(data_dir)
+        # Fine-tuning / distillation: token ids only mean something under the model's
+        # own tokenizer (a new char tokenizer of other text maps characters elsewhere).
+        from raygpt.lifecycle.data import check_same_tokenizer
+
+        if cfg.train.init_from:
+            check_same_tokenizer(cfg.train.init_from, data_dir, what="--init-from model")
+        if cfg.distill.teacher:
+            check_same_tokenizer(cfg.distill.teacher, data_dir, what="teacher")
         if cfg.model.vocab_size is not None and cfg.model.vocab_size < meta["vocab_size"]:
             raise ConfigError(
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "

@@ -148,3 +148,19 @@ def test_export_and_generate_cli(baseline, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "raygpt.cli", "export", str(tmp_path / "nope"), "--out",
                           str(tmp_path / "m2")], capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_init_from_refuses_data_of_another_tokenizer(baseline, tmp_path):
+    """Fine-tuning: the exported model's tokenizer wins; data encoded with another one
+    is refused before any worker starts."""
+    from raygpt.data.prepare import prepare_corpus
+    from raygpt.train.commands import build_run_config
+
+    model = export_checkpoint(latest_checkpoint(baseline[0]), tmp_path / "m")
+    (tmp_path / "other.txt").write_text("abc xyz, qrs! " * 3000)
+    prepare_corpus(tmp_path / "other.txt", tmp_path / "other", tokenizer="char")
+    cfg = build_run_config(None, "debug", [f"data.path={tmp_path / 'other'}", f"run.storage={tmp_path}",
+                                           "run.name=ft"], init_from=str(model))
+    assert cfg.model.n_embd == 32 and cfg.train.init_from == str(model)
+    with pytest.raises(UserError, match="another tokenizer"):
+        run_training(cfg, progress=False)
