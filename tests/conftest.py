@@ -38,6 +38,26 @@ def ray_session():
     ray.shutdown()
 
 
+def wait_serve_apps(names, timeout: float = 180) -> None:
+    """Poll Serve until every named application is RUNNING; fail fast on
+    DEPLOY_FAILED/UNHEALTHY, and after `timeout` seconds."""
+    import time
+
+    from ray import serve
+
+    deadline = time.monotonic() + timeout
+    st: dict = {}
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        st = {n: apps[n].status if n in apps else None for n in names}
+        if all(v == "RUNNING" for v in st.values()):
+            return
+        bad = {n: v for n, v in st.items() if v in ("DEPLOY_FAILED", "UNHEALTHY")}
+        assert not bad, (bad, {n: apps[n].message for n in bad})
+        time.sleep(0.5)
+    raise AssertionError(f"Serve apps not running after {timeout}s: {st}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -66,17 +66,9 @@ def _app(name, model_dir, step_delay=0.01):
 
 
 def _wait_running(names, timeout=240):
-    from ray import serve
+    from conftest import wait_serve_apps
 
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        apps = serve.status().applications
-        st = {n: apps[n].status if n in apps else None for n in names}
-        if all(s == "RUNNING" for s in st.values()):
-            return
-        assert not {n: s for n, s in st.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")}, st
-        time.sleep(0.5)
-    raise AssertionError(f"not running after {timeout}s: {st}")
+    wait_serve_apps(names, timeout)
 
 
 @pytest.fixture(scope="module")
