@@ -39,10 +39,6 @@ def _quiet_ray_train_reports() -> None:
         pass
 
 
-def fut_async(use_async: bool, final: bool) -> bool:
-    return bool(use_async and not final)
-
-
 def _maybe_crash_in_save(inject: dict, step: int, rank: int, run_dir) -> None:
     """Fault injection for tests and `raygpt chaos`: the process dies after writing its
     shard locally but before reporting it, once per run (a marker file remembers)."""
@@ -365,7 +361,7 @@ def train_func(loop_config: dict) -> None:
                                        async_pg=async_pg)
         blocked = time.perf_counter() - t0
         metrics["checkpoint_blocked_s"] = round(blocked, 4)
-        writer.event("checkpoint", step=step, blocked_s=round(blocked, 4), asynchronous=fut_async(use_async, final))
+        writer.event("checkpoint", step=step, blocked_s=round(blocked, 4), asynchronous=fut is not None)
         _maybe_crash_in_save(inject, step, rank, run_dir)
         if fut is not None:
             pending_save = (fut, local, step, metrics, t0)
