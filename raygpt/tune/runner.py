@@ -526,6 +526,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepOutcome:
         from raygpt.tune.planner import max_concurrent
 
         concurrent = max_concurrent(needs, cluster, spec.max_concurrent)
+        # Search algorithm first: a space it cannot take fails before anything is written.
+        search_alg, limit = (None, None) if resume else _search_alg(spec, space, concurrent)
         spec.save()
         outcome = SweepOutcome(spec)
         if param_space is None:  # throughput: nothing feasible to measure
@@ -547,7 +549,6 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepOutcome:
             tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
         else:
-            search_alg, limit = _search_alg(spec, space, concurrent)
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space,

@@ -239,3 +239,35 @@ def test_restore_after_killed_driver(char_data, tmp_path):
     starts = [e for e in events if e.get("event") == "start"]
     assert len(starts) == 2 and starts[0]["step"] == 0, starts
     assert starts[1]["restored"] is True and starts[1]["step"] >= 20, starts
+
+
+@pytest.mark.timeout(600)
+def test_optuna_search_samples_and_writes_best(char_data, tmp_path):
+    """`--search optuna`: Tune's OptunaSearch (TPE, offline) proposes the learning rates
+    from a log-uniform range; every trial ends and best.yaml holds the winner's."""
+    space = _space(tmp_path, {"optim.lr": {"loguniform": [1.0e-4, 3.0e-3]}})
+    out = tmp_path / "optuna"
+    spec = build_spec(config=BASE, space=space, mode="quality", num_samples=3, out=str(out),
+                      search="optuna", seed=0, max_concurrent=2,
+                      sets=_sets(char_data, "run.num_workers=1", "parallel.strategy=none",
+                                 "train.max_steps=10"))
+    outcome = run_sweep(spec)
+    rows = outcome.rows
+    assert len(rows) == 3
+    assert {r["status"] for r in rows} <= {"completed", "stopped early"}, rows
+    lrs = [r["optim.lr"] for r in rows]
+    assert all(1.0e-4 <= lr <= 3.0e-3 for lr in lrs) and len(set(lrs)) == 3, lrs
+    assert json.loads((out / "sweep.json").read_text())["search"] == "optuna"
+    best = load_config(path=out / "best.yaml")
+    assert best.optim.lr == pytest.approx(rows[0]["optim.lr"])
+
+
+def test_optuna_search_refuses_grid(char_data, tmp_path):
+    space = _space(tmp_path, {"optim.lr": {"grid": [1.0e-3, 2.0e-3]}})
+    spec = build_spec(config=BASE, space=space, mode="quality", num_samples=1, out=str(tmp_path / "o"),
+                      search="optuna", sets=_sets(char_data))
+    from raygpt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="use choice instead of grid"):
+        run_sweep(spec)
+    assert not (tmp_path / "o" / "trials").exists()
