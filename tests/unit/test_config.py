@@ -14,7 +14,7 @@ def test_defaults_and_presets_validate():
     cpu = load_config("shakespeare-char-cpu")
     assert (cpu.model.n_layer, cpu.model.n_head, cpu.model.n_embd, cpu.model.block_size) == (4, 4, 128, 64)
     assert (cpu.train.global_batch, cpu.train.max_steps, cpu.train.eval_steps) == (12, 2000, 20)
-    assert (cpu.optim.lr, cpu.optim.min_lr, cpu.optim.warmup_steps, cpu.optim.beta2) == (1e-3, 1e-4, 100, 0.99)
+    assert (cpu.optim.lr, cpu.optim.min_lr, cpu.optim.warmup_steps, cpu.optim.beta2) == (2e-3, 2e-4, 100, 0.99)
     assert cpu.model.dropout == 0.0
     baby = load_config("shakespeare-char")
     assert (baby.model.n_layer, baby.model.n_embd, baby.model.block_size, baby.model.dropout) == (6, 384, 256, 0.2)
