@@ -60,7 +60,7 @@ def tune_cmd(
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="override a base field: section.field=value (repeatable)"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray address ('auto' joins a running cluster); default: local"),
     max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="at most this many trials at once (default: what the cluster fits)"),
-    search: str = typer.Option("random", "--search", help="random (grid + random sampling) or optuna (needs the optuna package)"),
+    search: str = typer.Option("random", "--search", help="random (grid + random sampling) or optuna (TPE via Tune's OptunaSearch)"),
     steps: Optional[int] = typer.Option(None, "--steps", help="throughput: steps per measurement trial (default 10)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed of the random search"),
     storage: Optional[str] = typer.Option(None, "--storage", help="where Tune and Train keep their state (shared storage on a multi-node cluster); default: --out"),
