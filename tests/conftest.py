@@ -15,6 +15,9 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Worker groups start slowly on a loaded 2-core machine (Ray Train's default is 60 s).
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+# Ray Train's controller polls its workers every 2 s; a test run's 20 steps take under a
+# second, so most of a fit's tail is that wait.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 # Logical CPUs for the shared instance: enough for 2-worker trainers plus a Serve app.
 RAY_NUM_CPUS = int(os.environ.get("RAYGPT_TEST_CPUS", "6"))
