@@ -454,14 +454,24 @@ def _build(files, label, is_dir, tmp: Path, kind, vocab_size, val_fraction, shar
             f"corpus {label} is too small for val_fraction={val_fraction}: train gets {n_train} "
             f"and val {n_val} tokens, each split needs at least {MIN_SPLIT_TOKENS}")
 
-    meta = {
+    meta = build_meta(tok, n_train, n_val, {s: writers[s].num_shards for s in SPLITS}, dtype,
+                      shard_tokens, val_fraction, label, files, total_bytes, corpus_sha)
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return meta
+
+
+def build_meta(tok, n_train: int, n_val: int, num_shards: dict, dtype: str, shard_tokens: int,
+               val_fraction: float, label: str, files: list, total_bytes: int, corpus_sha: str,
+               **extra) -> dict:
+    """meta.json of a prepared dataset (also written by `raygpt data` for a new corpus)."""
+    return {
         "format_version": FORMAT_VERSION,
         "vocab_size": tok.vocab_size,
         "tokenizer": tok.kind,
         "eos_id": tok.eos_id,
         "train_tokens": n_train,
         "val_tokens": n_val,
-        "num_shards": {s: writers[s].num_shards for s in SPLITS},
+        "num_shards": num_shards,
         "dtype": dtype,
         "shard_tokens": shard_tokens,
         "val_fraction": val_fraction,
@@ -471,10 +481,9 @@ def _build(files, label, is_dir, tmp: Path, kind, vocab_size, val_fraction, shar
         "corpus_bytes": total_bytes,
         "corpus_sha256": corpus_sha,
         "corpus_stat": _corpus_stat(files, label),
+        **extra,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return meta
 
 
 def read_meta(path: str | os.PathLike) -> dict:

@@ -15,7 +15,6 @@ import os
 import shutil
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -132,28 +131,11 @@ def prepare_with_tokenizer(corpus: str | os.PathLike | None, out: str | os.PathL
             raise UserError(f"corpus {label} is too small for val_fraction={val_fraction}: "
                             f"train gets {n_train} and val {n_val} tokens")
         shutil.copyfile(tok_file, tmp / TOKENIZER)
-        meta = {
-            "format_version": prep.FORMAT_VERSION,
-            "vocab_size": tok.vocab_size,
-            "tokenizer": tok.kind,
-            "eos_id": tok.eos_id,
-            "train_tokens": n_train,
-            "val_tokens": n_val,
-            "num_shards": {s: writers[s].num_shards for s in prep.SPLITS},
-            "dtype": dtype,
-            "shard_tokens": shard_tokens,
-            "val_fraction": val_fraction,
-            "split": "per document: first (1 - val_fraction) of its tokens -> train, rest -> val",
-            "corpus": label,
-            "corpus_files": len(files),
-            "corpus_bytes": total_bytes,
-            "corpus_sha256": digest.hexdigest(),
-            "corpus_stat": prep._corpus_stat(files, label),
-            "tokenizer_from": str(tok_file),
-            "tokenizer_fingerprint": tokenizer_fingerprint(tok_file),
-            "dropped_chars": dropped,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
+        meta = prep.build_meta(tok, n_train, n_val, {s: writers[s].num_shards for s in prep.SPLITS},
+                               dtype, shard_tokens, val_fraction, label, files, total_bytes,
+                               digest.hexdigest(), tokenizer_from=str(tok_file),
+                               tokenizer_fingerprint=tokenizer_fingerprint(tok_file),
+                               dropped_chars=dropped)
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         prep._install(tmp, out, True)
     except BaseException:

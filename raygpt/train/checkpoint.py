@@ -17,8 +17,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
 from raygpt.errors import UserError
 
 STATE_FILE = "raygpt_state.json"

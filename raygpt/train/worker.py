@@ -7,7 +7,6 @@ restart at another size continues the same training math.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import tempfile
 import time
