@@ -22,6 +22,7 @@ Other errors raise at once as APIError subclasses carrying the server's error ob
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -191,6 +192,15 @@ def _status_error(status: int, body_text: str, headers=None) -> APIStatusError:
 # ----------------------------------------------------------------------------- shared logic
 
 
+def _transport_error(method: str, path: str, e: httpx.TransportError, started: bool = False) -> APIError:
+    """The error of an attempt that got no (complete) response."""
+    if isinstance(e, httpx.TimeoutException):
+        return APITimeoutError(f"stream timed out after it started: {e}" if started
+                               else f"{method} {path}: timed out ({e})")
+    return APIConnectionError(f"stream broke after it started: {e}" if started
+                              else f"{method} {path}: {type(e).__name__}: {e}")
+
+
 class _Base:
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
                  timeout: float | httpx.Timeout = 60.0, max_retries: int = 3,
@@ -217,6 +227,13 @@ class _Base:
         if retry_after is not None:
             d = max(d, min(retry_after, self.max_retry_after))
         return d
+
+    def _next_delay(self, err: APIError, attempt: int, retryable: bool = True) -> float:
+        """Seconds to wait before retrying after `err`; raises it when no retry is left."""
+        if not retryable or attempt >= self.max_retries:
+            raise err
+        self.retries_done += 1
+        return self._delay(attempt, err.retry_after)
 
     def _body(self, prompt: Prompt, stream: bool, include_usage: bool, kw: dict) -> dict:
         body: dict = {"prompt": prompt}
@@ -280,29 +297,17 @@ class Client(_Base):
         self.close()
 
     def _request(self, method: str, path: str, json_body: dict | None = None) -> httpx.Response:
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
             try:
                 r = self._http.request(method, self.base_url + path, json=json_body,
                                        headers=self._headers)
-            except httpx.TimeoutException as e:
-                err: APIError = APITimeoutError(f"{method} {path}: timed out ({e})")
-                retry_after = None
             except httpx.TransportError as e:
-                err = APIConnectionError(f"{method} {path}: {type(e).__name__}: {e}")
-                retry_after = None
-            else:
-                if r.status_code < 400:
-                    return r
-                err = _status_error(r.status_code, r.text, r.headers)
-                if r.status_code not in RETRY_STATUS:
-                    raise err
-                retry_after = err.retry_after
-            if attempt >= self.max_retries:
-                raise err
-            time.sleep(self._delay(attempt, retry_after))
-            attempt += 1
-            self.retries_done += 1
+                time.sleep(self._next_delay(_transport_error(method, path, e), attempt))
+                continue
+            if r.status_code < 400:
+                return r
+            err = _status_error(r.status_code, r.text, r.headers)
+            time.sleep(self._next_delay(err, attempt, r.status_code in RETRY_STATUS))
 
     def completions(self, prompt: Prompt, *, max_tokens: int = 16, temperature: float | None = None,
                     top_p: float | None = None, top_k: int | None = None, n: int | None = None,
@@ -323,8 +328,7 @@ class Client(_Base):
         when include_usage=True)."""
         kw = _completion_kwargs(max_tokens, temperature, top_p, top_k, n, stop, seed, model, user, extra)
         body = self._body(prompt, True, include_usage, kw)
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
             started = False
             try:
                 with self._http.stream("POST", self.base_url + "/v1/completions", json=body,
@@ -334,7 +338,6 @@ class Client(_Base):
                         err: APIError = _status_error(r.status_code, r.text, r.headers)
                         if r.status_code not in RETRY_STATUS:
                             raise err
-                        retry_after = err.retry_after
                     else:
                         for payload in self._sse_payloads(r.iter_lines()):
                             started = True
@@ -343,19 +346,11 @@ class Client(_Base):
                                 return
                             yield chunk
                         return
-            except httpx.TimeoutException as e:
-                if started:
-                    raise APITimeoutError(f"stream timed out after it started: {e}") from None
-                err, retry_after = APITimeoutError(f"POST /v1/completions: timed out ({e})"), None
             except httpx.TransportError as e:
+                err = _transport_error("POST", "/v1/completions", e, started)
                 if started:
-                    raise APIConnectionError(f"stream broke after it started: {e}") from None
-                err, retry_after = APIConnectionError(f"POST /v1/completions: {type(e).__name__}: {e}"), None
-            if attempt >= self.max_retries:
-                raise err
-            time.sleep(self._delay(attempt, retry_after))
-            attempt += 1
-            self.retries_done += 1
+                    raise err from None
+            time.sleep(self._next_delay(err, attempt))
 
     def stream(self, prompt: Prompt, **kw) -> Iterator[str]:
         """Streamed completion: yields the text pieces as they are generated (choice 0)."""
@@ -396,29 +391,17 @@ class AsyncClient(_Base):
         await self.aclose()
 
     async def _request(self, method: str, path: str, json_body: dict | None = None) -> httpx.Response:
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
             try:
                 r = await self._http.request(method, self.base_url + path, json=json_body,
                                              headers=self._headers)
-            except httpx.TimeoutException as e:
-                err: APIError = APITimeoutError(f"{method} {path}: timed out ({e})")
-                retry_after = None
             except httpx.TransportError as e:
-                err = APIConnectionError(f"{method} {path}: {type(e).__name__}: {e}")
-                retry_after = None
-            else:
-                if r.status_code < 400:
-                    return r
-                err = _status_error(r.status_code, r.text, r.headers)
-                if r.status_code not in RETRY_STATUS:
-                    raise err
-                retry_after = err.retry_after
-            if attempt >= self.max_retries:
-                raise err
-            await asyncio.sleep(self._delay(attempt, retry_after))
-            attempt += 1
-            self.retries_done += 1
+                await asyncio.sleep(self._next_delay(_transport_error(method, path, e), attempt))
+                continue
+            if r.status_code < 400:
+                return r
+            err = _status_error(r.status_code, r.text, r.headers)
+            await asyncio.sleep(self._next_delay(err, attempt, r.status_code in RETRY_STATUS))
 
     async def completions(self, prompt: Prompt, *, max_tokens: int = 16,
                           temperature: float | None = None, top_p: float | None = None,
@@ -437,8 +420,7 @@ class AsyncClient(_Base):
                             user: str | None = None, **extra) -> AsyncIterator[CompletionChunk]:
         kw = _completion_kwargs(max_tokens, temperature, top_p, top_k, n, stop, seed, model, user, extra)
         body = self._body(prompt, True, include_usage, kw)
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
             started = False
             try:
                 async with self._http.stream("POST", self.base_url + "/v1/completions", json=body,
@@ -448,7 +430,6 @@ class AsyncClient(_Base):
                         err: APIError = _status_error(r.status_code, r.text, r.headers)
                         if r.status_code not in RETRY_STATUS:
                             raise err
-                        retry_after = err.retry_after
                     else:
                         async for line in r.aiter_lines():
                             if not line.startswith("data:"):
@@ -459,19 +440,11 @@ class AsyncClient(_Base):
                                 return
                             yield chunk
                         return
-            except httpx.TimeoutException as e:
-                if started:
-                    raise APITimeoutError(f"stream timed out after it started: {e}") from None
-                err, retry_after = APITimeoutError(f"POST /v1/completions: timed out ({e})"), None
             except httpx.TransportError as e:
+                err = _transport_error("POST", "/v1/completions", e, started)
                 if started:
-                    raise APIConnectionError(f"stream broke after it started: {e}") from None
-                err, retry_after = APIConnectionError(f"POST /v1/completions: {type(e).__name__}: {e}"), None
-            if attempt >= self.max_retries:
-                raise err
-            await asyncio.sleep(self._delay(attempt, retry_after))
-            attempt += 1
-            self.retries_done += 1
+                    raise err from None
+            await asyncio.sleep(self._next_delay(err, attempt))
 
     async def stream(self, prompt: Prompt, **kw) -> AsyncIterator[str]:
         async for chunk in self.stream_events(prompt, **kw):
