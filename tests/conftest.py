@@ -18,6 +18,9 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 # Ray Train's controller polls its workers every 2 s; a test run's 20 steps take under a
 # second, so most of a fit's tail is that wait.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# No test uses spot-reclaim notices; the watcher is one more actor process per fit
+# (importing ray.train costs ~5 s of CPU on this machine).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # Logical CPUs for the shared instance: enough for 2-worker trainers plus a Serve app.
 RAY_NUM_CPUS = int(os.environ.get("RAYGPT_TEST_CPUS", "6"))
