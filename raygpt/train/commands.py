@@ -74,9 +74,18 @@ def _apply_init_from(cfg, init_from, sets):
     d["model"].update({k: shape[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size", "bias")})
     if d["model"]["block_size"] > shape["block_size"]:
         d["model"]["block_size"] = shape["block_size"]
-    d["model"]["pad_vocab_to"] = 1
+    d["model"]["vocab_size"], d["model"]["pad_vocab_to"] = _vocab_and_padding(shape)
     d["train"]["init_from"] = str(init_from)
     return validate(d)
+
+
+def _vocab_and_padding(shape: dict) -> tuple[int, int]:
+    """(model.vocab_size, model.pad_vocab_to) that rebuild the source's embedding table
+    and keep its padded ids (GPT-2: 50257 of 50304) out of the predictions."""
+    v, real = shape["vocab_size"], shape.get("real_vocab_size")
+    if not real or real >= v:
+        return v, 1
+    return real, (64 if -(-real // 64) * 64 == v else v)
 
 
 def train_cmd(
@@ -124,14 +133,20 @@ def _print_summary(s: dict) -> None:
 
 
 def export_cmd(
-    checkpoint: str = typer.Argument(..., help="checkpoint directory, or a run directory (its latest checkpoint)"),
+    checkpoint: str = typer.Argument(..., help="checkpoint directory, a run directory (its latest "
+                                     "checkpoint), or a model directory (raygpt or Hugging Face) to convert"),
     out: str = typer.Option(..., "--out", "-o", help="output model directory"),
+    format: str = typer.Option("raygpt", "--format", "-f",
+                               help="raygpt (model.safetensors + config.json + tokenizer.json) or "
+                                    "hf (a GPT-2 directory transformers and vLLM load)"),
 ):
-    """Export a sharded checkpoint to model.safetensors + config.json + tokenizer.json."""
-    from raygpt.train.checkpoint import export_checkpoint
+    """Export a sharded checkpoint (or convert a model directory) to a model directory."""
+    from raygpt.train.export import export_to
 
-    p = export_checkpoint(checkpoint, out)
-    typer.echo(f"exported {checkpoint} -> {p}")
+    if format not in ("raygpt", "hf"):
+        raise UserError(f"--format {format!r}: use raygpt or hf")
+    p = export_to(checkpoint, out, format)
+    typer.echo(f"exported {checkpoint} -> {p} ({format})")
 
 
 def generate_cmd(
