@@ -172,6 +172,7 @@ def generate_cmd(
     if not tok_path.is_file():
         raise UserError(f"model directory {model_dir!r} has no {TOKENIZER}")
     tok = load_tokenizer(tok_path)
+    model.restrict_vocab(tok.vocab_size)  # a padded table: never sample an id past the tokenizer
     ids = tok.encode(prompt)
     if not ids:
         raise UserError("--prompt is empty after tokenization")
