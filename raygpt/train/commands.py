@@ -9,7 +9,7 @@ import typer
 from raygpt.errors import UserError
 
 CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML config file")
-PRESET_OPT = typer.Option(None, "--preset", "-p", help="named preset (debug, shakespeare-char-cpu, shakespeare-char, gpt2-124m, gpt2-350m)")
+PRESET_OPT = typer.Option(None, "--preset", "-p", help="named preset (debug, shakespeare-char-cpu, shakespeare-char, gpt2, gpt2-medium, gpt2-large, gpt2-xl)")
 SET_OPT = typer.Option(None, "--set", "-s", help="override a field: section.field=value (repeatable)")
 
 
