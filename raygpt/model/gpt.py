@@ -188,7 +188,7 @@ class GPT(nn.Module):
         self.ln_f = LayerNorm(cfg.n_embd, cfg.bias)
         self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size, cfg.real_vocab_size)
         self.lm_head.weight = self.wte.weight  # weight tying
-        self._register_load_state_dict_pre_hook(self._crop_positions)
+        self.register_load_state_dict_pre_hook(_crop_positions)
         self.apply(self._init_weights)
         # GPT-2: scale residual projections by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
@@ -210,13 +210,6 @@ class GPT(nn.Module):
             self.config.real_vocab_size = n_real
             if self.lm_head is not None:
                 self.lm_head.restrict(n_real)
-
-    def _crop_positions(self, state_dict, prefix, *args):
-        """A source with a longer context (GPT-2's 1024 positions, fine-tuned here with a
-        shorter block_size) loads its first block_size position embeddings."""
-        w = state_dict.get(prefix + "wpe.weight")
-        if self.wpe is not None and w is not None and w.shape[0] > self.config.block_size:
-            state_dict[prefix + "wpe.weight"] = w[: self.config.block_size]
 
     # ------------------------------------------------------------ accounting
 
@@ -317,6 +310,14 @@ class GPT(nn.Module):
             logits = self.forward_cached(nxt[:, None], cache, slots, pos)[:, -1]
         self.train(was_training)
         return out
+
+
+def _crop_positions(model: GPT, state_dict, prefix, *args):
+    """Load hook: a source with a longer context (GPT-2's 1024 positions, fine-tuned here
+    with a shorter block_size) gives its first block_size position embeddings."""
+    w = state_dict.get(prefix + "wpe.weight")
+    if model.wpe is not None and w is not None and w.shape[0] > model.config.block_size:
+        state_dict[prefix + "wpe.weight"] = w[: model.config.block_size]
 
 
 def sample_next(logits, temperature: float = 1.0, top_k: int | None = None,

@@ -263,7 +263,7 @@ def hf_config(cfg: GPTConfig, vocab: int, eos_id: int | None, extra: dict | None
         "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
         "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True,
         "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": None,
-        "use_cache": True, "dtype": "float32",
+        "use_cache": True, "dtype": "float32", "torch_dtype": "float32",  # v5 and v4 names
     }
     if extra:
         d["raygpt"] = extra

@@ -73,6 +73,9 @@ def _apply_init_from(cfg, init_from, sets):
     d = cfg.to_dict()
     d["model"].update({k: shape[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size", "bias")})
     if d["model"]["block_size"] > shape["block_size"]:
+        if any(i.split("=", 1)[0].strip() == "model.block_size" for i in sets):
+            raise ConfigError(f"--set model.block_size={d['model']['block_size']}: larger than the context of "
+                              f"--init-from {init_from} ({shape['block_size']} positions)")
         d["model"]["block_size"] = shape["block_size"]
     d["model"]["vocab_size"], d["model"]["pad_vocab_to"] = _vocab_and_padding(shape)
     d["train"]["init_from"] = str(init_from)

@@ -236,6 +236,9 @@ def test_bad_hf_dirs_are_one_line_errors(hf_dir, bpe_tok, tmp_path, capsys):
     err = _one_line_error(capsys, ["train", "--init-from", str(hf_dir), "--set", "model.n_embd=64",
                                    "--print-config"])
     assert "model.n_embd" in err and "fixes the model shape" in err
+    err = _one_line_error(capsys, ["train", "--init-from", str(hf_dir), "--set", "model.block_size=128",
+                                   "--print-config"])
+    assert "model.block_size=128: larger than the context" in err and "(64 positions)" in err
 
     relu = tmp_path / "relu"
     shutil.copytree(hf_dir, relu)
