@@ -82,6 +82,20 @@ def test_padding_never_sampled(hf_dir):
     assert out.max().item() < 300
 
 
+def test_generate_cmd_never_samples_past_the_tokenizer(tmp_path, capsys):
+    """`raygpt generate` on a model whose table (128 rows) is larger than its char
+    tokenizer (59 characters): the extra rows, made the likeliest, are never sampled
+    (before: 'token id 123 is outside the char vocabulary', exit 2)."""
+    tok_path = train_char_tokenizer(TEXT).save(tmp_path / "char")
+    model = _raygpt_model(False, 128)
+    with torch.no_grad():
+        model.wte.weight[59:] = model.wte.weight[:59].sum(0) * 50
+    src = save_model_dir(model, tmp_path / "m", tok_path)
+    assert main(["generate", str(src), "--prompt", "ROMEO:", "--max-tokens", "40",
+                 "--temperature", "2", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+
+
 def _raygpt_model(bias: bool, vocab: int, seed: int = 3) -> GPT:
     torch.manual_seed(seed)
     m = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=48, vocab_size=vocab, bias=bias))
