@@ -204,6 +204,17 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
+    @classmethod
+    def empty(cls, cfg: GPTConfig, device="cpu") -> "GPT":
+        """Uninitialized weights, for loading every tensor next (the random init of a 124M
+        model costs seconds)."""
+        with torch.device("meta"):
+            m = cls(cfg)
+        m = m.to_empty(device=device)
+        m.lm_head.weight = m.wte.weight  # to_empty unties them
+        m.lm_head.restrict(cfg.real_vocab_size)  # the mask buffer came out uninitialized
+        return m
+
     def restrict_vocab(self, n_real: int) -> None:
         """Never predict ids >= n_real (a tokenizer smaller than the embedding table)."""
         if n_real < self.config.n_real_vocab:

@@ -220,8 +220,9 @@ def hf_to_raygpt_state(sd: dict[str, torch.Tensor], cfg: GPTConfig, where: str) 
 def load_hf_model(path: Path, meta: dict) -> GPT:
     cfg = GPTConfig(**meta["model"])
     sd = hf_to_raygpt_state(_read_weights(path), cfg, str(path))
-    model = GPT(cfg)
-    model.load_state_dict(sd, strict=False)  # lm_head.weight is wte.weight
+    model = GPT.empty(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)  # tied
     return model
 
 

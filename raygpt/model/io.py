@@ -96,7 +96,7 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu",
         cfg = GPTConfig(**meta["model"])
     except (KeyError, TypeError) as e:
         raise ModelDirError(f"{str(Path(path) / CONFIG)!r}: bad 'model' section ({e})") from None
-    model = GPT(cfg)
+    model = GPT.empty(cfg)
     try:
         sd = load_file(str(Path(path) / WEIGHTS))
     except Exception as e:  # safetensors raises several types for corrupt files

@@ -159,6 +159,34 @@ def test_round_trip_hf_raygpt_hf_identical(hf_dir, tmp_path):
         assert ha[k] == hb[k], k
 
 
+def test_hub_layouts_sharded_and_unprefixed(hf_dir, tmp_path):
+    """The Hub's own gpt2 files name tensors without 'transformer.' and carry the causal
+    mask buffers (h.N.attn.bias); large models come in shards with an index."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    sd = load_file(str(hf_dir / "model.safetensors"))
+    hub = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    hub["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+    names = sorted(hub)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    d = tmp_path / "hub"
+    d.mkdir()
+    for f in ("config.json", "tokenizer.json"):
+        shutil.copy(hf_dir / f, d)
+    for fname, keys in shards.items():
+        save_file({k: hub[k].contiguous() for k in keys}, str(d / fname), metadata={"format": "pt"})
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    a, _ = load_model_dir(hf_dir)
+    b, meta = load_model_dir(d)
+    assert meta["format"] == "hf"
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
 def _bpe_50257(path: Path) -> Path:
     """A GPT-2-sized byte-level BPE tokenizer.json (256 bytes + 50000 merges + eos),
     built from synthetic merges so that nothing is downloaded."""
