@@ -146,8 +146,6 @@ def export_cmd(
     """Export a sharded checkpoint (or convert a model directory) to a model directory."""
     from raygpt.train.export import export_to
 
-    if format not in ("raygpt", "hf"):
-        raise UserError(f"--format {format!r}: use raygpt or hf")
     p = export_to(checkpoint, out, format)
     typer.echo(f"exported {checkpoint} -> {p} ({format})")
 

@@ -52,6 +52,7 @@ def test_finetune_from_hf_dir_trains_exports_and_loads_back(tmp_path):
     hcfg = json.loads((out / "config.json").read_text())
     assert (hcfg["vocab_size"], hcfg["n_positions"]) == (300, 32)
     assert hcfg["raygpt"]["raygpt_config"]["train"]["init_from"] == str(hf)
+    assert hcfg["raygpt"]["source"] == str(s["checkpoint"]) and hcfg["raygpt"]["step"] == 12
     # it started from the HF weights: moved a little by 12 steps, not re-initialized
     a = load_file(str(hf / "model.safetensors"))["transformer.h.1.mlp.c_fc.weight"]
     b = load_file(str(out / "model.safetensors"))["transformer.h.1.mlp.c_fc.weight"]
