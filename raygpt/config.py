@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 from raygpt.errors import UserError
@@ -98,6 +98,21 @@ class TrainConfig(_Section):
     # Parameters kept frozen: "embeddings" and/or "blocks:N" (the first N blocks).
     freeze: list[str] = Field(default_factory=list)
 
+    @field_validator("freeze")
+    @classmethod
+    def _freeze_specs(cls, v: list[str]) -> list[str]:
+        # Checked here (and against model.n_layer in Config) so that a typo stops before
+        # Ray starts, not inside a worker.
+        for item in v:
+            if item == "embeddings":
+                continue
+            head, _, n = item.partition(":")
+            if head != "blocks" or not n.strip().isdigit() or int(n) < 1:
+                hint = "" if head == "blocks" else _suggest(item, ["embeddings"])
+                raise ValueError(f"train.freeze entry {item!r}: expected 'embeddings' or 'blocks:N' "
+                                 f"(N >= 1){hint}")
+        return v
+
 
 class ParallelConfig(_Section):
     strategy: Literal["auto", "none", "ddp", "fsdp", "hsdp", "tp"] = "auto"
@@ -182,6 +197,10 @@ class Config(_Section):
                 f"{self.parallel.pp_schedule}) is larger than model.n_layer={self.model.n_layer}: "
                 f"every stage needs at least one block"
             )
+        for item in self.train.freeze:
+            if item.startswith("blocks:") and int(item.split(":", 1)[1]) > self.model.n_layer:
+                raise ValueError(f"train.freeze entry {item!r}: the model has "
+                                 f"model.n_layer={self.model.n_layer} blocks")
         if self.model.n_head % self.parallel.tp_degree:
             raise ValueError(
                 f"model.n_head={self.model.n_head} is not divisible by "
@@ -211,9 +230,53 @@ SECTIONS = {
 # ---------------------------------------------------------------- errors
 
 
+# Names people reach for (other frameworks, nanoGPT, HF) -> the field here.
+SYNONYMS = {
+    "learning_rate": "lr", "max_lr": "lr", "min_learning_rate": "min_lr",
+    "steps": "max_steps", "max_iters": "max_steps", "num_steps": "max_steps", "iters": "max_steps",
+    "batch_size": "global_batch", "micro_batch_size": "micro_batch",
+    "gradient_accumulation_steps": "global_batch",
+    "n_layers": "n_layer", "num_layers": "n_layer", "layers": "n_layer",
+    "n_heads": "n_head", "num_heads": "n_head", "heads": "n_head",
+    "d_model": "n_embd", "hidden_size": "n_embd", "n_embed": "n_embd", "embed_dim": "n_embd",
+    "context_length": "block_size", "seq_len": "block_size", "max_seq_len": "block_size",
+    "warmup": "warmup_steps", "warmup_iters": "warmup_steps", "lr_decay_iters": "decay_steps",
+    "clip": "grad_clip", "grad_norm_clip": "grad_clip", "max_grad_norm": "grad_clip",
+    "eval_interval": "eval_every", "eval_iters": "eval_steps", "log_interval": "log_every",
+    "workers": "num_workers", "n_workers": "num_workers", "gpu": "use_gpu",
+    "precision": "dtype", "data_dir": "path", "dataset": "path",
+}
+
+
+def _parts(name: str) -> list[str]:
+    return [w for w in name.lower().replace("-", "_").split("_") if w]
+
+
+def _closest(name: str, choices: list[str]) -> str | None:
+    """The field a mistyped or differently named key most likely means: a known synonym,
+    a near spelling, the initials of its words (learning_rate -> lr), or the one field
+    that shares a word with it (iters -> ...)."""
+    key = name.lower().replace("-", "_")
+    if SYNONYMS.get(key) in choices:
+        return SYNONYMS[key]
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    words = _parts(key)
+    initials = "".join(w[0] for w in words)
+    for c in choices:
+        if len(words) > 1 and c.replace("_", "") == initials:
+            return c
+    sharing = [c for c in choices if set(words) & set(_parts(c)) - {"n", "num", "max", "min"}]
+    if len(sharing) == 1:
+        return sharing[0]
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def _suggest(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    close = _closest(name, list(choices))
+    return f" (did you mean '{close}'?)" if close else ""
 
 
 def _format_validation_error(err: ValidationError, data: dict | None = None) -> str:

@@ -138,3 +138,30 @@ def test_usage_error_is_one_line_exit_2(capsys, monkeypatch, tmp_path, cid, argv
     rc = main(list(argv))
     out, err = capsys.readouterr()
     _check(cid, rc, out, err, words)
+
+
+@pytest.mark.parametrize("spec,words", [
+    ("[embedding]", ["train.freeze entry 'embedding'", "did you mean 'embeddings'"]),
+    ("[blocks:x]", ["train.freeze entry 'blocks:x'", "blocks:N"]),
+    ("[blocks:0]", ["train.freeze entry 'blocks:0'"]),
+    ("[blocks:9]", ["train.freeze entry 'blocks:9'", "model.n_layer=2"]),
+])
+def test_freeze_typo_stops_at_print_config(capsys, spec, words):
+    """A bad train.freeze entry is a config error (one line, exit 2) before Ray starts;
+    it used to pass --print-config and fail inside a worker."""
+    from raygpt.cli import main
+
+    rc = main(["train", "--preset", "debug", "--print-config", "--set", f"train.freeze={spec}"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "", (rc, out, err)
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_good_freeze_passes(capsys):
+    from raygpt.cli import main
+
+    assert main(["train", "--preset", "debug", "--print-config", "--set",
+                 "train.freeze=[embeddings, blocks:2]"]) == 0
+    assert "- blocks:2" in capsys.readouterr().out
