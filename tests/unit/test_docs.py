@@ -217,3 +217,14 @@ def test_tune_debug_rungs_are_the_documented_ones():
 def test_no_design_file_cited():
     for doc in DOCS:
         assert "DESIGN.md" not in _text(doc), doc.name
+
+
+def test_tune_options_table_exists_in_the_cli():
+    """docs/tune.md's Options table names only options `raygpt tune` has (and all of them)."""
+    text = _text(REPO / "docs" / "tune.md")
+    table = text[text.index("## Options"):text.index("## Search spaces")]
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", table))
+    tune = _group().commands["tune"]
+    opts = {o for p in tune.params for o in getattr(p, "opts", []) if o.startswith("--")}
+    assert named - {"--help"} <= opts, named - opts
+    assert opts - named == set(), f"raygpt tune options missing from docs/tune.md: {opts - named}"
