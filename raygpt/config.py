@@ -308,6 +308,27 @@ def validate(data: dict) -> Config:
         raise ConfigError(_format_validation_error(e, data)) from None
 
 
+def check_paths(cfg: Config) -> None:
+    """The local paths a config names exist where the driver runs (it reads them there):
+    called before Ray starts, so that a typo is one line, not a failure after start-up.
+    URIs are left to the code that reads them."""
+    checks = [("train.init_from", cfg.train.init_from, "config.json"),
+              ("distill.teacher", cfg.distill.teacher, "config.json")]
+    if cfg.data.path:
+        checks.append(("data.path", cfg.data.path, "meta.json"))
+    elif cfg.data.corpus:
+        checks.append(("data.corpus", cfg.data.corpus, None))
+    for key, value, need in checks:
+        if not value or "://" in value:
+            continue
+        p = Path(value).expanduser()
+        if not p.exists():
+            raise ConfigError(f"{key}={value!r}: no such file or directory")
+        if need and not (p / need).is_file():
+            hint = f"run `raygpt prepare --out {value}`" if need == "meta.json" else "export it with `raygpt export`"
+            raise ConfigError(f"{key}={value!r} has no {need}: {hint}")
+
+
 # ---------------------------------------------------------------- loading
 
 

@@ -165,3 +165,25 @@ def test_good_freeze_passes(capsys):
     assert main(["train", "--preset", "debug", "--print-config", "--set",
                  "train.freeze=[embeddings, blocks:2]"]) == 0
     assert "- blocks:2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("data.path", "nope", ["data.path='nope'", "no such file"]),
+    ("data.path", ".", ["data.path='.'", "has no meta.json", "raygpt prepare --out ."]),
+    ("data.corpus", "nope.txt", ["data.corpus='nope.txt'"]),
+    ("train.init_from", "nope", ["train.init_from='nope'"]),
+    ("distill.teacher", ".", ["distill.teacher='.'", "has no config.json"]),
+])
+def test_config_paths_checked_before_ray(capsys, monkeypatch, tmp_path, key, value, words):
+    """A path in the config that does not exist is one line and exit 2 before Ray starts
+    (Ray's start-up would print more lines)."""
+    import ray
+
+    from raygpt.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(["train", "--preset", "debug", "--set", f"{key}={value}"])
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    assert not ray.is_initialized()
+    _check(key, rc, "", err, words)
