@@ -1,0 +1,158 @@
+"""GPU-path pieces that run on CPU: profiler traces, whole-model compile, the MFU peak
+table, and bench/train_throughput's short runs. (Collective math: test_parallel_math.py.)"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from raygpt.config import ParallelConfig, load_config
+from raygpt.model.gpt import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tiny(seed=0, n_layer=2, **kw):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=n_layer, n_head=2, n_embd=32, block_size=16, vocab_size=40, **kw))
+
+
+def _batch(seed=1, b=4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 40, (b, 16), generator=g)
+    return x, torch.roll(x, -1, 1)
+
+
+# ---------------------------------------------------------------- profiling
+
+def test_step_profiler_writes_a_trace_that_parses(tmp_path):
+    from raygpt.train.loop import build_optimizer, train_step
+    from raygpt.train.profiling import StepProfiler
+
+    model = _tiny()
+    opt = build_optimizer(model, load_config("debug").optim, "cpu")
+    prof = StepProfiler(tmp_path, rank=3, spec="2:3", device="cpu")
+    for step in range(8):
+        prof.step(step)
+        assert prof.active == (2 <= step < 5)
+        train_step(model, opt, [_batch(step)], torch.device("cpu"), None, 1.0)
+    prof.close()
+    trace = tmp_path / "profile" / "rank3.pt.trace.json"
+    assert prof.files == [trace]
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e.get("name", "") for e in events}
+    assert any(n.startswith("aten::") for n in names)  # operators were recorded
+    steps = sorted(n for n in names if n.startswith("ProfilerStep#"))
+    assert len(steps) == 3, steps  # steps 2, 3, 4 and no others
+    assert not list((tmp_path / "profile").glob(".*"))  # no temp file left
+
+
+def test_step_profiler_closes_a_window_cut_short_and_is_off_without_spec(tmp_path):
+    from raygpt.train.profiling import StepProfiler
+
+    off = StepProfiler(tmp_path / "off", 0, None)
+    for s in range(3):
+        off.step(s)
+    off.close()
+    assert not (tmp_path / "off").exists()
+    cut = StepProfiler(tmp_path / "cut", 0, "1:100")
+    for s in range(3):
+        cut.step(s)
+        torch.ones(8) @ torch.ones(8)
+    cut.close()  # training ended inside the window: the trace is still written
+    assert json.loads((tmp_path / "cut" / "profile" / "rank0.pt.trace.json").read_text())["traceEvents"]
+
+
+@pytest.mark.parametrize("spec,ok", [("10:5", True), ("0:1", True), ("5", False), ("a:b", False),
+                                     ("3:0", False), ("-1:2", False)])
+def test_profile_flag_is_validated(spec, ok, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "raygpt.cli", "train", "--preset", "debug", "--profile", spec,
+                        "--print-config"], capture_output=True, text=True, cwd=tmp_path)
+    if ok:
+        assert r.returncode == 0, r.stderr
+        assert f"profile: {spec}" in r.stdout or f"profile: '{spec}'" in r.stdout
+    else:
+        assert r.returncode == 2 and "train.profile" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- compile
+
+@pytest.mark.slow
+def test_whole_model_compile_gives_the_eager_loss():
+    """parallel.compile with compile_mode=model (the default on one rank): the model and
+    its loss as one graph; loss and gradients match eager to 1e-4."""
+    from raygpt.parallel.apply import parallelize
+    from raygpt.parallel.plan import ParallelPlan
+
+    x, y = _batch()
+    eager = _tiny(n_layer=1, bias=True)
+    _, ref = eager(x, y)
+    ref.backward()
+    compiled = parallelize(_tiny(n_layer=1, bias=True), ParallelPlan(1, "none"), None, ParallelConfig(compile=True),
+                           torch.device("cpu"))
+    assert compiled._compiled_call_impl is not None  # the whole model, not its blocks
+    assert all(b._compiled_call_impl is None for b in compiled.blocks.values())
+    _, loss = compiled(x, y, return_logits=False)
+    loss.backward()
+    assert abs(loss.item() - ref.item()) < 1e-4
+    for (n, p), q in zip(compiled.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=n)
+    assert set(compiled.state_dict()) == set(eager.state_dict())  # checkpoints unchanged
+
+
+def test_compile_mode_auto_picks_blocks_under_sharding():
+    from raygpt.parallel.apply import compile_whole
+    from raygpt.parallel.plan import ParallelPlan
+
+    auto = ParallelConfig(compile=True)
+    assert compile_whole(ParallelPlan(1, "none"), auto)
+    assert compile_whole(ParallelPlan(2, "ddp", replicate=2), auto)
+    assert not compile_whole(ParallelPlan(2, "fsdp", shard=2), auto)
+    assert not compile_whole(ParallelPlan(2, "tp", tp=2), auto)
+    assert not compile_whole(ParallelPlan(2, "pp", pp=2), auto)
+    assert not compile_whole(ParallelPlan(1, "none"), ParallelConfig(compile=True, compile_mode="blocks"))
+
+
+# ---------------------------------------------------------------- MFU peaks
+
+def test_mfu_peak_by_exact_device_name(monkeypatch):
+    from raygpt.train import metrics
+
+    assert metrics.gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert metrics.gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert metrics.gpu_peak_flops("NVIDIA H100 NVL") == 835e12
+    assert metrics.gpu_peak_flops("NVIDIA H200") == 989e12
+    assert metrics.gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert metrics.gpu_peak_flops("NVIDIA Quantum Q1") is None  # unknown: no guess
+    assert metrics.mfu(1e9, 1e3, None) is None
+    assert metrics.mfu(1e9, 1e3, 1e13) == pytest.approx(0.1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA Quantum Q1")
+    peak, note = metrics.peak_flops(torch.device("cuda"))
+    assert peak is None and "NVIDIA Quantum Q1" in note and "RAYGPT_PEAK_FLOPS" in note
+    monkeypatch.setenv("RAYGPT_PEAK_FLOPS", "5e14")
+    assert metrics.peak_flops(torch.device("cuda"))[0] == 5e14
+
+
+# ---------------------------------------------------------------- bench
+
+def _bench(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_train_throughput_steps_at_or_below_warmup(char_data):
+    """--steps 5 with the default --warmup 10 crashed with a TypeError (no timed step)."""
+    tput = _bench("train_throughput")
+    assert tput.resolve_warmup(5, 10) == 2 and tput.resolve_warmup(60, 10) == 10
+    assert tput.resolve_warmup(10, 10) == 5
+    cfg = load_config("debug", overrides=[f"data.path={char_data}", "train.max_steps=5", "run.num_workers=1",
+                                          "run.cpus_per_worker=1"])
+    r = tput.plain_loop(cfg, 5, 10)
+    assert r["timed_steps"] == 3 and r["tokens_per_s"] > 0 and r["mfu"] > 0
