@@ -132,8 +132,8 @@ class ParallelConfig(_Section):
     activation_checkpointing: bool = False
     compile: bool = False
     # What parallel.compile compiles: "model" (the whole model with its loss, one graph),
-    # "blocks" (each block, plus the head with its loss), "auto" (model when no FSDP, TP
-    # or pipeline wraps the blocks, else blocks).
+    # "blocks" (each block, plus the head with its loss), "auto" (model on one rank,
+    # blocks with several: gradient communication then overlaps backward).
     compile_mode: Literal["auto", "model", "blocks"] = "auto"
     # Pipeline parallelism: stages of consecutive blocks (embeddings with the first,
     # head and loss with the last); combinable with fsdp/hsdp and tp.

@@ -49,10 +49,10 @@ def apply_compile(model: nn.Module, whole: bool = False) -> None:
     stay loadable by an uncompiled model).
 
     whole=True: the whole model with its loss as one graph (embeddings, blocks, head,
-    fp32 cast and cross-entropy fused; the fastest on one GPU and under DDP).
-    Otherwise each block, plus the head with its loss as a second graph (FSDP/TP/pipeline
-    stages: their hooks sit at block boundaries), so the fp32 logits and the
-    cross-entropy are never run eagerly."""
+    fp32 cast and cross-entropy fused; the fastest on one device).
+    Otherwise each block, plus the head with its loss as a second graph (DDP/FSDP/TP/
+    pipeline stages: their gradient hooks fire per block, so communication overlaps the
+    rest of backward), so the fp32 logits and the cross-entropy never run eagerly."""
     if whole:
         model.compile()
         return
@@ -63,12 +63,13 @@ def apply_compile(model: nn.Module, whole: bool = False) -> None:
 
 
 def compile_whole(plan: ParallelPlan, pcfg) -> bool:
-    """parallel.compile_mode: 'model', 'blocks', or 'auto' (whole model when nothing
-    wraps the blocks: no FSDP, TP or pipeline)."""
+    """parallel.compile_mode: 'model', 'blocks', or 'auto' (the whole model on one rank;
+    with several, a one-graph backward would hand DDP/FSDP every gradient at its end and
+    leave no communication to overlap)."""
     mode = getattr(pcfg, "compile_mode", "auto")
     if mode != "auto":
         return mode == "model"
-    return plan.shard == 1 and plan.tp == 1 and plan.pp == 1
+    return plan.world_size == 1
 
 
 def apply_fsdp(model: nn.Module, dp_mesh, mp_dtype: torch.dtype | None, reshard_after_forward=True):

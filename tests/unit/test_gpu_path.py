@@ -105,13 +105,13 @@ def test_whole_model_compile_gives_the_eager_loss():
     assert set(compiled.state_dict()) == set(eager.state_dict())  # checkpoints unchanged
 
 
-def test_compile_mode_auto_picks_blocks_under_sharding():
+def test_compile_mode_auto_picks_whole_model_on_one_rank_only():
     from raygpt.parallel.apply import compile_whole
     from raygpt.parallel.plan import ParallelPlan
 
     auto = ParallelConfig(compile=True)
     assert compile_whole(ParallelPlan(1, "none"), auto)
-    assert compile_whole(ParallelPlan(2, "ddp", replicate=2), auto)
+    assert not compile_whole(ParallelPlan(2, "ddp", replicate=2), auto)
     assert not compile_whole(ParallelPlan(2, "fsdp", shard=2), auto)
     assert not compile_whole(ParallelPlan(2, "tp", tp=2), auto)
     assert not compile_whole(ParallelPlan(2, "pp", pp=2), auto)
