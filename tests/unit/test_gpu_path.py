@@ -68,8 +68,18 @@ def test_step_profiler_closes_a_window_cut_short_and_is_off_without_spec(tmp_pat
     assert json.loads((tmp_path / "cut" / "profile" / "rank0.pt.trace.json").read_text())["traceEvents"]
 
 
-@pytest.mark.parametrize("spec,ok", [("10:5", True), ("0:1", True), ("5", False), ("a:b", False),
-                                     ("3:0", False), ("-1:2", False)])
+def test_profile_spec_parsing():
+    from raygpt.config import ConfigError, parse_profile_spec
+
+    assert parse_profile_spec("10:5") == (10, 5) and parse_profile_spec("0:1") == (0, 1)
+    for bad in ("5", "a:b", "3:0", "-1:2", "1:2:3", ""):
+        with pytest.raises(ValueError, match="START:COUNT"):
+            parse_profile_spec(bad)
+    with pytest.raises(ConfigError, match="quoted string"):  # YAML's base-60 reading of 5:3
+        load_config("debug", overrides=["train.profile=5:3"])
+
+
+@pytest.mark.parametrize("spec,ok", [("10:5", True), ("a:b", False), ("3:0", False)])
 def test_profile_flag_is_validated(spec, ok, tmp_path):
     r = subprocess.run([sys.executable, "-m", "raygpt.cli", "train", "--preset", "debug", "--profile", spec,
                         "--print-config"], capture_output=True, text=True, cwd=tmp_path)
@@ -156,3 +166,22 @@ def test_train_throughput_steps_at_or_below_warmup(char_data):
                                           "run.cpus_per_worker=1"])
     r = tput.plain_loop(cfg, 5, 10)
     assert r["timed_steps"] == 3 and r["tokens_per_s"] > 0 and r["mfu"] > 0
+
+
+def test_gpu_check_cpu_smoke_env_stage_and_checks(tmp_path, monkeypatch):
+    """bench/gpu_check.py: a stage subset writes the report; unknown stages are a usage error.
+    (The whole --cpu-smoke run, every stage, takes ~4 min here: run by hand, see docs.)"""
+    gc = _bench("gpu_check")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # --cpu-smoke sets it: restored after
+    assert gc.main(["--cpu-smoke", "--stages", "nope", "--out", str(tmp_path / "x.json")]) == 2
+    out = tmp_path / "r.json"
+    assert gc.main(["--cpu-smoke", "--stages", "env", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["stages"]["env"]["device"] == "cpu" and rep["stages"]["env"]["peak_flops"] > 0
+    assert set(rep["checks"]) >= {"ray_mfu_ge_50pct", "shakespeare_le_1.47_within_60s", "checkpoint_blocking_lt_5pct"}
+    assert all(v is None for v in rep["checks"].values())  # nothing measured: no verdict
+    fake = {"stages": {"throughput": {"ratio": 0.99, "ray_train": {"mfu": 0.52}},
+                       "shakespeare": {"best_val_loss": 1.46, "reached_after_train_s": 61.0},
+                       "checkpoint": {"blocked_fraction": 0.01}, "tests": {"ok": True}}}
+    assert gc.checks(fake) == {"gpu_tests_pass": True, "ray_mfu_ge_50pct": True, "ray_over_plain_ge_0.98": True,
+                               "shakespeare_le_1.47_within_60s": False, "checkpoint_blocking_lt_5pct": True}
