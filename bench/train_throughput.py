@@ -82,14 +82,31 @@ def ray_loop(cfg, steps: int, warmup: int) -> dict:
     cfg = cfg.model_copy(deep=True)
     cfg.run.storage, cfg.run.name = storage, "tput"
     cfg.train.max_steps = steps
-    # Log windows of steps - warmup steps: the last window holds only post-warmup steps.
-    cfg.train.log_every = steps - warmup
+    # The first log window is the warmup (compile); the figure is over all later windows.
+    cfg.train.log_every = max(1, warmup)
     cfg.train.eval_every = steps
     cfg.train.eval_steps = 1
     cfg.checkpoint.every = 0
     s = run_training(cfg, progress=False)
-    last = [r for r in read_metrics(s["run_dir"]) if "tokens_per_s" in r][-1]
-    return {k: last.get(k) for k in ("tokens_per_s", "mfu", "step_ms", "peak_mem_mb", "loss")}
+    recs = [r for r in read_metrics(s["run_dir"]) if "tokens_per_s" in r]
+    return timed_windows(recs, warmup, cfg.train.global_batch * cfg.model.block_size)
+
+
+def timed_windows(recs: list[dict], warmup: int, tokens_per_step: int) -> dict:
+    """tokens/s, MFU and step time over the log windows after `warmup` steps (each
+    window weighted by its steps), from metrics.jsonl records."""
+    prev, steps, seconds = 0, 0, 0.0
+    for r in recs:
+        n = r["step"] - prev
+        if prev >= warmup:
+            steps += n
+            seconds += n * r["step_ms"] / 1000
+        prev = r["step"]
+    last = recs[-1]
+    tps = tokens_per_step * steps / seconds if seconds else last["tokens_per_s"]
+    mfu = None if last.get("mfu") is None else last["mfu"] * tps / last["tokens_per_s"]
+    return {"tokens_per_s": tps, "mfu": mfu, "step_ms": 1000 * seconds / steps if steps else last["step_ms"],
+            "peak_mem_mb": last.get("peak_mem_mb"), "loss": last.get("loss"), "timed_steps": steps}
 
 
 def main():

@@ -185,3 +185,13 @@ def test_gpu_check_cpu_smoke_env_stage_and_checks(tmp_path, monkeypatch):
                        "checkpoint": {"blocked_fraction": 0.01}, "tests": {"ok": True}}}
     assert gc.checks(fake) == {"gpu_tests_pass": True, "ray_mfu_ge_50pct": True, "ray_over_plain_ge_0.98": True,
                                "shakespeare_le_1.47_within_60s": False, "checkpoint_blocking_lt_5pct": True}
+
+
+def test_ray_throughput_is_taken_over_the_windows_after_warmup():
+    tput = _bench("train_throughput")
+    recs = [{"step": 10, "step_ms": 900.0, "tokens_per_s": 10.0, "mfu": 0.01},  # warmup (compile)
+            {"step": 20, "step_ms": 100.0, "tokens_per_s": 100.0, "mfu": 0.1},
+            {"step": 25, "step_ms": 50.0, "tokens_per_s": 200.0, "mfu": 0.2}]
+    r = tput.timed_windows(recs, warmup=10, tokens_per_step=10)
+    assert r["timed_steps"] == 15 and r["tokens_per_s"] == pytest.approx(150 / 1.25)
+    assert r["mfu"] == pytest.approx(0.2 * 120 / 200) and r["step_ms"] == pytest.approx(1250 / 15)
