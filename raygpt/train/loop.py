@@ -121,8 +121,8 @@ def _sum_of_squares(tensors: list, device) -> torch.Tensor:
     for t in tensors:
         groups.setdefault((t.device, t.dtype), []).append(t)
     for ts in groups.values():
-        norms = torch._foreach_norm(ts, 2)
-        total = total + torch.stack([n.float() for n in norms]).pow(2).sum().to(device)
+        norms = torch._foreach_norm(ts, 2, dtype=torch.float32)  # bf16 grads: fp32 norms
+        total = total + torch.stack(norms).pow(2).sum().to(device)
     return total
 
 
