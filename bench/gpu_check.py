@@ -268,16 +268,19 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     ray_started = False
     for name in stages:
-        if name in ("throughput", "shakespeare", "checkpoint", "plans") and not ray_started:
-            from raygpt.train.launch import init_ray
-
-            ray_started = init_ray(None)
         if time.perf_counter() - t_all > args.budget_s:
             report.stage(name, {"skipped": f"time budget of {args.budget_s:.0f} s spent"})
             continue
         print(f"[gpu_check] {name} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         try:
+            if name in ("throughput", "shakespeare", "checkpoint", "plans"):
+                import ray
+
+                if not ray.is_initialized():  # one Ray for every stage that trains under it
+                    from raygpt.train.launch import init_ray
+
+                    ray_started = init_ray(None) or ray_started
             fn = globals()[f"stage_{name}"]
             res = fn(args, storage) if name in ("shakespeare", "checkpoint", "plans") else fn(args)
         except Exception as e:
