@@ -27,6 +27,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def parse_profile_spec(spec: str) -> tuple[int, int]:
+    """train.profile / --profile "START:COUNT" -> (start, count); ValueError if malformed."""
+    parts = spec.split(":")
+    try:
+        start, count = (int(p) for p in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        start = count = None
+    if start is None or start < 0 or count < 1:
+        raise ValueError(f"train.profile={spec!r}: expected START:COUNT with START >= 0 and COUNT >= 1, e.g. 10:5")
+    return start, count
+
+
 class ModelConfig(_Section):
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
@@ -97,6 +109,19 @@ class TrainConfig(_Section):
     init_from: str | None = None
     # Parameters kept frozen: "embeddings" and/or "blocks:N" (the first N blocks).
     freeze: list[str] = Field(default_factory=list)
+    # "START:COUNT": a torch profiler trace of steps START..START+COUNT-1 per rank in the
+    # run dir (profile/), plus a CUDA memory snapshot on GPU. None = off.
+    profile: str | None = None
+
+    @field_validator("profile", mode="before")
+    @classmethod
+    def _profile_spec(cls, v):
+        if v is None:
+            return v
+        if not isinstance(v, str):  # YAML reads an unquoted 5:3 as the base-60 integer 303
+            raise ValueError(f"train.profile={v!r}: expected a quoted string \"START:COUNT\", e.g. \"10:5\"")
+        parse_profile_spec(v)
+        return v
 
     @field_validator("freeze")
     @classmethod
@@ -121,6 +146,10 @@ class ParallelConfig(_Section):
     tp_degree: int = Field(1, ge=1)
     activation_checkpointing: bool = False
     compile: bool = False
+    # What parallel.compile compiles: "model" (the whole model with its loss, one graph),
+    # "blocks" (each block, plus the head with its loss), "auto" (model on one rank,
+    # blocks with several: gradient communication then overlaps backward).
+    compile_mode: Literal["auto", "model", "blocks"] = "auto"
     # Pipeline parallelism: stages of consecutive blocks (embeddings with the first,
     # head and loss with the last); combinable with fsdp/hsdp and tp.
     pp_degree: int = Field(1, ge=1)
