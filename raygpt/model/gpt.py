@@ -239,8 +239,10 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------ forward
 
-    def forward(self, idx, targets=None):
-        """idx (B,T) -> logits (B,T,V); with targets, (logits, mean cross-entropy).
+    def forward(self, idx, targets=None, return_logits: bool = True):
+        """idx (B,T) -> logits (B,T,V); with targets, (logits, mean cross-entropy), or
+        (None, loss) with return_logits=False (training: a compiled graph then need not
+        write the logits out).
 
         A pipeline stage without the embeddings takes hidden states (B,T,C) instead of
         token ids, and one without the head returns hidden states."""
@@ -256,9 +258,17 @@ class GPT(nn.Module):
             x = block(x)
         if self.lm_head is None:
             return x
-        logits = self.lm_head(self.ln_f(x))
+        logits, loss = self.head_loss(x, targets)
         if targets is None:
             return logits
+        return (logits if return_logits else None), loss
+
+    def head_loss(self, x, targets=None):
+        """Final norm, head and (with targets) the mean cross-entropy in fp32: one unit,
+        so per-block compile can compile it as its own graph."""
+        logits = self.lm_head(self.ln_f(x))
+        if targets is None:
+            return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
                                ignore_index=-1)
         return logits, loss

@@ -31,7 +31,7 @@ def parse_workers(spec: str) -> tuple[int, int | None]:
 
 def build_run_config(config, preset, sets, *, num_workers=None, use_gpu=None, cpus_per_worker=None,
                      gpus_per_worker=None, storage=None, name=None, address=None, max_failures=None,
-                     init_from=None, resources=None):
+                     init_from=None, resources=None, profile=None):
     from raygpt.config import load_config
     from raygpt.model.presets import DEFAULT_PRESET
 
@@ -51,6 +51,8 @@ def build_run_config(config, preset, sets, *, num_workers=None, use_gpu=None, cp
         except json.JSONDecodeError:
             raise UserError(f"--resources-per-worker {resources!r}: expected JSON like '{{\"w\": 1}}'") from None
     extra = {"run": run} if run else {}
+    if profile is not None:
+        extra["train"] = {"profile": profile}
     if config is None and preset is None:
         preset = DEFAULT_PRESET
     cfg = load_config(preset=preset, path=config, overrides=sets, extra=extra)
@@ -106,12 +108,13 @@ def train_cmd(
     max_failures: Optional[int] = typer.Option(None, "--max-failures", help="worker-group restarts allowed (-1 = unlimited)"),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="fine-tune from an exported model directory"),
     print_config: bool = typer.Option(False, "--print-config", help="print the resolved config and exit"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="START:COUNT: torch profiler trace of those steps per rank into <run dir>/profile/"),
 ):
     """Train a GPT with Ray Train (default: the bundled Shakespeare corpus, local Ray, CPU)."""
     cfg = build_run_config(config, preset, set_, num_workers=num_workers, use_gpu=use_gpu,
                            cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                            storage=storage, name=name, address=address, max_failures=max_failures,
-                           init_from=init_from, resources=resources_per_worker)
+                           init_from=init_from, resources=resources_per_worker, profile=profile)
     if print_config:
         typer.echo(cfg.to_yaml())
         return

@@ -259,8 +259,10 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
     inject: fault injection for tests and chaos runs (see worker._maybe_crash_in_save)."""
     import ray
 
+    from raygpt.config import check_paths
     from raygpt.data.prepare import ensure_data, read_meta
 
+    check_paths(cfg)  # before Ray starts
     started = init_ray(cfg.run.address)
     try:
         storage = resolve_storage(cfg)
