@@ -9,7 +9,7 @@ types in cluster/aws-gpu.yaml. Tests:
 1. `ray job submit` of jobs/train.py with 2 workers that need `fake_gpu`: succeeds; the
    node count goes 0 -> 2 during the job and back to 0 after the idle timeout; the losses
    equal a run on fixed nodes (the shared local Ray).
-2. A request that can never fit (3 such workers, max_workers 2) fails at once with one
+2. A request that can never fit (4 such workers, max_workers 2) fails at once with one
    line naming the node type and its limit.
 3. Elastic 1:2: with the node type capped at 1 the run starts on the one node that
    comes up; the cap is then raised in the autoscaling config (the autoscaler re-reads
@@ -187,7 +187,7 @@ def test_job_scales_gpu_nodes_up_from_zero_and_back(acluster, ray_session, char_
 
 
 def test_request_that_can_never_fit_fails_at_once(acluster):
-    args = [a if a != "2" else "3" for a in TRAIN_ARGS]  # --num-workers 3
+    args = [a if a != "2" else "4" for a in TRAIN_ARGS]  # --num-workers 4 (global batch 8 splits)
     t0 = time.time()
     p = run([RAYGPT, "train", *args, "--address", acluster.gcs_address, "--storage", "/tmp/raygpt-never"],
             acluster.base_env, timeout=300, check=False)
