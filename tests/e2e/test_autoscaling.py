@@ -14,6 +14,8 @@ types in cluster/aws-gpu.yaml. Tests:
 3. Elastic 1:2: with the node type capped at 1 the run starts on the one node that
    comes up; the cap is then raised in the autoscaling config (the autoscaler re-reads
    it) and the run grows to 2 workers with the same global batch and loss curve.
+4. A Serve app whose replicas need the node type: load raises replicas and nodes,
+   idleness lowers them, and every request answers while it scales.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from raycluster import BIN, RAY, Cluster, job_status, run, wait_status
+from raycluster import BIN, RAY, TERMINAL, Cluster, job_status, run, wait_status
 
 from raygpt.config import load_config
 from raygpt.train.launch import run_training
@@ -134,12 +136,17 @@ class NodeWatch:
         self._th.join(timeout=30)
 
 
-def first_step_time(metrics: Path, timeout: float) -> float:
+def first_step_time(metrics: Path, timeout: float, cluster=None, job: str | None = None) -> float:
     t0 = time.time()
     while time.time() - t0 < timeout:
         if metrics.is_file() and any("loss" in r for r in read_metrics(metrics.parent)):
             return time.time()
-        time.sleep(0.5)
+        if job is not None:
+            status = job_status(cluster, job)
+            if status in TERMINAL:
+                logs = run([RAY, "job", "logs", "--address", cluster.dashboard, job], cluster.env, timeout=60).stdout
+                raise AssertionError(f"job {job} ended {status} before its first step:\n{logs[-3000:]}")
+        time.sleep(1)
     raise AssertionError(f"no step logged in {metrics} within {timeout}s")
 
 
@@ -161,7 +168,7 @@ def test_job_scales_gpu_nodes_up_from_zero_and_back(acluster, ray_session, char_
              "--submission-id", job, "--no-wait", "--", "python", "jobs/train.py", *TRAIN_ARGS,
              "--set", f"data.path={char_data}", "--storage", str(storage), "--name", "as"],
             acluster.env, timeout=120)
-        t_first = first_step_time(storage / "as" / "metrics.jsonl", timeout=600)
+        t_first = first_step_time(storage / "as" / "metrics.jsonl", 600, acluster, job)
         status = wait_status(acluster, job, ("SUCCEEDED",), timeout=600)
         t_end = time.time()
     logs = run([RAY, "job", "logs", "--address", acluster.dashboard, job], acluster.env, timeout=60).stdout
@@ -200,20 +207,21 @@ def test_request_that_can_never_fit_fails_at_once(acluster):
     print(f"never-fits refused in {time.time() - t0:.1f}s: {line}")
 
 
-def test_elastic_run_starts_on_one_node_and_grows_to_two(acluster, tmp_path):
+def test_elastic_run_starts_on_one_node_and_grows_to_two(acluster, char_data, tmp_path):
     acluster.wait_gpu_nodes(0, timeout=240)
     acluster.set_max_gpu_nodes(1)
     storage = tmp_path / "runs"
     job = f"as-el-{uuid.uuid4().hex[:8]}"
     args = [a if a != "2" else "1:2" for a in TRAIN_ARGS]
     args = [a if a != "train.max_steps=20" else "train.max_steps=100000" for a in args]
-    args += ["--set", "checkpoint.every=5", "--set", "run.elastic_resize_interval_s=2"]
+    args += ["--set", "checkpoint.every=5", "--set", "run.elastic_resize_interval_s=2",
+             "--set", f"data.path={char_data}"]
     try:
         run([RAY, "job", "submit", "--address", acluster.dashboard, "--working-dir", ".",
              "--submission-id", job, "--no-wait", "--", "python", "jobs/train.py", *args,
              "--storage", str(storage), "--name", "el"], acluster.env, timeout=120)
         run_dir = storage / "el"
-        first_step_time(run_dir / "metrics.jsonl", timeout=600)
+        first_step_time(run_dir / "metrics.jsonl", 600, acluster, job)
         starts = [r for r in read_metrics(run_dir) if r.get("event") == "start"]
         assert [s["world_size"] for s in starts] == [1], starts
         acluster.set_max_gpu_nodes(2)  # the autoscaler re-reads its config: a second node may come
@@ -237,3 +245,72 @@ def test_elastic_run_starts_on_one_node_and_grows_to_two(acluster, tmp_path):
     seen = losses(run_dir)
     repeated = {s: v for s, v in seen.items() if len(v) > 1}
     assert all(max(v) - min(v) < 1e-4 for v in repeated.values()), repeated
+
+
+def _tiny_model_dir(d: Path) -> Path:
+    import torch
+
+    from raygpt.data.tokenizer import train_char_tokenizer
+    from raygpt.model.gpt import GPT, GPTConfig
+    from raygpt.model.io import save_model_dir
+
+    tok = train_char_tokenizer("First Citizen:\nBefore we proceed any further, hear me speak.\nROMEO: JULIET?\n")
+    tok_path = tok.save(d / "tokenizer.json")
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=tok.vocab_size))
+    return save_model_dir(m, d / "model", tok_path)
+
+
+def test_serve_replicas_scale_gpu_nodes_with_load(acluster, tmp_path):
+    """Replicas that need the node type: load raises replicas and nodes, idleness lowers
+    them; every request answers 200 while it scales."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raycluster import free_ports
+
+    acluster.wait_gpu_nodes(0, timeout=240)
+    model = _tiny_model_dir(tmp_path)
+    (port,) = free_ports(1)
+    cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
+           "applications": [{
+               "name": "as", "route_prefix": "/", "import_path": "raygpt.serving.app:build_app",
+               "args": {"model_dir": str(model), "max_slots": 4},
+               "deployments": [{
+                   "name": "GPTServer", "max_ongoing_requests": 4,
+                   "ray_actor_options": {"num_cpus": 1, "resources": {RESOURCE: 1}},
+                   "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                          "upscale_delay_s": 1, "downscale_delay_s": 5,
+                                          "metrics_interval_s": 1, "look_back_period_s": 2},
+               }]}]}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run([str(BIN / "serve"), "deploy", str(path), "--address", acluster.dashboard], acluster.env, timeout=120)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+
+    def ask(i: int) -> int:
+        r = httpx.post(url, json={"prompt": "ROMEO:", "max_tokens": 48, "temperature": 0}, timeout=300)
+        return r.status_code
+
+    t0 = time.time()
+    while time.time() - t0 < 600:  # first replica: one node comes up for it
+        try:
+            if ask(0) == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    assert acluster.gpu_nodes() == 1
+    codes: list[int] = []
+    with NodeWatch(acluster) as watch, ThreadPoolExecutor(8) as pool:
+        t1 = time.time()
+        while time.time() - t1 < 600 and max((n for _, n in watch.samples), default=0) < 2:
+            codes.extend(pool.map(ask, range(16)))  # bounded batches of requests, in waves
+        peak_t = time.time() - t1
+        codes.extend(pool.map(ask, range(8)))
+    assert max(n for _, n in watch.samples) == 2, watch.samples
+    assert set(codes) == {200}, sorted(set(codes))
+    down = acluster.wait_gpu_nodes(1, timeout=300)  # idle: back to min_replicas, one node
+    print(f"FIGURES: serve scaled to 2 nodes {peak_t:.1f}s into the load; back to 1 node {down:.1f}s after; "
+          f"{len(codes)} requests, all 200")
+    run([str(BIN / "serve"), "shutdown", "-y", "--address", acluster.dashboard], acluster.env, timeout=120,
+        check=False)
