@@ -299,7 +299,7 @@ def test_serve_replicas_scale_gpu_nodes_with_load(acluster, tmp_path):
         except httpx.HTTPError:
             pass
         time.sleep(2)
-    assert acluster.gpu_nodes() == 1
+    acluster.wait_gpu_nodes(1, timeout=300)  # idle with min_replicas 1: one node
     codes: list[int] = []
     with NodeWatch(acluster) as watch, ThreadPoolExecutor(8) as pool:
         t1 = time.time()
