@@ -16,6 +16,7 @@ types in cluster/aws-gpu.yaml. Tests:
    it) and the run grows to 2 workers with the same global batch and loss curve.
 4. A Serve app whose replicas need the node type: load raises replicas and nodes,
    idleness lowers them, and every request answers while it scales.
+5. A quality sweep whose trials need the node type runs them on autoscaled nodes.
 """
 from __future__ import annotations
 
@@ -314,3 +315,24 @@ def test_serve_replicas_scale_gpu_nodes_with_load(acluster, tmp_path):
           f"{len(codes)} requests, all 200")
     run([str(BIN / "serve"), "shutdown", "-y", "--address", acluster.dashboard], acluster.env, timeout=120,
         check=False)
+
+
+def test_quality_sweep_runs_its_trials_on_autoscaled_nodes(acluster, char_data, tmp_path):
+    """Trials whose workers need the node type: sized against what the autoscaler may
+    add (none of it is up when the sweep starts), and run on the nodes it brings."""
+    import csv
+
+    acluster.wait_gpu_nodes(0, timeout=240)
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {grid: [1.0e-3, 2.0e-3]}\n")
+    out = tmp_path / "sweep"
+    with NodeWatch(acluster) as watch:
+        p = run([RAYGPT, "tune", "--config", "jobs/configs/tune-debug.yaml", "--space", str(space),
+                 "--num-samples", "1", "--out", str(out), "--address", acluster.gcs_address,
+                 "--set", f"data.path={char_data}", "--set", "run.resources_per_worker={fake_gpu: 1}"],
+                acluster.base_env, timeout=900, check=False)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 and all(r["status"] in ("completed", "stopped early") for r in rows), rows
+    assert max(n for _, n in watch.samples) >= 1, watch.samples
+    print(f"FIGURES: 2 trials on autoscaled nodes, peak {max(n for _, n in watch.samples)} node(s)")
