@@ -116,6 +116,12 @@ class Chaos:
                         p.setdefault("restored_step", r["step"])
                         p.setdefault("restart_t", time.time())
                 continue
+            if r.get("event") == "await-grow":
+                self.timeline.add("holding for grow-back", step=r["step"], world_size=r["world_size"],
+                                  want=r["want"])
+            elif r.get("event") == "await-grow-timeout":
+                self.timeline.add("grow-back did not come", step=r["step"], world_size=r["world_size"],
+                                  timeout_s=r["timeout_s"])
             if "event" in r or "step" not in r:
                 continue
             self._step = r["step"]
@@ -187,9 +193,11 @@ class Chaos:
         return [e for e in self.timeline.events if e["event"] == "first step after restore"]
 
 
-def run_with_chaos(cfg, actions: list[Action], cluster=None, timeline: Timeline | None = None):
+def run_with_chaos(cfg, actions: list[Action], cluster=None, timeline: Timeline | None = None,
+                   inject: dict | None = None):
     """Run training in a thread; inject `actions` from this (main) thread, where
-    Cluster.add_node/remove_node must be called. Returns (summary, timeline, error)."""
+    Cluster.add_node/remove_node must be called. `inject`: worker-side fault-injection
+    keys (e.g. await_world, see worker._await_grow). Returns (summary, chaos, error)."""
     from raygpt.train.launch import resolve_storage, run_training
 
     storage = resolve_storage(cfg)
@@ -201,7 +209,7 @@ def run_with_chaos(cfg, actions: list[Action], cluster=None, timeline: Timeline 
 
     def target():
         try:
-            result["summary"] = run_training(cfg, progress=False)
+            result["summary"] = run_training(cfg, progress=False, inject=inject)
         except BaseException as e:  # reported to the caller
             result["error"] = e
         finally:
@@ -231,6 +239,12 @@ def chaos_cmd(
     out: str = typer.Option("runs/chaos", "--out", help="storage dir; timeline.json goes in the run dir"),
     max_failures: int = typer.Option(5, "--max-failures"),
     resize_interval: float = typer.Option(5.0, "--resize-interval", help="elastic resize check period (s)"),
+    await_grow_at: Optional[int] = typer.Option(
+        None, "--await-grow-at",
+        help="step at which training holds (after a checkpoint) until Ray's elastic resize has grown "
+             "the group back to MAX; default: the last --add-node-at step (none without one)"),
+    await_timeout: float = typer.Option(300.0, "--await-timeout",
+                                        help="longest hold at --await-grow-at before going on (s)"),
 ):
     """Train on a local multi-node Ray cluster while killing workers / removing and
     adding nodes at chosen steps; print the recovery timeline."""
@@ -249,13 +263,19 @@ def chaos_cmd(
     actions = ([Action("kill-worker", s) for s in kill_worker_at]
                + [Action("remove-node", s) for s in remove_node_at]
                + [Action("add-node", s) for s in add_node_at])
+    inject = {}
+    if await_grow_at is None and add_node_at:
+        await_grow_at = max(add_node_at)
+    if await_grow_at is not None:
+        # The grow-back is awaited, not raced: without this a fast machine reaches the
+        # last step before Ray's next resize check sees the new node.
+        inject["await_world"] = {"step": await_grow_at, "world": cfg.run.num_workers,
+                                 "timeout_s": await_timeout}
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    # After a node loss the controller may first try to place the old world size while
-    # the dead node still counts; a short start timeout makes it fall back to what fits
-    # sooner (raygpt's usual 300 s is for slow starts on busy machines). The raylets
-    # started below inherit this.
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = os.environ.get(
-        "RAYGPT_CHAOS_START_TIMEOUT_S", "45")
+    # The same worker-group start timeout as `raygpt train` (the raylets below inherit
+    # it): a lost node is not waited for (raygpt.train.elastic), so it never runs out.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
+                          os.environ.get("RAYGPT_CHAOS_START_TIMEOUT_S", "300"))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
         for _ in range(nodes):
@@ -264,7 +284,7 @@ def chaos_cmd(
         ray.init(address=cluster.address)
         timeline = Timeline()
         timeline.add("cluster up", nodes=nodes + 1)
-        summary, chaos, err = run_with_chaos(cfg, actions, cluster=cluster, timeline=timeline)
+        summary, chaos, err = run_with_chaos(cfg, actions, cluster=cluster, timeline=timeline, inject=inject)
     finally:
         ray.shutdown()
         cluster.shutdown()

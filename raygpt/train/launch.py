@@ -166,8 +166,9 @@ def build_trainer(cfg: Config, *, storage: str, name: str, data_dir: str | None,
                   run_dir: str | None, use_gpu: bool, per_worker: dict, callbacks=None,
                   inject: dict | None = None):
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
+    from raygpt.train.elastic import RaygptTorchTrainer
     from raygpt.train.worker import train_func
 
     cfg = cfg.model_copy(deep=True)
@@ -189,7 +190,7 @@ def build_trainer(cfg: Config, *, storage: str, name: str, data_dir: str | None,
         logging_config=ray.train.LoggingConfig(
             log_level=os.environ.get("RAYGPT_RAY_TRAIN_LOG_LEVEL", "WARNING")),
     )
-    return TorchTrainer(
+    return RaygptTorchTrainer(
         train_func,
         train_loop_config={"config": cfg.to_dict(), "data_dir": data_dir, "run_dir": run_dir,
                            "inject": inject or {}},

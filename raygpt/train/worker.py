@@ -53,6 +53,25 @@ def _maybe_crash_in_save(inject: dict, step: int, rank: int, run_dir) -> None:
     os._exit(1)
 
 
+def _await_grow(inject: dict, step: int, world: int, writer, rank: int) -> None:
+    """Fault-injection hook for `raygpt chaos` and tests: at step inject["await_world"]
+    ["step"], while the group is smaller than ["world"], hold here (the caller has just
+    written a checkpoint) so that Ray Train's elastic resize, not a race against the
+    last step, decides when the group grows back. Ray ends this worker group when it
+    resizes; after ["timeout_s"] the run goes on and logs that the grow never came."""
+    spec = inject.get("await_world")
+    if not spec or step != spec["step"] or world >= spec["world"]:
+        return
+    timeout = float(spec.get("timeout_s", 300))
+    writer.event("await-grow", step=step, world_size=world, want=spec["world"], timeout_s=timeout)
+    _log(rank, f"holding at step {step} (world {world}) until Ray grows the group to {spec['world']}")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+    writer.event("await-grow-timeout", step=step, world_size=world, want=spec["world"], timeout_s=timeout)
+    _log(rank, f"ERROR: the group did not grow to {spec['world']} within {timeout:.0f} s at step {step}")
+
+
 def _register_worker(run_dir: Path, rank: int, world: int) -> None:
     """<run_dir>/.workers/rank<r>.json: where each rank runs (used by raygpt chaos)."""
     import json
@@ -465,10 +484,15 @@ def train_func(loop_config: dict) -> None:
                 _log(rank, f"preemption notice for ranks {info.preempted_ranks}: checkpointing step {step}")
                 writer.event("preemption", step=step, ranks=info.preempted_ranks)
                 save_and_report(step, {"step": step, "preempted": True}, last_val)
+        if (inject.get("await_world") or {}).get("step") == step and world < inject["await_world"]["world"]:
+            if not is_ckpt:
+                save_and_report(step, {"step": step}, last_val, final=True)
+            finish_pending()
+            _await_grow(inject, step, world, writer, rank)
 
     # ---------------------------------------------------------------- finish
     finish_pending()
-    if rank == 0 and run_dir is not None:
+    if rank == 0 and run_dir is not None and step > start_step:  # an empty segment keeps the summary
         summary = {
             "best_val_loss": best_val if best_val < float("inf") else None,
             "final_val_loss": last_val,

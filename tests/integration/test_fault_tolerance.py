@@ -87,27 +87,33 @@ def test_async_checkpoint_save_path(ray_session, char_data, tmp_path):
 @pytest.mark.slow
 def test_elastic_multi_node_shrinks_and_grows(tmp_path):
     """2 nodes x 1 worker (1:2). Remove a node: training continues on 1 worker with the
-    same global batch (accumulation doubled) and the same losses; add it back: 2 workers."""
+    same global batch (accumulation doubled) and the same losses; add it back: 2 workers.
+    The grow-back is awaited (training holds at step 45 until Ray's resize check has
+    grown the group), so the verdict does not depend on how fast this machine is."""
     env = {**os.environ, "RAY_TRAIN_V2_ENABLED": "1"}
     env.pop("RAY_ADDRESS", None)
+    steps = 60
     cmd = [sys.executable, "-m", "raygpt.cli", "chaos", "--preset", "debug", "--num-workers", "1:2",
-           "--nodes", "2", "--steps", "160", "--remove-node-at", "25", "--add-node-at", "45",
-           "--resize-interval", "3", "--out", str(tmp_path),
+           "--nodes", "2", "--steps", str(steps), "--remove-node-at", "25", "--add-node-at", "45",
+           "--resize-interval", "3", "--await-timeout", "400", "--out", str(tmp_path),
            "--set", "model.n_layer=4", "--set", "model.n_embd=128", "--set", "model.block_size=64",
            "--set", "train.global_batch=16", "--set", "train.micro_batch=8",
-           "--set", "checkpoint.every=10", "--set", "train.eval_every=40", "--set", "optim.decay_steps=160"]
+           "--set", "checkpoint.every=10", "--set", "train.eval_every=20", "--set", f"optim.decay_steps={steps}"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("chaos-")]
     timeline = json.loads((run_dir / "timeline.json").read_text())["events"]
     names = [e["event"] for e in timeline]
     assert "failure injected: node removed" in names and "node added" in names
+    assert "grow-back did not come" not in names, timeline
     recs = read_metrics(run_dir)
     starts = [x for x in recs if x.get("event") == "start"]
     worlds = [s["world_size"] for s in starts]
-    assert worlds[0] == 2 and 1 in worlds and worlds[-1] == 2, worlds
-    by_world = {s["world_size"]: s for s in starts}
-    assert by_world[1]["accum"] == 2 * by_world[2]["accum"]  # global batch kept
+    # The restart after the node loss is at the size the live cluster can place (1),
+    # and the grow-back to 2 comes from the resize at the held step.
+    assert worlds == [2, 1, 2], worlds
+    assert starts[2]["step"] == 45, starts
+    assert starts[1]["accum"] == 2 * starts[0]["accum"]  # global batch kept
     # Steps that ran twice (before the failure, then after restore) have the same loss.
     seen: dict[int, list[float]] = {}
     for x in recs:
@@ -116,4 +122,7 @@ def test_elastic_multi_node_shrinks_and_grows(tmp_path):
     repeated = {s: v for s, v in seen.items() if len(v) > 1}
     assert repeated, "no step was re-run after a restore"
     assert all(max(v) - min(v) < 1e-4 for v in repeated.values()), repeated
-    assert max(seen) == 160
+    assert max(seen) == steps
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["world_size"] == 2
+    assert all(summary[k] is not None for k in ("final_val_loss", "tokens_per_s", "mfu")), summary
