@@ -28,9 +28,10 @@ WORKERS_DIR = ".workers"  # each rank writes rank<r>.json: pid, node id (see wor
 
 @dataclass
 class Action:
-    kind: str  # kill-worker | remove-node | add-node
+    kind: str  # kill-worker | sigterm-worker | remove-node | add-node
     at_step: int
-    rank: int = 1  # kill-worker / remove-node: the worker (or its node) to hit
+    rank: int = 1  # kill-worker / sigterm-worker / remove-node: the worker (or its node) to hit
+    after_event: str | None = None  # also wait for this metrics.jsonl event (e.g. checkpoint_reported)
     done: bool = False
 
 
@@ -84,6 +85,7 @@ class Chaos:
         self._starts = 0
         self._pending: list[dict] = []  # injected failures awaiting recovery figures
         self._victims: set[int] = set()
+        self._seen_events: set[str] = set()
 
     # ---------------------------------------------------------------- following
     def _read_new(self) -> list[dict]:
@@ -116,6 +118,8 @@ class Chaos:
                         p.setdefault("restored_step", r["step"])
                         p.setdefault("restart_t", time.time())
                 continue
+            if "event" in r:
+                self._seen_events.add(r["event"])
             if r.get("event") == "await-grow":
                 self.timeline.add("holding for grow-back", step=r["step"], world_size=r["world_size"],
                                   want=r["want"])
@@ -141,7 +145,8 @@ class Chaos:
                 self.timeline.add("failure detected (old worker group gone)",
                                   after_s=round(p["detected_t"] - p["t"], 3))
         for a in self.actions:
-            if not a.done and self._step >= a.at_step:
+            if not a.done and self._step >= a.at_step and (a.after_event is None
+                                                            or a.after_event in self._seen_events):
                 self._do(a)
 
     # ---------------------------------------------------------------- actions
@@ -157,6 +162,14 @@ class Chaos:
             os.kill(w["pid"], signal.SIGKILL)
             rec = self.timeline.add("failure injected: worker killed", step=self._step,
                                     rank=w["rank"], pid=w["pid"])
+            self._pending.append({**rec, "t": time.time(), "step": self._step, "old_pids": old_pids})
+        elif a.kind == "sigterm-worker":
+            w = workers.get(a.rank) or workers.get(max(workers)) if workers else None
+            if w is None:
+                self.timeline.add("sigterm-worker skipped: no worker pids known", step=self._step)
+                return
+            os.kill(w["pid"], signal.SIGTERM)
+            rec = self.timeline.add("SIGTERM sent to a worker", step=self._step, rank=w["rank"], pid=w["pid"])
             self._pending.append({**rec, "t": time.time(), "step": self._step, "old_pids": old_pids})
         elif a.kind == "remove-node":
             node = self._node_of(workers.get(a.rank))
@@ -198,11 +211,9 @@ def run_with_chaos(cfg, actions: list[Action], cluster=None, timeline: Timeline 
     """Run training in a thread; inject `actions` from this (main) thread, where
     Cluster.add_node/remove_node must be called. `inject`: worker-side fault-injection
     keys (e.g. await_world, see worker._await_grow). Returns (summary, chaos, error)."""
-    from raygpt.train.launch import resolve_storage, run_training
+    from raygpt.train.launch import RunPaths, resolve_storage, run_training
 
-    storage = resolve_storage(cfg)
-    name = cfg.run.name
-    run_dir = Path(storage) / name
+    run_dir = RunPaths.resolve(resolve_storage(cfg), cfg.run.name).run_dir
     chaos = Chaos(run_dir, actions, cluster=cluster, timeline=timeline)
     result: dict = {}
     done = threading.Event()
@@ -281,7 +292,9 @@ def chaos_cmd(
         for _ in range(nodes):
             cluster.add_node(num_cpus=1, resources={"w": 1})
         cluster.wait_for_nodes()
-        ray.init(address=cluster.address)
+        from raygpt.train.launch import init_ray
+
+        init_ray(cluster.address)
         timeline = Timeline()
         timeline.add("cluster up", nodes=nodes + 1)
         summary, chaos, err = run_with_chaos(cfg, actions, cluster=cluster, timeline=timeline, inject=inject)

@@ -103,10 +103,26 @@ def train_cmd(
     if print_config:
         typer.echo(cfg.to_yaml())
         return
-    from raygpt.train.launch import run_training
+    from raygpt.train.launch import RunInterrupted, run_training
 
-    summary = run_training(cfg)
+    try:
+        summary = run_training(cfg)
+    except RunInterrupted as e:
+        typer.echo(f"raygpt: run '{e.paths.name}' stopped at step {e.step}; resume it with:\n"
+                   f"  {resume_command(e.paths)}", err=True)
+        raise SystemExit(130) from None  # (typer.Exit under standalone_mode=False returns 0)
     _print_summary(summary)
+
+
+def resume_command(paths) -> str:
+    """The command line that continues a run: its saved config, name and storage."""
+    import shlex
+
+    from raygpt.train.launch import redact_uri
+
+    cfg_file = paths.run_dir / "config.yaml"
+    return shlex.join(["raygpt", "train", "--config", str(cfg_file), "--name", paths.name,
+                       "--storage", redact_uri(paths.storage)])
 
 
 def _print_summary(s: dict) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import socket
 
-from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
 
 logger = logging.getLogger(__name__)
@@ -69,12 +68,3 @@ class LiveElasticScalingPolicy(ElasticScalingPolicy):
             reserved = {k: v for k, v in reserved.items() if k in live}
             self._latest_reserved_resources = reserved
         return reserved
-
-
-class RaygptTorchTrainer(TorchTrainer):
-    """TorchTrainer whose elastic runs size the worker group with LiveElasticScalingPolicy."""
-
-    def _initialize_and_run_controller(self, **kwargs):
-        if type(kwargs.get("scaling_policy")) is ElasticScalingPolicy:
-            kwargs["scaling_policy"] = LiveElasticScalingPolicy(self.scaling_config)
-        return super()._initialize_and_run_controller(**kwargs)

@@ -319,7 +319,7 @@ def _trial(config: dict, ctx: dict) -> None:
     import ray
     import ray.tune
 
-    from raygpt.train.launch import build_trainer, is_uri
+    from raygpt.train.launch import build_trainer
     from raygpt.tune.planner import Cluster, infeasible_reason, per_worker_resources
     from raygpt.tune.space import apply_params
 
@@ -336,24 +336,16 @@ def _trial(config: dict, ctx: dict) -> None:
         _infeasible(reason)
         return
 
-    storage = ctx["train_storage"]
-    inject = {}
-    if is_uri(storage):  # as `raygpt train`: run files staged locally, uploaded at the end
-        from raygpt.data.prepare import cache_dir
+    from raygpt.train.launch import RunPaths
 
-        inject["run_uri"] = f"{storage.rstrip('/')}/{trial_id}"
-        run_dir = str(Path(cache_dir()) / "runs" / f"tune-{trial_id}")
-    else:
-        run_dir = str(Path(storage) / trial_id)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    paths = RunPaths.resolve(ctx["train_storage"], trial_id, staging_name=f"tune-{trial_id}")
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
     from raygpt.config import dump_config
 
-    dump_config(cfg, Path(run_dir) / "config.yaml")
+    dump_config(cfg, paths.run_dir / "config.yaml")
     per_worker = per_worker_resources(cfg, ctx["use_gpu"])
-    trainer = build_trainer(cfg, storage=storage, name=trial_id, data_dir=ctx["data_dir"],
-                            run_dir=run_dir, use_gpu=ctx["use_gpu"], per_worker=per_worker,
-                            callbacks=_make_train_callbacks(trial_id, ctx["reaper"]),
-                            inject=inject)
+    trainer = build_trainer(cfg, paths=paths, data_dir=ctx["data_dir"], use_gpu=ctx["use_gpu"],
+                            per_worker=per_worker, callbacks=_make_train_callbacks(trial_id, ctx["reaper"]))
     try:
         trainer.fit()
     except Exception as e:
