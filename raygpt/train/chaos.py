@@ -262,7 +262,7 @@ def chaos_cmd(
     import ray
     from ray.cluster_utils import Cluster
 
-    from raygpt.train.commands import build_run_config
+    from raygpt.train.runconfig import build_run_config
 
     if not (kill_worker_at or remove_node_at or add_node_at):
         kill_worker_at = [steps // 3]

@@ -381,8 +381,9 @@ class CheckpointManager:
         return choice[0]
 
     def prune_unfinished(self, restored_step: int) -> None:
-        """Rank 0 removes checkpoint dirs a crashed save left incomplete (retention of
-        reported checkpoints is the runtime's: Ray's CheckpointConfig.num_to_keep)."""
+        """Rank 0 removes the incomplete checkpoint dirs newer than the one resumed from
+        (saves a crash cut short; this run writes those steps again). Retention of
+        reported checkpoints is the runtime's (Ray's CheckpointConfig.num_to_keep)."""
         if self.rank != 0 or self.root is None:
             return
         for d in self.root.glob("checkpoint_*"):
@@ -391,5 +392,5 @@ class CheckpointManager:
                     step = int(d.name.split("_")[-1])
                 except ValueError:
                     continue
-                if step != restored_step:
+                if step > restored_step:
                     shutil.rmtree(d, ignore_errors=True)
