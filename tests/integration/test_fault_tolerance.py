@@ -123,7 +123,9 @@ def test_ctrl_c_checkpoints_and_prints_the_resume_command(char_data, tmp_path):
     cli = [sys.executable, "-m", "raygpt.cli"]
     cmd = [*cli, "train", "--preset", "debug", "--storage", str(tmp_path), "--name", "ctrlc",
            "--set", f"data.path={char_data}", "--set", "train.max_steps=300", "--set", "train.log_every=1",
-           "--set", "checkpoint.every=0", "--set", "optim.decay_steps=300", "--set", "train.eval_every=100"]
+           "--set", "checkpoint.every=0", "--set", "optim.decay_steps=300", "--set", "train.eval_every=100",
+           # ~40 ms a step: the 280 steps after the signal take far longer than the stop does
+           "--set", "model.n_embd=64", "--set", "model.block_size=64", "--set", "train.global_batch=16"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     metrics = tmp_path / "ctrlc" / "metrics.jsonl"
     deadline = time.monotonic() + 300

@@ -123,7 +123,7 @@ def test_schedule_horizon_is_kept_from_the_first_start(one_rank, char_data, tmp_
 def test_async_save_is_reported_when_it_finishes(one_rank, char_data, tmp_path):
     """A finished async save is reported at the next step (not at the next save), and is
     on disk, complete, where the restore choice looks. The test waits for each write
-    to finish at the step after the save, so the step of the report is determined."""
+    to finish at the step after the save, which bounds the step of the report."""
 
     def wait_for_write(tr, step):
         if step % 5 == 1 and tr.ckpt.pending is not None:
@@ -132,7 +132,10 @@ def test_async_save_is_reported_when_it_finishes(one_rank, char_data, tmp_path):
 
     tr = _run(char_data, tmp_path, "train.max_steps=15", "checkpoint.every=5", use_async=True,
               after_step=wait_for_write)
-    assert tr.reports.ckpts == [(5, 7), (10, 12), (15, 15)]  # the last save is synchronous
+    # Reported at the save's own step or the next (write already done) or, at the latest,
+    # at the step after the wait above; the last save is synchronous.
+    assert [s for s, _ in tr.reports.ckpts] == [5, 10, 15]
+    assert all(saved <= when <= saved + 2 for saved, when in tr.reports.ckpts), tr.reports.ckpts
     assert [ckpt_lib.read_state(c)["step"] for c in ckpt_lib.list_checkpoints(tmp_path)] == [5, 10, 15]
 
 
