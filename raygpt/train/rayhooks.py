@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -48,7 +49,8 @@ class RaygptTorchTrainer(TorchTrainer):
     interrupted = False
 
     def _initialize_and_run_controller(self, **kwargs):
-        if type(kwargs.get("scaling_policy")) is ElasticScalingPolicy:
+        # RAYGPT_LIVE_ELASTIC=0: Ray's own policy (to compare; see docs/performance.md).
+        if type(kwargs.get("scaling_policy")) is ElasticScalingPolicy and os.environ.get("RAYGPT_LIVE_ELASTIC") != "0":
             kwargs["scaling_policy"] = LiveElasticScalingPolicy(self.scaling_config)
         return super()._initialize_and_run_controller(**kwargs)
 
