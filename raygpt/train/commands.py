@@ -9,7 +9,7 @@ from raygpt.errors import UserError
 from raygpt.train.runconfig import build_run_config, parse_workers  # noqa: F401 (re-exported)
 
 CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML config file")
-PRESET_OPT = typer.Option(None, "--preset", "-p", help="named preset (debug, shakespeare-char-cpu, shakespeare-char, gpt2-124m, gpt2-350m)")
+PRESET_OPT = typer.Option(None, "--preset", "-p", help="named preset (debug, shakespeare-char-cpu, shakespeare-char, gpt2, gpt2-medium, gpt2-large, gpt2-xl)")
 SET_OPT = typer.Option(None, "--set", "-s", help="override a field: section.field=value (repeatable)")
 
 
@@ -28,12 +28,13 @@ def train_cmd(
     max_failures: Optional[int] = typer.Option(None, "--max-failures", help="worker-group restarts allowed (-1 = unlimited)"),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="fine-tune from an exported model directory"),
     print_config: bool = typer.Option(False, "--print-config", help="print the resolved config and exit"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="START:COUNT: torch profiler trace of those steps per rank into <run dir>/profile/"),
 ):
     """Train a GPT with Ray Train (default: the bundled Shakespeare corpus, local Ray, CPU)."""
     cfg = build_run_config(config, preset, set_, num_workers=num_workers, use_gpu=use_gpu,
                            cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                            storage=storage, name=name, address=address, max_failures=max_failures,
-                           init_from=init_from, resources=resources_per_worker)
+                           init_from=init_from, resources=resources_per_worker, profile=profile)
     if print_config:
         typer.echo(cfg.to_yaml())
         return
@@ -74,14 +75,18 @@ def _print_summary(s: dict) -> None:
 
 
 def export_cmd(
-    checkpoint: str = typer.Argument(..., help="checkpoint directory, or a run directory (its latest checkpoint)"),
+    checkpoint: str = typer.Argument(..., help="checkpoint directory, a run directory (its latest "
+                                     "checkpoint), or a model directory (raygpt or Hugging Face) to convert"),
     out: str = typer.Option(..., "--out", "-o", help="output model directory"),
+    format: str = typer.Option("raygpt", "--format", "-f",
+                               help="raygpt (model.safetensors + config.json + tokenizer.json) or "
+                                    "hf (a GPT-2 directory transformers and vLLM load)"),
 ):
-    """Export a sharded checkpoint to model.safetensors + config.json + tokenizer.json."""
-    from raygpt.train.checkpoint import export_checkpoint
+    """Export a sharded checkpoint (or convert a model directory) to a model directory."""
+    from raygpt.train.export import export_to
 
-    p = export_checkpoint(checkpoint, out)
-    typer.echo(f"exported {checkpoint} -> {p}")
+    p = export_to(checkpoint, out, format)
+    typer.echo(f"exported {checkpoint} -> {p} ({format})")
 
 
 def generate_cmd(
@@ -107,6 +112,7 @@ def generate_cmd(
     if not tok_path.is_file():
         raise UserError(f"model directory {model_dir!r} has no {TOKENIZER}")
     tok = load_tokenizer(tok_path)
+    model.restrict_vocab(tok.vocab_size)  # a padded table: never sample an id past the tokenizer
     ids = tok.encode(prompt)
     if not ids:
         raise UserError("--prompt is empty after tokenization")

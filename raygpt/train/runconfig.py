@@ -26,7 +26,7 @@ def parse_workers(spec: str) -> tuple[int, int | None]:
 
 def build_run_config(config, preset, sets, *, num_workers=None, use_gpu=None, cpus_per_worker=None,
                      gpus_per_worker=None, storage=None, name=None, address=None, max_failures=None,
-                     init_from=None, resources=None):
+                     init_from=None, resources=None, profile=None):
     from raygpt.config import load_config
     from raygpt.model.presets import DEFAULT_PRESET
 
@@ -46,6 +46,8 @@ def build_run_config(config, preset, sets, *, num_workers=None, use_gpu=None, cp
         except json.JSONDecodeError:
             raise UserError(f"--resources-per-worker {resources!r}: expected JSON like '{{\"w\": 1}}'") from None
     extra = {"run": run} if run else {}
+    if profile is not None:
+        extra["train"] = {"profile": profile}
     if config is None and preset is None:
         preset = DEFAULT_PRESET
     cfg = load_config(preset=preset, path=config, overrides=sets, extra=extra)
@@ -68,7 +70,19 @@ def _apply_init_from(cfg, init_from, sets):
     d = cfg.to_dict()
     d["model"].update({k: shape[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size", "bias")})
     if d["model"]["block_size"] > shape["block_size"]:
+        if any(i.split("=", 1)[0].strip() == "model.block_size" for i in sets):
+            raise ConfigError(f"--set model.block_size={d['model']['block_size']}: larger than the context of "
+                              f"--init-from {init_from} ({shape['block_size']} positions)")
         d["model"]["block_size"] = shape["block_size"]
-    d["model"]["pad_vocab_to"] = 1
+    d["model"]["vocab_size"], d["model"]["pad_vocab_to"] = _vocab_and_padding(shape)
     d["train"]["init_from"] = str(init_from)
     return validate(d)
+
+
+def _vocab_and_padding(shape: dict) -> tuple[int, int]:
+    """(model.vocab_size, model.pad_vocab_to) that rebuild the source's embedding table
+    and keep its padded ids (GPT-2: 50257 of 50304) out of the predictions."""
+    v, real = shape["vocab_size"], shape.get("real_vocab_size")
+    if not real or real >= v:
+        return v, 1
+    return real, (64 if -(-real // 64) * 64 == v else v)

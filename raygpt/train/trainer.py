@@ -217,7 +217,8 @@ class Trainer:
             from raygpt.train.loop import pp_microbatches
 
             n_mb = pp_microbatches(cfg.train.pp_microbatches, per_rank, self.plan.pp)
-            self.pipe = Pipeline(model, self.plan, mesh, cfg.parallel, device, n_mb, mp_dtype=mp)
+            self.pipe = Pipeline(model, self.plan, mesh, cfg.parallel, device, n_mb, mp_dtype=mp,
+                                 amp_dtype=None if mp is not None else self.amp)
             self.parts = list(self.pipe.parts)
             self.micro, self.accum = per_rank // n_mb, n_mb
         else:
@@ -428,8 +429,12 @@ class Trainer:
         gnorm, stopped = None, None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        from raygpt.train.profiling import StepProfiler
+
+        prof = StepProfiler(self.run_dir, self.rank, getattr(t, "profile", None), self.device)
         while self.step < t.max_steps:
             lr = self.lr(self.step)
+            prof.step(self.step)
             t0 = time.perf_counter()
             loss, gnorm = self.train_step()
             win.loss += loss
@@ -474,6 +479,7 @@ class Trainer:
                     self.writer.event("preemption", step=step, ranks=info.preempted_ranks)
                     self.save({"step": step, "preempted": True})
             self.hooks.after_step(self, step)
+        prof.close()
         return self._finish(stopped)
 
     def _finish(self, stopped: str | None) -> dict:
