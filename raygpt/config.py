@@ -178,6 +178,9 @@ class RunConfig(_Section):
     name: str | None = None  # None: generated
     max_failures: int = Field(0, ge=-1)  # -1 = unlimited
     elastic_resize_interval_s: float = Field(60.0, gt=0)
+    # How long a collective (all-reduce, checkpoint gather) may hang before the worker
+    # group fails and restarts from a checkpoint (torch's default is 30 min).
+    collective_timeout_s: float = Field(600.0, gt=0)
     # Seconds to wait for workers to be placed before giving up with a clear error.
     placement_timeout_s: float = Field(120.0, gt=0)
 

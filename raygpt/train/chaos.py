@@ -28,9 +28,10 @@ WORKERS_DIR = ".workers"  # each rank writes rank<r>.json: pid, node id (see wor
 
 @dataclass
 class Action:
-    kind: str  # kill-worker | remove-node | add-node
+    kind: str  # kill-worker | sigterm-worker | remove-node | add-node
     at_step: int
-    rank: int = 1  # kill-worker / remove-node: the worker (or its node) to hit
+    rank: int = 1  # kill-worker / sigterm-worker / remove-node: the worker (or its node) to hit
+    after_event: str | None = None  # also wait for this metrics.jsonl event (e.g. checkpoint_reported)
     done: bool = False
 
 
@@ -84,6 +85,7 @@ class Chaos:
         self._starts = 0
         self._pending: list[dict] = []  # injected failures awaiting recovery figures
         self._victims: set[int] = set()
+        self._seen_events: set[str] = set()
 
     # ---------------------------------------------------------------- following
     def _read_new(self) -> list[dict]:
@@ -116,6 +118,14 @@ class Chaos:
                         p.setdefault("restored_step", r["step"])
                         p.setdefault("restart_t", time.time())
                 continue
+            if "event" in r:
+                self._seen_events.add(r["event"])
+            if r.get("event") == "await-grow":
+                self.timeline.add("holding for grow-back", step=r["step"], world_size=r["world_size"],
+                                  want=r["want"])
+            elif r.get("event") == "await-grow-timeout":
+                self.timeline.add("grow-back did not come", step=r["step"], world_size=r["world_size"],
+                                  timeout_s=r["timeout_s"])
             if "event" in r or "step" not in r:
                 continue
             self._step = r["step"]
@@ -135,7 +145,8 @@ class Chaos:
                 self.timeline.add("failure detected (old worker group gone)",
                                   after_s=round(p["detected_t"] - p["t"], 3))
         for a in self.actions:
-            if not a.done and self._step >= a.at_step:
+            if not a.done and self._step >= a.at_step and (a.after_event is None
+                                                            or a.after_event in self._seen_events):
                 self._do(a)
 
     # ---------------------------------------------------------------- actions
@@ -151,6 +162,14 @@ class Chaos:
             os.kill(w["pid"], signal.SIGKILL)
             rec = self.timeline.add("failure injected: worker killed", step=self._step,
                                     rank=w["rank"], pid=w["pid"])
+            self._pending.append({**rec, "t": time.time(), "step": self._step, "old_pids": old_pids})
+        elif a.kind == "sigterm-worker":
+            w = workers.get(a.rank) or workers.get(max(workers)) if workers else None
+            if w is None:
+                self.timeline.add("sigterm-worker skipped: no worker pids known", step=self._step)
+                return
+            os.kill(w["pid"], signal.SIGTERM)
+            rec = self.timeline.add("SIGTERM sent to a worker", step=self._step, rank=w["rank"], pid=w["pid"])
             self._pending.append({**rec, "t": time.time(), "step": self._step, "old_pids": old_pids})
         elif a.kind == "remove-node":
             node = self._node_of(workers.get(a.rank))
@@ -187,21 +206,21 @@ class Chaos:
         return [e for e in self.timeline.events if e["event"] == "first step after restore"]
 
 
-def run_with_chaos(cfg, actions: list[Action], cluster=None, timeline: Timeline | None = None):
+def run_with_chaos(cfg, actions: list[Action], cluster=None, timeline: Timeline | None = None,
+                   inject: dict | None = None):
     """Run training in a thread; inject `actions` from this (main) thread, where
-    Cluster.add_node/remove_node must be called. Returns (summary, timeline, error)."""
-    from raygpt.train.launch import resolve_storage, run_training
+    Cluster.add_node/remove_node must be called. `inject`: worker-side fault-injection
+    keys (e.g. await_world, see worker._await_grow). Returns (summary, chaos, error)."""
+    from raygpt.train.launch import RunPaths, resolve_storage, run_training
 
-    storage = resolve_storage(cfg)
-    name = cfg.run.name
-    run_dir = Path(storage) / name
+    run_dir = RunPaths.resolve(resolve_storage(cfg), cfg.run.name).run_dir
     chaos = Chaos(run_dir, actions, cluster=cluster, timeline=timeline)
     result: dict = {}
     done = threading.Event()
 
     def target():
         try:
-            result["summary"] = run_training(cfg, progress=False)
+            result["summary"] = run_training(cfg, progress=False, inject=inject)
         except BaseException as e:  # reported to the caller
             result["error"] = e
         finally:
@@ -231,13 +250,19 @@ def chaos_cmd(
     out: str = typer.Option("runs/chaos", "--out", help="storage dir; timeline.json goes in the run dir"),
     max_failures: int = typer.Option(5, "--max-failures"),
     resize_interval: float = typer.Option(5.0, "--resize-interval", help="elastic resize check period (s)"),
+    await_grow_at: Optional[int] = typer.Option(
+        None, "--await-grow-at",
+        help="step at which training holds (after a checkpoint) until Ray's elastic resize has grown "
+             "the group back to MAX; default: the last --add-node-at step (none without one)"),
+    await_timeout: float = typer.Option(300.0, "--await-timeout",
+                                        help="longest hold at --await-grow-at before going on (s)"),
 ):
     """Train on a local multi-node Ray cluster while killing workers / removing and
     adding nodes at chosen steps; print the recovery timeline."""
     import ray
     from ray.cluster_utils import Cluster
 
-    from raygpt.train.commands import build_run_config
+    from raygpt.train.runconfig import build_run_config
 
     if not (kill_worker_at or remove_node_at or add_node_at):
         kill_worker_at = [steps // 3]
@@ -249,22 +274,30 @@ def chaos_cmd(
     actions = ([Action("kill-worker", s) for s in kill_worker_at]
                + [Action("remove-node", s) for s in remove_node_at]
                + [Action("add-node", s) for s in add_node_at])
+    inject = {}
+    if await_grow_at is None and add_node_at:
+        await_grow_at = max(add_node_at)
+    if await_grow_at is not None:
+        # The grow-back is awaited, not raced: without this a fast machine reaches the
+        # last step before Ray's next resize check sees the new node.
+        inject["await_world"] = {"step": await_grow_at, "world": cfg.run.num_workers,
+                                 "timeout_s": await_timeout}
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    # After a node loss the controller may first try to place the old world size while
-    # the dead node still counts; a short start timeout makes it fall back to what fits
-    # sooner (raygpt's usual 300 s is for slow starts on busy machines). The raylets
-    # started below inherit this.
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = os.environ.get(
-        "RAYGPT_CHAOS_START_TIMEOUT_S", "45")
+    # The same worker-group start timeout as `raygpt train` (the raylets below inherit
+    # it): a lost node is not waited for (raygpt.train.elastic), so it never runs out.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
+                          os.environ.get("RAYGPT_CHAOS_START_TIMEOUT_S", "300"))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
         for _ in range(nodes):
             cluster.add_node(num_cpus=1, resources={"w": 1})
         cluster.wait_for_nodes()
-        ray.init(address=cluster.address)
+        from raygpt.train.launch import init_ray
+
+        init_ray(cluster.address)
         timeline = Timeline()
         timeline.add("cluster up", nodes=nodes + 1)
-        summary, chaos, err = run_with_chaos(cfg, actions, cluster=cluster, timeline=timeline)
+        summary, chaos, err = run_with_chaos(cfg, actions, cluster=cluster, timeline=timeline, inject=inject)
     finally:
         ray.shutdown()
         cluster.shutdown()

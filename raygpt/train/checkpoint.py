@@ -60,7 +60,7 @@ def state_dicts(model, optimizer):
 
 def save_checkpoint(path: str | os.PathLike, model, optimizer, trainer_state: dict, rank: int,
                     tokenizer_path: str | os.PathLike | None = None, use_async: bool = False,
-                    async_pg=None):
+                    async_pg=None, async_stager=None):
     """Every rank calls this. With use_async, returns a Future (dcp.async_save: the state
     is staged to host memory now, written in the background); else None once written."""
     dcp = _dcp()
@@ -74,7 +74,8 @@ def save_checkpoint(path: str | os.PathLike, model, optimizer, trainer_state: di
         if tokenizer_path and Path(tokenizer_path).is_file():
             shutil.copyfile(tokenizer_path, path / "tokenizer.json")
     if use_async:
-        return dcp.async_save(state, checkpoint_id=str(path), process_group=async_pg)
+        return dcp.async_save(state, checkpoint_id=str(path), process_group=async_pg,
+                              async_stager=async_stager)
     dcp.save(state, checkpoint_id=str(path))
     return None
 
@@ -227,3 +228,169 @@ def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
         extra={"step": st["step"], "val_loss": st.get("val_loss"), "source": str(ckpt),
                "raygpt_config": cfg.to_dict()},
     )
+
+
+# ------------------------------------------------------------------ RNG state per rank
+
+RNG_DIR = "rng"
+
+
+def save_rng(path: str | os.PathLike, rank: int, meta: dict) -> None:
+    """This rank's CPU (and CUDA) generator state: rng/rank<r>.pt (tensors only)."""
+    import torch
+
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    d = Path(path) / RNG_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".rank{rank}.tmp"
+    torch.save({**state, "meta": json.dumps(meta)}, tmp)
+    os.replace(tmp, d / f"rank{rank}.pt")
+
+
+def load_rng(path: str | os.PathLike, rank: int, meta: dict) -> bool:
+    """Restore this rank's generators if the checkpoint was written by the same rank
+    layout (meta: world size, plan); False (nothing changed) otherwise."""
+    import torch
+
+    f = Path(path) / RNG_DIR / f"rank{rank}.pt"
+    if not f.is_file():
+        return False
+    state = torch.load(f, weights_only=True)
+    if json.loads(state["meta"]) != meta:
+        return False
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    return True
+
+
+# ------------------------------------------------------------------ CheckpointManager
+
+
+class CheckpointManager:
+    """When to save, where, the async save in flight, reporting, retention, and which
+    checkpoint a (re)start resumes from. Ray-free: `report(path, step, metrics, mode)`
+    is given by the runtime ("mode": "in_place" when `path` is already in the run's
+    storage, "upload" when it is a temporary directory to copy there and delete).
+
+    Saves go straight into <ckpt_root>/checkpoint_<step> when the run's storage is a
+    local directory, so a finished async save is visible to the restore scan at once;
+    every step the ranks agree (one tiny all-reduce on the CPU group) whether all their
+    async writes are done, and report it then, not at the next save.
+    """
+
+    def __init__(self, ckpt_cfg, *, rank: int, world: int, ckpt_root: str | os.PathLike | None,
+                 report, use_async: bool, cpu_group=None, device=None, tokenizer_path=None,
+                 on_event=None, before_write=None):
+        self.cfg = ckpt_cfg
+        self.rank, self.world = rank, world
+        self.root = Path(ckpt_root) if ckpt_root is not None else None
+        self.report = report
+        self.use_async = use_async
+        self.cpu_group = cpu_group
+        self.tokenizer_path = tokenizer_path
+        self.on_event = on_event or (lambda name, **kw: None)
+        self.before_write = before_write or (lambda step: None)
+        self.pending = None  # (future, path, step, metrics)
+        self._stager = None
+        if use_async and device is not None and device.type == "cuda":
+            # Pinned host buffers, allocated once and reused by every save (DCP caches
+            # the staging storages per stager).
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
+                                                        use_async_staging=False, use_non_blocking_copy=True))
+
+    def due(self, step: int, max_steps: int) -> bool:
+        return bool(self.cfg.every and step % self.cfg.every == 0) or step == max_steps
+
+    def _target(self, step: int) -> tuple[Path, str]:
+        if self.root is not None:
+            return self.root / f"checkpoint_{step:07d}", "in_place"
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix=f"raygpt-ckpt-{step}-")), "upload"
+
+    def save(self, step: int, parts, optimizers, trainer_state: dict, metrics: dict, rng_meta: dict,
+             final: bool = False) -> float:
+        """Every rank calls this. Returns the seconds training was blocked."""
+        import time
+
+        self.wait()
+        path, mode = self._target(step)
+        t0 = time.perf_counter()
+        self.before_write(step)
+        save_rng(path, self.rank, rng_meta)
+        fut = save_checkpoint(path, parts, optimizers, trainer_state, self.rank, self.tokenizer_path,
+                              use_async=self.use_async and not final, async_pg=self.cpu_group,
+                              async_stager=self._stager)
+        blocked = time.perf_counter() - t0
+        metrics = dict(metrics, checkpoint_blocked_s=round(blocked, 4))
+        self.on_event("checkpoint", step=step, blocked_s=round(blocked, 4), asynchronous=fut is not None)
+        if fut is not None:
+            self.pending = (fut, path, mode, step, metrics)
+        else:
+            self.report(path, step, metrics, mode)
+        return blocked
+
+    def local_done(self) -> bool:
+        return self.pending is None or self.pending[0].done()
+
+    def complete_pending(self) -> None:
+        """All ranks call this at the same step once every rank's async write is done
+        (or to wait for it): report the checkpoint."""
+        if self.pending is None:
+            return
+        fut, path, mode, step, metrics = self.pending
+        self.pending = None
+        fut.result()
+        self.on_event("checkpoint_reported", step=step)
+        self.report(path, step, metrics, mode)
+
+    def wait(self) -> None:
+        self.complete_pending()
+
+    def close(self) -> None:
+        self.wait()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+
+    # ---------------------------------------------------------------- restore choice
+    def choose_restore(self, registered_step: int | None) -> str | None:
+        """Rank 0's choice, the same on every rank: "registered" (the runtime's latest
+        registered checkpoint, at `registered_step`; -1 when its step is unreadable), a
+        newer complete checkpoint in the run's directory (its path: a save that finished
+        but whose report never arrived), or None."""
+        choice = [None]
+        if self.rank == 0:
+            best, best_step = None, -1
+            if registered_step is not None:
+                best, best_step = "registered", registered_step
+            if self.root is not None and self.root.is_dir():
+                local = latest_checkpoint(self.root)
+                if local is not None and read_state(local)["step"] > best_step:
+                    best = str(local)
+            choice = [best]
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(choice, src=0)
+        return choice[0]
+
+    def prune_unfinished(self, restored_step: int) -> None:
+        """Rank 0 removes the incomplete checkpoint dirs newer than the one resumed from
+        (saves a crash cut short; this run writes those steps again). Retention of
+        reported checkpoints is the runtime's (Ray's CheckpointConfig.num_to_keep)."""
+        if self.rank != 0 or self.root is None:
+            return
+        for d in self.root.glob("checkpoint_*"):
+            if d.is_dir() and not is_complete(d):
+                try:
+                    step = int(d.name.split("_")[-1])
+                except ValueError:
+                    continue
+                if step > restored_step:
+                    shutil.rmtree(d, ignore_errors=True)

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from raygpt.config import Config, ConfigError
@@ -52,6 +53,43 @@ def resolve_local_storage(storage: str) -> str:
     except OSError as e:
         raise ConfigError(f"run.storage={storage!r} is not writable ({e.strerror})") from None
     return str(p)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one run's files go; the same object for `raygpt train`, Tune trials and
+    `raygpt chaos`. With local storage, run_dir is Ray Train's experiment directory and
+    checkpoints are written there in place; with a URI, checkpoints go to the URI
+    through Ray and metrics/summary/plot are staged in a local run_dir, uploaded at the
+    end."""
+    storage: str
+    name: str
+    run_dir: Path
+    run_uri: str | None
+
+    @classmethod
+    def resolve(cls, storage: str, name: str, staging_name: str | None = None) -> "RunPaths":
+        if is_uri(storage):
+            from raygpt.data.prepare import cache_dir
+
+            run_dir = Path(cache_dir()) / "runs" / (staging_name or name)
+            return cls(storage, name, run_dir, join_uri(storage, name))
+        return cls(storage, name, Path(storage) / name, None)
+
+    @property
+    def ckpt_in_place(self) -> bool:
+        return self.run_uri is None
+
+    def shown(self) -> str:
+        return redact_uri(join_uri(self.storage, self.name))
+
+
+class RunInterrupted(UserError):
+    """Ctrl-C: the run wrote a checkpoint at the step it reached and stopped."""
+
+    def __init__(self, paths: RunPaths, step: int | None):
+        self.paths, self.step = paths, step
+        super().__init__(f"run '{paths.name}' interrupted" + (f" at step {step}" if step is not None else ""))
 
 
 def default_name(cfg: Config) -> str:
@@ -152,12 +190,11 @@ def check_existing_run(run_dir: Path, cfg: Config, vocab_size: int) -> int | Non
     return st["step"]
 
 
-def build_trainer(cfg: Config, *, storage: str, name: str, data_dir: str | None,
-                  run_dir: str | None, use_gpu: bool, per_worker: dict, callbacks=None,
-                  inject: dict | None = None):
+def build_trainer(cfg: Config, *, paths: RunPaths, data_dir: str | None, use_gpu: bool, per_worker: dict,
+                  callbacks=None, inject: dict | None = None, run_id: str | None = None):
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
+    from raygpt.train.rayhooks import RaygptTorchConfig, RaygptTorchTrainer
     from raygpt.train.worker import train_func
 
     cfg = cfg.model_copy(deep=True)
@@ -170,8 +207,8 @@ def build_trainer(cfg: Config, *, storage: str, name: str, data_dir: str | None,
         elastic_resize_monitor_interval_s=cfg.run.elastic_resize_interval_s,
     )
     run_config = ray.train.RunConfig(
-        name=name,
-        storage_path=storage,
+        name=paths.name,
+        storage_path=paths.storage,
         failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         callbacks=callbacks,
@@ -179,13 +216,17 @@ def build_trainer(cfg: Config, *, storage: str, name: str, data_dir: str | None,
         logging_config=ray.train.LoggingConfig(
             log_level=os.environ.get("RAYGPT_RAY_TRAIN_LOG_LEVEL", "WARNING")),
     )
-    return TorchTrainer(
+    return RaygptTorchTrainer(
         train_func,
-        train_loop_config={"config": cfg.to_dict(), "data_dir": data_dir, "run_dir": run_dir,
-                           "inject": inject or {}},
+        train_loop_config={"config": cfg.to_dict(), "data_dir": data_dir, "run_dir": str(paths.run_dir),
+                           "run_uri": paths.run_uri, "ckpt_in_place": paths.ckpt_in_place,
+                           "run_id": run_id, "inject": inject or {}},
         scaling_config=scaling,
         run_config=run_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        # A hung collective (a lost peer mid all-reduce) fails the group after this
+        # long instead of torch's 30 min; the restart then resumes from a checkpoint.
+        torch_config=RaygptTorchConfig(backend="nccl" if use_gpu else "gloo",
+                                       timeout_s=int(cfg.run.collective_timeout_s)),
     )
 
 
@@ -288,35 +329,32 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
         per_worker = resolve_resources(cfg, use_gpu, embedded)
         check_placeable(cfg, per_worker)
 
-        run_uri = join_uri(storage, name) if is_uri(storage) else None
-        if run_uri:
-            # Checkpoints go to the URI through Ray; metrics/summary/plot are written to a
-            # local staging dir by rank 0 and uploaded to the URI at the end.
-            from raygpt.data.prepare import cache_dir
-
-            run_dir = Path(cache_dir()) / "runs" / name
-            run_dir.mkdir(parents=True, exist_ok=True)
-        else:
-            run_dir = Path(storage) / name
+        paths = RunPaths.resolve(storage, name)
+        run_dir, run_uri = paths.run_dir, paths.run_uri
+        run_dir.mkdir(parents=True, exist_ok=True)
         resume_step = None
         if run_uri is None:
             resume_step = check_existing_run(run_dir, cfg, meta["vocab_size"])
-            run_dir.mkdir(parents=True, exist_ok=True)
-            from raygpt.config import dump_config
+        from raygpt.config import dump_config
 
-            dump_config(cfg, run_dir / "config.yaml")
-        print(f"raygpt: run '{name}' -> {redact_uri(join_uri(storage, name))}"
+        dump_config(cfg, run_dir / "config.yaml")
+        print(f"raygpt: run '{name}' -> {paths.shown()}"
               + (f" (resuming from step {resume_step})" if resume_step is not None else ""), flush=True)
-        trainer = build_trainer(cfg, storage=storage, name=name, data_dir=str(data_dir),
-                                run_dir=str(run_dir), use_gpu=use_gpu,
-                                per_worker=per_worker, inject=dict(inject or {}, run_uri=run_uri))
+        trainer = build_trainer(cfg, paths=paths, data_dir=str(data_dir), use_gpu=use_gpu,
+                                per_worker=per_worker, inject=inject, run_id=uuid.uuid4().hex)
         prog = _Progress(run_dir, cfg.train.max_steps) if progress else None
         th = threading.Thread(target=prog.run, daemon=True) if prog else None
         if th:
             th.start()
+        import signal
+
+        main = threading.current_thread() is threading.main_thread()
+        old_sigint = signal.getsignal(signal.SIGINT) if main else None
         try:
             result = trainer.fit()
         finally:
+            if main:  # Ray Train leaves its SIGINT handler installed
+                signal.signal(signal.SIGINT, old_sigint)
             if prog:
                 prog.stop()
                 th.join(timeout=2)
@@ -333,6 +371,11 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
             summary = json.loads((run_dir / "summary.json").read_text())
         elif run_uri:  # rank 0 ran on another node
             summary = read_uri_json(join_uri(run_uri, "summary.json")) or {}
+        if trainer.interrupted:
+            from raygpt.train.checkpoint import latest_checkpoint, read_state
+
+            latest = latest_checkpoint(run_dir) if run_uri is None else None
+            raise RunInterrupted(paths, read_state(latest)["step"] if latest else summary.get("steps"))
         ck = result.checkpoint.path if result.checkpoint else None
         if ck and run_uri and not is_uri(ck):
             # Ray gives the path without scheme and query; put both back.

@@ -15,7 +15,7 @@ def build_spec(config=None, preset=None, sets=None, space=None, mode="quality", 
                out=None, address=None, max_concurrent=None, search="random", steps=None,
                seed=None, storage=None, reduction_factor=2):
     """Check everything that can be checked without Ray and return the SweepSpec."""
-    from raygpt.train.commands import build_run_config
+    from raygpt.train.runconfig import build_run_config
     from raygpt.tune.runner import MODES, SEARCHES, SweepSpec
     from raygpt.tune.space import check_constants, load_space
 

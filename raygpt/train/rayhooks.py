@@ -1,0 +1,85 @@
+"""What raygpt adds to Ray Train's TorchTrainer, in one place:
+
+- elastic runs size the worker group from the nodes alive now (raygpt.train.elastic);
+- each worker actor installs raygpt's SIGTERM handler on its main thread (the training
+  function runs on another thread, where `signal.signal` is refused), through the torch
+  backend's training-start hook;
+- Ctrl-C on the driver asks the workers (through Ray's KV store) to checkpoint at the
+  next step and stop, instead of Ray Train's abort; a second Ctrl-C aborts.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+
+import ray
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch.config import _TorchBackend
+from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
+
+from raygpt.train.elastic import LiveElasticScalingPolicy
+
+
+def _install_worker_handlers() -> bool:
+    from raygpt.train.trainer import install_sigterm_handler
+
+    return install_sigterm_handler()
+
+
+class _Backend(_TorchBackend):
+    def on_training_start(self, worker_group, backend_config):
+        super().on_training_start(worker_group, backend_config)
+        # execute() runs on each worker actor's main thread.
+        worker_group.execute(_install_worker_handlers)
+
+
+@dataclass
+class RaygptTorchConfig(TorchConfig):
+    @property
+    def backend_cls(self):
+        return _Backend
+
+
+class RaygptTorchTrainer(TorchTrainer):
+    """TorchTrainer with the live elastic policy and the graceful Ctrl-C."""
+
+    interrupted = False
+
+    def _initialize_and_run_controller(self, **kwargs):
+        # RAYGPT_LIVE_ELASTIC=0: Ray's own policy (to compare; see docs/performance.md).
+        if type(kwargs.get("scaling_policy")) is ElasticScalingPolicy and os.environ.get("RAYGPT_LIVE_ELASTIC") != "0":
+            kwargs["scaling_policy"] = LiveElasticScalingPolicy(self.scaling_config)
+        return super()._initialize_and_run_controller(**kwargs)
+
+    def _register_sigint_handler(self, controller):
+        from ray.experimental import internal_kv
+
+        from raygpt.train.worker import STOP_NAMESPACE, stop_key
+
+        run_id = (self.train_loop_config or {}).get("run_id")
+        if not run_id or threading.current_thread() is not threading.main_thread():
+            return super()._register_sigint_handler(controller)
+        count = 0
+
+        def handler(signum, frame):
+            nonlocal count
+            count += 1
+            if count == 1:
+                self.interrupted = True
+                internal_kv._internal_kv_put(stop_key(run_id), b"interrupt", namespace=STOP_NAMESPACE)
+                sys.stderr.write("\nraygpt: Ctrl-C: writing a checkpoint at the next step, then stopping "
+                                 "(Ctrl-C again aborts without it)\n")
+                sys.stderr.flush()
+            elif count == 2:
+                sys.stderr.write("raygpt: aborting the run\n")
+                try:
+                    ray.get(controller.abort.remote())
+                except Exception:
+                    sys.exit(130)
+            else:
+                sys.exit(130)
+
+        signal.signal(signal.SIGINT, handler)

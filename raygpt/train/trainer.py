@@ -1,0 +1,514 @@
+"""The training loop without Ray: a `Trainer` holds the model parts (one for a plain or
+wrapped model, one per pipeline stage), their optimizers, the data loaders, the parallel
+plan and a CheckpointManager, and runs `train()` = restore, then `train_step()` until
+max_steps with logging, `evaluate()`, checkpoints and stop requests.
+
+It needs an initialized torch.distributed process group (a one-rank gloo group is
+enough: tests run it so, without Ray). What depends on the runtime (reporting to Ray
+Train, stop requests, preemption notices, fault injection) comes in through `Hooks`;
+raygpt.train.worker is the Ray adapter.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from raygpt.config import Config
+from raygpt.errors import UserError
+
+# Stop reasons, in the order one wins over another when ranks disagree.
+STOP_NONE, STOP_INTERRUPT, STOP_SIGTERM = 0, 1, 2
+STOP_NAMES = {STOP_INTERRUPT: "interrupt", STOP_SIGTERM: "sigterm"}
+
+
+class _StopFlag:
+    """Set from a signal handler (main thread) or a watcher thread; read by the loop."""
+
+    def __init__(self):
+        self._code = STOP_NONE
+        self._lock = threading.Lock()
+
+    def set(self, code: int) -> None:
+        with self._lock:
+            self._code = max(self._code, code)
+
+    def get(self) -> int:
+        return self._code
+
+    def clear(self) -> None:
+        with self._lock:
+            self._code = STOP_NONE
+
+
+STOP = _StopFlag()
+
+
+def install_sigterm_handler() -> bool:
+    """SIGTERM (spot reclaim, node drain) sets STOP instead of killing the process; the
+    loop checkpoints at the next step and then exits. Must run on the process's main
+    thread (Ray Train runs the training function on another one: the adapter has the
+    worker actor run this on its main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(signal.SIGTERM, lambda signum, frame: STOP.set(STOP_SIGTERM))
+    return True
+
+
+class Stopped(RuntimeError):
+    """Raised after the checkpoint a SIGTERM asked for (the runtime restarts from it)."""
+
+
+def log(rank: int, msg: str) -> None:
+    # Not print(): Ray Train patches print into a logger that echoes each line twice.
+    if rank == 0:
+        sys.stdout.write(f"[raygpt] {msg}\n")
+        sys.stdout.flush()
+
+
+def dropout_seed(seed: int, dp_rank: int) -> int:
+    """The generator seed of a data-parallel rank: dropout masks differ across DP ranks
+    (they see different sequences) and agree across the TP/PP ranks of one replica."""
+    return (int(seed) * 1_000_003 + 7919 * (dp_rank + 1)) % (2**63 - 1)
+
+
+def threads(cfg: Config) -> int:
+    return max(1, int(cfg.run.cpus_per_worker or 1))
+
+
+def amp_dtype(cfg: Config, device: torch.device):
+    if cfg.train.dtype == "float32":
+        return None
+    if cfg.train.dtype == "bfloat16" or device.type == "cuda":
+        return torch.bfloat16
+    return None
+
+
+def build_model(cfg: Config, vocab_size: int):
+    from raygpt.model.gpt import GPT, GPTConfig
+
+    gcfg = GPTConfig.from_model_config(cfg.model, vocab_size)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = GPT(gcfg)
+    if cfg.train.init_from:
+        from raygpt.model.io import load_model_dir
+
+        src, _ = load_model_dir(cfg.train.init_from)
+        model.load_state_dict(src.state_dict())
+    apply_freeze(model, cfg.train.freeze)
+    return model, gcfg
+
+
+def apply_freeze(model, freeze: list[str]) -> list[str]:
+    """train.freeze: "embeddings" and/or "blocks:N". Returns frozen parameter names."""
+    frozen = []
+    for item in freeze:
+        if item == "embeddings":
+            mods = [model.wte, model.wpe]
+        elif item.startswith("blocks:"):
+            try:
+                n = int(item.split(":", 1)[1])
+            except ValueError:
+                raise UserError(f"train.freeze entry {item!r}: expected blocks:N") from None
+            if not 0 < n <= len(model.blocks):
+                raise UserError(f"train.freeze={item!r}: the model has {len(model.blocks)} blocks")
+            mods = list(model.blocks.values())[:n]
+        else:
+            raise UserError(f"train.freeze entry {item!r}: expected 'embeddings' or 'blocks:N'")
+        for m in mods:
+            for name, p in m.named_parameters():
+                p.requires_grad_(False)
+                frozen.append(name)
+    return frozen
+
+
+def _noop(*a, **k):
+    return None
+
+
+@dataclass
+class Hooks:
+    """What the runtime gives the Trainer (all optional)."""
+    report_metrics: Callable[[dict], None] = _noop          # eval-step metrics
+    report_checkpoint: Callable[..., None] = _noop          # (path, step, metrics, mode)
+    stop_code: Callable[[], int] = STOP.get                 # local stop request (STOP_*)
+    preemption: Callable[[], Any] = _noop                   # a notice, or None
+    after_step: Callable[["Trainer", int], None] = _noop    # fault injection (chaos holds)
+    before_save: Callable[[int], None] = _noop              # fault injection (crash in save)
+
+
+@dataclass
+class _Window:
+    """Figures between two log steps."""
+    seconds: float = 0.0
+    steps: int = 0
+    loss: Any = None
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    data_dir: Path
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    run_dir: Path | None = None        # metrics/summary (rank 0 writes)
+    ckpt_root: Path | None = None      # where checkpoints go in place (None: temp dirs)
+    hooks: Hooks = field(default_factory=Hooks)
+    use_async: bool | None = None      # None: async saves on GPU only
+
+    def __post_init__(self):
+        from raygpt.data.prepare import read_meta
+
+        self.data_dir = Path(self.data_dir)
+        self.meta = read_meta(self.data_dir)
+        self.tokenizer_path = self.data_dir / "tokenizer.json"
+        self._build_model()
+        self._build_groups()
+        self.train_loader = self._loader("train")
+        self.val_loader = self._loader("val")
+        from raygpt.train.checkpoint import CheckpointManager
+
+        if self.use_async is None:
+            self.use_async = self.cfg.checkpoint.async_save and self.device.type == "cuda"
+        self.ckpt = CheckpointManager(
+            self.cfg.checkpoint, rank=self.rank, world=self.world, ckpt_root=self.ckpt_root,
+            report=self.hooks.report_checkpoint, use_async=self.use_async, cpu_group=self.ckpt_group,
+            device=self.device, tokenizer_path=self.tokenizer_path, on_event=self._event,
+            before_write=self.hooks.before_save)
+        self.step = self.start_step = 0
+        self.best_val, self.last_val = float("inf"), None
+        self.train_seconds_prev = self.train_time = 0.0
+        self.horizon = self.cfg.optim.decay_steps or self.cfg.train.max_steps
+        self.last_rec: dict = {}
+        self.restored_from = None
+        self._saved_at = -1
+        from raygpt.train.metrics import RunWriter
+
+        self.writer = RunWriter(self.run_dir or ".", enabled=(self.rank == 0 and self.run_dir is not None))
+
+    # ---------------------------------------------------------------- build
+    def _build_model(self) -> None:
+        from raygpt.parallel.apply import parallelize
+        from raygpt.parallel.plan import resolve_plan
+        from raygpt.train.loop import batch_geometry, build_optimizer
+
+        cfg, device = self.cfg, self.device
+        model, self.gcfg = build_model(cfg, self.meta["vocab_size"])
+        self.n_params, self.flops_per_token = model.num_params(), model.flops_per_token()
+        mem = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        self.plan = resolve_plan(cfg.parallel, self.world, n_heads=self.gcfg.n_head, n_params=self.n_params,
+                                 device_memory=mem, on_gpu=device.type == "cuda")
+        mesh = self.plan.build_mesh(device.type)
+        self.dp_rank = self.plan.dp_rank(self.rank)
+        per_rank, self.micro, self.accum = batch_geometry(cfg.train.global_batch, self.plan.dp,
+                                                          cfg.train.micro_batch)
+        self.amp = amp_dtype(cfg, device)
+        mp = self.amp if self.plan.shard > 1 else None
+        self.pipe = None
+        if self.plan.pp > 1:
+            from raygpt.parallel.pipeline import Pipeline
+            from raygpt.train.loop import pp_microbatches
+
+            n_mb = pp_microbatches(cfg.train.pp_microbatches, per_rank, self.plan.pp)
+            self.pipe = Pipeline(model, self.plan, mesh, cfg.parallel, device, n_mb, mp_dtype=mp,
+                                 amp_dtype=None if mp is not None else self.amp)
+            self.parts = list(self.pipe.parts)
+            self.micro, self.accum = per_rank // n_mb, n_mb
+        else:
+            self.parts = [parallelize(model, self.plan, mesh, cfg.parallel, device, mp_dtype=mp)]
+        self.optimizers = [build_optimizer(p, cfg.optim, device.type) for p in self.parts]
+        if mp is not None:
+            self.amp = None  # FSDP's mixed-precision policy casts; no autocast on top
+        self.teacher = self._load_teacher() if cfg.distill.teacher and self.pipe is None else None
+        # Dropout streams: per data-parallel rank (a restore may replace them).
+        torch.manual_seed(dropout_seed(cfg.train.seed, self.dp_rank))
+
+    def _load_teacher(self):
+        from raygpt.model.io import load_model_dir
+
+        cfg = self.cfg
+        teacher, _ = load_model_dir(cfg.distill.teacher, device=self.device)
+        teacher.requires_grad_(False)
+        if teacher.config.vocab_size < self.gcfg.vocab_size and teacher.config.vocab_size < self.meta["vocab_size"]:
+            raise UserError(f"distill.teacher {cfg.distill.teacher}: vocabulary {teacher.config.vocab_size} "
+                            f"is smaller than the data's {self.meta['vocab_size']}")
+        log(self.rank, f"distilling from {cfg.distill.teacher} ({teacher.num_params() / 1e6:.2f}M params, "
+                       f"T={cfg.distill.temperature}, alpha={cfg.distill.alpha})")
+        return teacher
+
+    def _build_groups(self) -> None:
+        """Two CPU (gloo) groups, also at world size 1 and beside an NCCL-only default
+        group: one for DCP's async save (it needs a CPU backend and runs its collectives
+        on a background thread), one for the per-step agreement on stops and finished
+        saves (a collective that must not interleave with the save's)."""
+        import datetime
+
+        import torch.distributed as dist
+
+        self.ckpt_group = self.ctl_group = None
+        if dist.is_available() and dist.is_initialized():
+            t = datetime.timedelta(seconds=self.cfg.run.collective_timeout_s)
+            self.ckpt_group = dist.new_group(backend="gloo", timeout=t)
+            self.ctl_group = dist.new_group(backend="gloo", timeout=t) if self.world > 1 else None
+
+    def _loader(self, split: str):
+        from raygpt.data.loader import BatchLoader
+
+        return BatchLoader(self.data_dir, split, self.gcfg.block_size, self.cfg.train.global_batch,
+                           self.cfg.train.seed, self.dp_rank, self.plan.dp)
+
+    # ---------------------------------------------------------------- state
+    def _rng_meta(self) -> dict:
+        return {"world_size": self.world, "plan": self.plan.describe()}
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "world_size": self.world, "plan": self.plan.describe(),
+                "accum": self.accum, "micro_batch": self.micro,
+                "best_val_loss": self.best_val if self.best_val < float("inf") else None,
+                "val_loss": self.last_val, "train_seconds": self.train_seconds_prev + self.train_time,
+                "decay_steps": self.horizon, "model": dict(self.gcfg.__dict__),
+                "config": self.cfg.to_dict()}
+
+    def restore(self, path: str | Path) -> int:
+        """Every rank: load model/optimizer state (resharded to this plan), RNG and
+        schedule horizon from a checkpoint directory. Returns its step."""
+        from raygpt.train import checkpoint as ckpt_lib
+
+        saved = ckpt_lib.read_state(path)
+        ckpt_lib.check_compatible(saved["model"], self.gcfg.__dict__, str(path))
+        ckpt_lib.load_checkpoint(path, self.parts, self.optimizers)
+        self.step = self.start_step = saved["step"]
+        self.best_val = saved.get("best_val_loss") or float("inf")
+        self.train_seconds_prev = saved.get("train_seconds", 0.0)
+        # The cosine horizon of the run's first start (raising max_steps later does not
+        # bend the part of the schedule already walked); an explicit decay_steps wins.
+        self.horizon = self.cfg.optim.decay_steps or saved.get("decay_steps") or self.horizon
+        if not ckpt_lib.load_rng(path, self.rank, self._rng_meta()):
+            # Another rank layout: fresh streams, still a function of (seed, rank, step).
+            torch.manual_seed(dropout_seed(self.cfg.train.seed, self.dp_rank) + self.step)
+        old = saved.get("world_size")
+        if old != self.world:
+            log(self.rank, f"resize: world size {old} -> {self.world} at step {self.step}: plan "
+                           f"{saved.get('plan')} -> {self.plan.describe()}, accumulation "
+                           f"{saved.get('accum')} -> {self.accum} (global batch {self.cfg.train.global_batch} kept)")
+        self.restored_from = str(path)
+        self._saved_at = self.step
+        log(self.rank, f"restored step {self.step} from {path}")
+        return self.step
+
+    # ---------------------------------------------------------------- steps
+    def lr(self, step: int) -> float:
+        from raygpt.train.loop import lr_at
+
+        o = self.cfg.optim
+        return lr_at(step, o.lr, o.min_lr, o.warmup_steps, self.horizon)
+
+    def train_step(self):
+        """One optimizer step at self.step (then self.step += 1). -> (loss, grad norm)."""
+        from raygpt.train.loop import pp_train_step, train_step
+
+        lr = self.lr(self.step)
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = lr
+        if self.pipe is not None:
+            x, y = self.train_loader.get(self.step)
+            out = pp_train_step(self.pipe, self.optimizers, x, y, self.device, self.cfg.optim.grad_clip)
+        else:
+            out = train_step(self.parts[0], self.optimizers[0], self.train_loader.get_micro(self.step, self.micro),
+                             self.device, self.amp, self.cfg.optim.grad_clip, teacher=self.teacher,
+                             distill=self.cfg.distill)
+        self.step += 1
+        return out
+
+    def evaluate(self) -> float:
+        from raygpt.train.loop import evaluate
+
+        if self.pipe is not None:
+            vl = torch.stack([self.pipe.eval_loss(*self.val_loader.get(k), self.device)
+                              for k in range(self.cfg.train.eval_steps)]).mean()
+        else:
+            vl = evaluate(self.parts[0], self.val_loader, self.cfg.train.eval_steps, self.micro, self.device,
+                          self.amp)
+        return self.all_mean(vl)
+
+    def all_mean(self, t: torch.Tensor) -> float:
+        """Mean over ranks; with a pipeline only the last stage's ranks hold a loss."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            t = t.detach().clone()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= (self.plan.dp * self.plan.tp) if self.pipe is not None else self.world
+        return float(t)
+
+    def _agree(self) -> tuple[int, bool]:
+        """(stop code, every rank's async save done): one tiny CPU all-reduce a step."""
+        code, busy = int(self.hooks.stop_code()), not self.ckpt.local_done()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor([code, int(busy)], dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ctl_group)
+            code, busy = int(t[0]), bool(t[1])
+        return code, not busy
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self, metrics: dict | None = None, final: bool = False) -> None:
+        if self._saved_at == self.step:
+            return
+        self._saved_at = self.step
+        self.ckpt.save(self.step, self.parts, self.optimizers, self.trainer_state(),
+                       dict(metrics or {"step": self.step}), self._rng_meta(), final=final)
+
+    def checkpoint_now(self) -> None:
+        """A complete, reported checkpoint at this step (every rank calls it)."""
+        self.save(final=True)
+        self.ckpt.wait()
+
+    # ---------------------------------------------------------------- loop
+    def _event(self, name: str, **kw) -> None:
+        self.writer.event(name, **kw)
+
+    def _log_record(self, win: _Window, gnorm, is_eval: bool, lr: float) -> dict:
+        from raygpt.train.metrics import device_peak_flops
+
+        rec = {"step": self.step, "lr": lr, "world_size": self.world}
+        if win.steps:
+            rec["loss"] = self.all_mean(win.loss / win.steps)
+            rec["grad_norm"] = float(gnorm)
+            tps = self.cfg.train.global_batch * self.gcfg.block_size * win.steps / max(win.seconds, 1e-9)
+            rec["tokens_per_s"] = tps
+            rec["mfu"] = self.flops_per_token * tps / (device_peak_flops(self.device, threads(self.cfg)) * self.world)
+            rec["step_ms"] = 1000 * win.seconds / win.steps
+            if self.device.type == "cuda":
+                rec["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            else:
+                import resource
+
+                rec["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if is_eval:
+            self.last_val = self.evaluate()
+            self.best_val = min(self.best_val, self.last_val)
+            rec["val_loss"] = self.last_val
+        rec["best_val_loss"] = self.best_val if self.best_val < float("inf") else None
+        rec["train_seconds"] = self.train_seconds_prev + self.train_time
+        return rec
+
+    def _print(self, rec: dict, is_eval: bool) -> None:
+        t = self.cfg.train
+        log(self.rank, f"step {self.step}/{t.max_steps} | loss {rec.get('loss', float('nan')):.4f}"
+                       + (f" | val {self.last_val:.4f}" if is_eval else "")
+                       + f" | lr {rec['lr']:.2e} | {rec.get('tokens_per_s', 0):,.0f} tok/s"
+                       + f" | mfu {100 * rec.get('mfu', 0):.1f}% | mem {rec.get('peak_mem_mb', 0):.0f}MB")
+
+    def _start(self) -> None:
+        self.ckpt.prune_unfinished(self.step)
+        self.writer.event("start", step=self.step, world_size=self.world, plan=self.plan.describe(),
+                          micro_batch=self.micro, accum=self.accum, restored=self.restored_from is not None)
+        t = self.cfg.train
+        log(self.rank, f"model {self.n_params / 1e6:.2f}M params | plan {self.plan.describe()} | device "
+                       f"{self.device} | global batch {t.global_batch} = dp {self.plan.dp} x micro {self.micro} "
+                       f"x accum {self.accum} | steps {self.step}->{t.max_steps}")
+
+    def train(self) -> dict:
+        """Run from self.step to max_steps (or a stop). Returns the summary; rank 0 also
+        writes summary.json unless this segment ran no step."""
+        t = self.cfg.train
+        self._start()
+        for m in self.parts:
+            m.train()
+        win = _Window(loss=torch.zeros((), device=self.device))
+        gnorm, stopped = None, None
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        from raygpt.train.profiling import StepProfiler
+
+        prof = StepProfiler(self.run_dir, self.rank, getattr(t, "profile", None), self.device)
+        while self.step < t.max_steps:
+            lr = self.lr(self.step)
+            prof.step(self.step)
+            t0 = time.perf_counter()
+            loss, gnorm = self.train_step()
+            win.loss += loss
+            win.steps += 1
+            step = self.step
+            is_log = step % t.log_every == 0 or step == t.max_steps
+            is_eval = step % t.eval_every == 0 or step == t.max_steps
+            is_ckpt = self.ckpt.due(step, t.max_steps)
+            if (is_log or is_eval or is_ckpt) and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
+            self.train_time += dt
+            win.seconds += dt
+            if is_log or is_eval or is_ckpt:
+                rec = self._log_record(win if (is_log or is_eval) else _Window(), gnorm, is_eval, lr)
+                if is_log or is_eval:
+                    win = _Window(loss=torch.zeros((), device=self.device))
+                self.writer.log(rec)
+                self.last_rec.update(rec)
+                if is_log or is_eval:
+                    self._print(rec, is_eval)
+                if is_eval or is_ckpt:
+                    report = {k: v for k, v in self.last_rec.items() if isinstance(v, (int, float))}
+                    report.update(step=step, done=step == t.max_steps)
+                    if is_ckpt:
+                        self.save(report, final=step == t.max_steps)
+                    else:
+                        self.hooks.report_metrics(report)
+            code, saves_done = self._agree()
+            if saves_done:
+                self.ckpt.complete_pending()
+            if code != STOP_NONE:
+                stopped = STOP_NAMES[code]
+                log(self.rank, f"stop requested ({stopped}): checkpointing step {step}")
+                self.writer.event("stop", step=step, reason=stopped)
+                self.checkpoint_now()
+                break
+            if is_log and step % (t.log_every * 10) == 0:
+                info = self.hooks.preemption()
+                if info is not None:
+                    log(self.rank, f"preemption notice for ranks {info.preempted_ranks}: checkpointing step {step}")
+                    self.writer.event("preemption", step=step, ranks=info.preempted_ranks)
+                    self.save({"step": step, "preempted": True})
+            self.hooks.after_step(self, step)
+        prof.close()
+        return self._finish(stopped)
+
+    def _finish(self, stopped: str | None) -> dict:
+        from raygpt.train.metrics import plot_loss, write_json_atomic
+
+        self.ckpt.close()
+        summary = {
+            "best_val_loss": self.best_val if self.best_val < float("inf") else None,
+            "final_val_loss": self.last_val,
+            "steps": self.step,
+            "tokens_per_s": self.last_rec.get("tokens_per_s"),
+            "mfu": self.last_rec.get("mfu"),
+            "train_seconds": round(self.train_seconds_prev + self.train_time, 3),
+            "checkpoint": None,  # filled in by the driver (it knows the storage path)
+            "world_size": self.world,
+            "plan": self.plan.describe(),
+            "params": self.n_params,
+            "peak_mem_mb": self.last_rec.get("peak_mem_mb"),
+        }
+        if stopped:
+            summary["stopped"] = stopped
+        # An empty segment (restored at the end, or stopped before a step) keeps the
+        # summary the previous segment wrote.
+        if self.rank == 0 and self.run_dir is not None and self.step > self.start_step:
+            write_json_atomic(Path(self.run_dir) / "summary.json", summary)
+            try:
+                plot_loss(self.run_dir)
+            except Exception as e:  # a plot must never fail a finished run
+                log(self.rank, f"loss plot skipped: {e}")
+        self.writer.event("end", step=self.step, **({"stopped": stopped} if stopped else {}))
+        self.writer.close()
+        return summary
