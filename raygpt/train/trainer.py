@@ -378,7 +378,7 @@ class Trainer:
         self.writer.event(name, **kw)
 
     def _log_record(self, win: _Window, gnorm, is_eval: bool, lr: float) -> dict:
-        from raygpt.train.metrics import device_peak_flops
+        from raygpt.train.metrics import mfu, peak_flops
 
         rec = {"step": self.step, "lr": lr, "world_size": self.world}
         if win.steps:
@@ -386,7 +386,11 @@ class Trainer:
             rec["grad_norm"] = float(gnorm)
             tps = self.cfg.train.global_batch * self.gcfg.block_size * win.steps / max(win.seconds, 1e-9)
             rec["tokens_per_s"] = tps
-            rec["mfu"] = self.flops_per_token * tps / (device_peak_flops(self.device, threads(self.cfg)) * self.world)
+            peak, note = peak_flops(self.device, threads(self.cfg))
+            if peak is None and not getattr(self, "_mfu_note_shown", False):
+                log(self.rank, note)  # unknown device: MFU omitted, never guessed
+                self._mfu_note_shown = True
+            rec["mfu"] = mfu(self.flops_per_token, tps, peak * self.world if peak else None)
             rec["step_ms"] = 1000 * win.seconds / win.steps
             if self.device.type == "cuda":
                 rec["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -407,7 +411,8 @@ class Trainer:
         log(self.rank, f"step {self.step}/{t.max_steps} | loss {rec.get('loss', float('nan')):.4f}"
                        + (f" | val {self.last_val:.4f}" if is_eval else "")
                        + f" | lr {rec['lr']:.2e} | {rec.get('tokens_per_s', 0):,.0f} tok/s"
-                       + f" | mfu {100 * rec.get('mfu', 0):.1f}% | mem {rec.get('peak_mem_mb', 0):.0f}MB")
+                       + (f" | mfu {100 * rec['mfu']:.1f}%" if rec.get("mfu") is not None else "")
+                       + f" | mem {rec.get('peak_mem_mb', 0):.0f}MB")
 
     def _start(self) -> None:
         self.ckpt.prune_unfinished(self.step)
