@@ -130,7 +130,7 @@ async def _catch_all(request: Request, call_next):
         response = JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}",
                                            "server_error", None, "internal_error"), status_code=500)
     m = getattr(request.app.state, "metrics", None)
-    if m is not None and request.url.path.startswith("/v1/"):
+    if m is not None and "/v1/" in request.url.path:
         m.request(response.status_code)
     return response
 
@@ -167,7 +167,7 @@ class _ChoiceFormat:
 
     def stream_start(self, base: dict, n: int) -> list[dict]:
         if self.chat:  # the role first, like OpenAI
-            return [{**base, "object": "chat.completion.chunk", "choices": [
+            return [{**base, "choices": [
                 {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                  "finish_reason": None}]} for i in range(n)]
         return []
@@ -636,8 +636,9 @@ class GPTServer:
                 for r in reqs:
                     r.cancel()
                 raise
-        base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-                "object": "chat.completion" if chat else "text_completion",
+        kind = ("chat.completion.chunk" if req.stream else "chat.completion") if chat else \
+            "text_completion"
+        base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "object": kind,
                 "created": int(time.time()), "model": self.s.model_name,
                 "system_fingerprint": engine.version}
         fmt = _ChoiceFormat(engine, req, chat, prompts)
@@ -659,8 +660,6 @@ class GPTServer:
                     r.cancel()
         choices = [fmt.full(i, res) for i, res in enumerate(results)]
         n_comp = sum(res.completion_tokens for res in results)
-        if chat:
-            base["object"] = "chat.completion"
         return {**base, "choices": choices,
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_comp,
                           "total_tokens": n_prompt + n_comp}}
