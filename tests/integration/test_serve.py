@@ -23,6 +23,7 @@ TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n"
         "All:\nSpeak, speak.\nROMEO: JULIET? What light through yonder window breaks!\n")
 BLOCK = 64
 API_KEY = "s3cret-test-key"
+API_KEYS = (API_KEY, "second-key", "third-key")
 APPS = ("main", "over", "guard", "upd", "fault")
 
 
@@ -118,8 +119,9 @@ class Cluster:
                      {"max_ongoing_requests": 2, "max_queued_requests": 2,
                       "backpressure_config": {"status_code": 503, "retry_after_s": 2}}),
                 _app("guard", m["a"], {"api_key_env": "RAYGPT_TEST_API_KEY", "rate_limit_rps": 1,
-                                       "rate_limit_burst": 3, "max_body_bytes": 2048},
-                     runtime_env={"env_vars": {"RAYGPT_TEST_API_KEY": API_KEY}}),
+                                       "rate_limit_burst": 3, "max_body_bytes": 2048,
+                                       "rate_limit_tps": 5, "rate_limit_token_burst": 100},
+                     runtime_env={"env_vars": {"RAYGPT_TEST_API_KEY": ",".join(API_KEYS)}}),
                 _app("upd", m["a"], {"max_slots": 16, "step_delay_s": 0.005}, upd_dep),
                 _app("fault", m["a"], {"max_slots": 2, "fault_file": self.fault_file,
                                        "max_failed_steps": 2},
@@ -738,3 +740,17 @@ def test_failing_engine_steps_replace_the_replica(cluster, tmp_path_factory):
         assert new != rid, "the broken replica was never replaced"
         r = h.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
         assert r.status_code == 200, r.text
+
+
+def test_rate_limit_per_api_key_by_tokens(cluster):
+    """Keys are limited separately, by tokens too (prompt + max_tokens x choices)."""
+    def client(key):
+        return cluster.client("guard", headers={"Authorization": f"Bearer {key}"})
+
+    body = {"prompt": "a", "max_tokens": 60}
+    with client(API_KEYS[1]) as h:
+        assert h.post("/v1/completions", json=body).status_code == 200
+        err = assert_error(h.post("/v1/completions", json=body), 429)
+        assert err["code"] == "rate_limit_exceeded" and "token" in err["message"]
+    with client(API_KEYS[2]) as h:  # another key: its own buckets
+        assert h.post("/v1/completions", json=body).status_code == 200
