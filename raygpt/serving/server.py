@@ -116,23 +116,48 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
                         status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
-@app.middleware("http")
-async def _catch_all(request: Request, call_next):
+class CatchAll:
     """A bug never answers with a plain-text 500 nor leaves engine work without a reader:
-    cancel what this request submitted and answer in the OpenAI error shape."""
-    request.state.submitted = []
-    try:
-        response = await call_next(request)
-    except Exception as e:  # noqa: BLE001 - the last line of defence
-        for r in request.state.submitted:
-            r.cancel()
-        log.exception("raygpt: unhandled error in %s %s", request.method, request.url.path)
-        response = JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}",
-                                           "server_error", None, "internal_error"), status_code=500)
-    m = getattr(request.app.state, "metrics", None)
-    if m is not None and "/v1/" in request.url.path:
-        m.request(response.status_code)
-    return response
+    cancel what the request submitted (`request.state.submitted`) and answer in the OpenAI
+    error shape. Pure ASGI (BaseHTTPMiddleware would re-buffer every SSE chunk); also
+    counts /v1/* responses by status for the metrics."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        state["submitted"] = []
+        status = None
+
+        async def send_and_record(msg):
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        except Exception as e:  # noqa: BLE001 - the last line of defence
+            for r in state["submitted"]:
+                r.cancel()
+            log.exception("raygpt: unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            if status is None:  # nothing sent yet: answer; else the stream just ends
+                status = 500
+                await JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}",
+                                              "server_error", None, "internal_error"),
+                                   status_code=500)(scope, receive, send)
+        finally:
+            # scope["app"]: the app Serve runs (a copy of the module's `app`, pickled with
+            # the deployment), where GPTServer put its metrics
+            m = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
+            if m is not None and status is not None and "/v1/" in scope.get("path", ""):
+                m.request(status)
+
+
+app.add_middleware(CatchAll)
 
 
 class _ChoiceFormat:
