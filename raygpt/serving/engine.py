@@ -286,7 +286,7 @@ class Engine:
 
     def __init__(self, model: GPT, tokenizer, max_slots: int = 16, max_waiting: int = 1024,
                  version: str | None = None, name: str = "engine", step_delay_s: float = 0.0,
-                 step_tokens: int = 512, min_prefill_tokens: int = 32,
+                 step_tokens: int = 256, min_prefill_tokens: int = 32,
                  sample_mask: torch.Tensor | None = None, observer: Observer | None = None):
         if max_slots < 1:
             raise ValueError("max_slots must be >= 1")

@@ -16,7 +16,7 @@ class ServerSettings(BaseModel):
     max_slots: int = Field(32, ge=1)      # KV-cache slots per replica = max batch
     max_waiting: int = Field(512, ge=1)   # engine queue beyond the slots (503 beyond it)
     max_fanout: int | None = Field(None, ge=1)  # prompts x n per request; default max_waiting // 4
-    step_tokens: int = Field(512, ge=1)   # tokens per engine step (decode rows + prefill chunks)
+    step_tokens: int = Field(256, ge=1)   # tokens per engine step (decode rows + prefill chunks)
     max_tokens_limit: int | None = Field(None, ge=1)  # default: the model's block_size
     max_n: int = Field(16, ge=1)          # max choices per prompt
     max_prompts: int = Field(32, ge=1)    # max prompts in one request (list prompt)
