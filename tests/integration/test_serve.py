@@ -124,7 +124,9 @@ class Cluster:
                      runtime_env={"env_vars": {"RAYGPT_TEST_API_KEY": ",".join(API_KEYS)}}),
                 _app("upd", m["a"], {"max_slots": 16, "step_delay_s": 0.005}, upd_dep),
                 _app("fault", m["a"], {"max_slots": 2, "fault_file": self.fault_file,
-                                       "max_failed_steps": 2},
+                                       "max_failed_steps": 2, "rate_limit_rps": 0.5,
+                                       "rate_limit_burst": 40,
+                                       "trusted_proxy_header": "X-Forwarded-For"},
                      {"health_check_period_s": 1, "health_check_timeout_s": 10}),
             ],
         }
@@ -754,3 +756,15 @@ def test_rate_limit_per_api_key_by_tokens(cluster):
         assert err["code"] == "rate_limit_exceeded" and "token" in err["message"]
     with client(API_KEYS[2]) as h:  # another key: its own buckets
         assert h.post("/v1/completions", json=body).status_code == 200
+
+
+def test_rate_limit_per_client_ip_from_trusted_proxy_header(cluster):
+    """Without API keys the client is its IP; behind a trusted proxy, the right-most
+    X-Forwarded-For entry (what that proxy appended)."""
+    with cluster.client("fault") as h:
+        a = {"X-Forwarded-For": "10.0.0.9, 192.0.2.1"}
+        codes = [h.get("/v1/models", headers=a).status_code for _ in range(45)]
+        assert 429 in codes and codes[0] == 200, codes
+        b = {"X-Forwarded-For": "10.0.0.9, 192.0.2.2"}  # another client behind the proxy
+        assert h.get("/v1/models", headers=b).status_code == 200
+        assert h.get("/v1/models", headers=a).status_code == 429
