@@ -12,8 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
+
+
+def resolve_warmup(steps: int, warmup: int) -> int:
+    """Warmup steps actually used: at least one timed step is left (--steps 5 with the
+    default --warmup 10 used to leave none and crash on an unset timer)."""
+    if steps < 2:
+        raise SystemExit(f"error: --steps {steps}: need at least 2 (one warmup, one timed)")
+    return max(1, min(warmup, steps // 2)) if warmup >= steps else max(0, warmup)
 
 
 def plain_loop(cfg, steps: int, warmup: int) -> dict:
@@ -24,7 +33,7 @@ def plain_loop(cfg, steps: int, warmup: int) -> dict:
     from raygpt.parallel.apply import parallelize
     from raygpt.parallel.plan import resolve_plan
     from raygpt.train.loop import batch_geometry, build_optimizer, train_step
-    from raygpt.train.metrics import device_peak_flops
+    from raygpt.train.metrics import mfu, peak_flops
     from raygpt.train.worker import _amp_dtype, build_model
 
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.use_gpu is not False else "cpu")
@@ -42,7 +51,8 @@ def plain_loop(cfg, steps: int, warmup: int) -> dict:
     _, micro, _ = batch_geometry(cfg.train.global_batch, 1, cfg.train.micro_batch)
     loader = BatchLoader(data, "train", g.block_size, cfg.train.global_batch, cfg.train.seed)
     amp = _amp_dtype(cfg, device)
-    t_start = None
+    warmup = resolve_warmup(steps, warmup)
+    t_start = time.perf_counter()
     for step in range(steps):
         if step == warmup:
             if device.type == "cuda":
@@ -56,25 +66,47 @@ def plain_loop(cfg, steps: int, warmup: int) -> dict:
     n = steps - warmup
     tps = cfg.train.global_batch * g.block_size * n / dt
     peak_mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return {"tokens_per_s": tps, "mfu": fpt * tps / device_peak_flops(device, threads),
-            "step_ms": 1000 * dt / n, "peak_mem_mb": peak_mem, "loss": float(loss), "device": str(device)}
+    peak, peak_note = peak_flops(device, threads)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"tokens_per_s": tps, "mfu": mfu(fpt, tps, peak), "mfu_note": peak_note,
+            "step_ms": 1000 * dt / n, "peak_mem_mb": peak_mem, "loss": float(loss), "device": name,
+            "timed_steps": n}
 
 
 def ray_loop(cfg, steps: int, warmup: int) -> dict:
     from raygpt.train.launch import run_training
     from raygpt.train.metrics import read_metrics
 
+    warmup = resolve_warmup(steps, warmup)
     storage = tempfile.mkdtemp(prefix="raygpt-tput-")
     cfg = cfg.model_copy(deep=True)
     cfg.run.storage, cfg.run.name = storage, "tput"
     cfg.train.max_steps = steps
-    cfg.train.log_every = steps - warmup  # one window after warmup
+    # The first log window is the warmup (compile); the figure is over all later windows.
+    cfg.train.log_every = max(1, warmup)
     cfg.train.eval_every = steps
     cfg.train.eval_steps = 1
     cfg.checkpoint.every = 0
     s = run_training(cfg, progress=False)
-    last = [r for r in read_metrics(s["run_dir"]) if "tokens_per_s" in r][-1]
-    return {k: last.get(k) for k in ("tokens_per_s", "mfu", "step_ms", "peak_mem_mb", "loss")}
+    recs = [r for r in read_metrics(s["run_dir"]) if "tokens_per_s" in r]
+    return timed_windows(recs, warmup, cfg.train.global_batch * cfg.model.block_size)
+
+
+def timed_windows(recs: list[dict], warmup: int, tokens_per_step: int) -> dict:
+    """tokens/s, MFU and step time over the log windows after `warmup` steps (each
+    window weighted by its steps), from metrics.jsonl records."""
+    prev, steps, seconds = 0, 0, 0.0
+    for r in recs:
+        n = r["step"] - prev
+        if prev >= warmup:
+            steps += n
+            seconds += n * r["step_ms"] / 1000
+        prev = r["step"]
+    last = recs[-1]
+    tps = tokens_per_step * steps / seconds if seconds else last["tokens_per_s"]
+    mfu = None if last.get("mfu") is None else last["mfu"] * tps / last["tokens_per_s"]
+    return {"tokens_per_s": tps, "mfu": mfu, "step_ms": 1000 * seconds / steps if steps else last["step_ms"],
+            "peak_mem_mb": last.get("peak_mem_mb"), "loss": last.get("loss"), "timed_steps": steps}
 
 
 def main():
@@ -84,18 +116,29 @@ def main():
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--skip-plain", action="store_true")
+    ap.add_argument("--skip-ray", action="store_true")
     args = ap.parse_args()
     from raygpt.config import load_config
 
     cfg = load_config(args.preset, overrides=[f"train.max_steps={args.steps}", "run.num_workers=1", *args.set])
-    plain = None if args.skip_plain else plain_loop(cfg, args.steps, args.warmup)
-    ray_r = ray_loop(cfg, args.steps, args.warmup)
-    out = {"preset": args.preset, "plain": plain, "ray_train": ray_r,
-           "ratio": ray_r["tokens_per_s"] / plain["tokens_per_s"] if plain else None}
+    out = compare(cfg, args.steps, args.warmup, skip_plain=args.skip_plain, skip_ray=args.skip_ray)
+    out["preset"] = args.preset
     print(json.dumps(out, indent=1))
-    if plain:
-        print(f"\nplain {plain['tokens_per_s']:,.0f} tok/s (MFU {100 * plain['mfu']:.1f}%) | Ray Train "
-              f"{ray_r['tokens_per_s']:,.0f} tok/s (MFU {100 * ray_r['mfu']:.1f}%) | ratio {out['ratio']:.3f}")
+
+    def pct(r):
+        return "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+
+    parts = [f"{k} {out[k]['tokens_per_s']:,.0f} tok/s (MFU {pct(out[k])})" for k in ("plain", "ray_train") if out[k]]
+    ratio = f" | ratio {out['ratio']:.3f}" if out["ratio"] else ""
+    print("\n" + " | ".join(parts) + ratio, file=sys.stderr)
+
+
+def compare(cfg, steps: int, warmup: int, skip_plain: bool = False, skip_ray: bool = False) -> dict:
+    """Plain loop then Ray Train, same config: {plain, ray_train, ratio}."""
+    plain = None if skip_plain else plain_loop(cfg, steps, warmup)
+    ray_r = None if skip_ray else ray_loop(cfg, steps, warmup)
+    ratio = ray_r["tokens_per_s"] / plain["tokens_per_s"] if plain and ray_r else None
+    return {"plain": plain, "ray_train": ray_r, "ratio": ratio}
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ that imports only light modules at the top (torch/ray load inside the command), 
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import typer
@@ -50,9 +49,32 @@ def _register():
 _register()
 
 
+def _click_classes() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(ClickException, Abort, Exit) classes of every click the CLI may raise: typer >= 0.25
+    vendors its own `typer._click` whose exceptions are not subclasses of `click`'s."""
+    mods = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mods.append(__import__(name, fromlist=["x"]))
+        except ImportError:
+            pass
+    return tuple(tuple(getattr(m, cls) for m in mods if hasattr(m, cls))
+                 for cls in ("ClickException", "Abort", "Exit"))
+
+
+def _usage_line(e) -> str:
+    """One line naming the option/argument: 'raygpt export: Missing option '--out' / '-o'.'"""
+    ctx = getattr(e, "ctx", None)
+    where = f"{ctx.command_path}: " if ctx is not None else ""
+    msg = " ".join(e.format_message().split())
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return f"error: {where}{msg}{hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    click_error, abort, exit_ = _click_classes()
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, prog_name="raygpt", standalone_mode=False)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -61,18 +83,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as e:
         return int(e.code or 0) if isinstance(e.code, int) else 1
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.Abort):
-            return 130
-        if isinstance(e, click.ClickException):
+    except abort:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except exit_ as e:
+        return int(getattr(e, "exit_code", 0) or 0)
+    except click_error as e:
+        if type(e).__name__ == "NoArgsIsHelpError":
+            # Bare `raygpt` (or a group without its command): the help, then exit 2.
             e.show()
             return 2
-        if os.environ.get("RAYGPT_DEBUG"):
-            raise
-        raise
-    return 0
+        print(_usage_line(e), file=sys.stderr)
+        return int(getattr(e, "exit_code", 2) or 2)
+    # standalone_mode=False returns the exit code of `--help` / ctx.exit(n).
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

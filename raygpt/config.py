@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 from raygpt.errors import UserError
@@ -25,6 +25,18 @@ class ConfigError(UserError, ValueError):
 class _Section(BaseModel):
     # Unknown keys are errors (we suggest the closest name ourselves).
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def parse_profile_spec(spec: str) -> tuple[int, int]:
+    """train.profile / --profile "START:COUNT" -> (start, count); ValueError if malformed."""
+    parts = spec.split(":")
+    try:
+        start, count = (int(p) for p in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        start = count = None
+    if start is None or start < 0 or count < 1:
+        raise ValueError(f"train.profile={spec!r}: expected START:COUNT with START >= 0 and COUNT >= 1, e.g. 10:5")
+    return start, count
 
 
 class ModelConfig(_Section):
@@ -97,6 +109,34 @@ class TrainConfig(_Section):
     init_from: str | None = None
     # Parameters kept frozen: "embeddings" and/or "blocks:N" (the first N blocks).
     freeze: list[str] = Field(default_factory=list)
+    # "START:COUNT": a torch profiler trace of steps START..START+COUNT-1 per rank in the
+    # run dir (profile/), plus a CUDA memory snapshot on GPU. None = off.
+    profile: str | None = None
+
+    @field_validator("profile", mode="before")
+    @classmethod
+    def _profile_spec(cls, v):
+        if v is None:
+            return v
+        if not isinstance(v, str):  # YAML reads an unquoted 5:3 as the base-60 integer 303
+            raise ValueError(f"train.profile={v!r}: expected a quoted string \"START:COUNT\", e.g. \"10:5\"")
+        parse_profile_spec(v)
+        return v
+
+    @field_validator("freeze")
+    @classmethod
+    def _freeze_specs(cls, v: list[str]) -> list[str]:
+        # Checked here (and against model.n_layer in Config) so that a typo stops before
+        # Ray starts, not inside a worker.
+        for item in v:
+            if item == "embeddings":
+                continue
+            head, _, n = item.partition(":")
+            if head != "blocks" or not n.strip().isdigit() or int(n) < 1:
+                hint = "" if head == "blocks" else _suggest(item, ["embeddings"])
+                raise ValueError(f"train.freeze entry {item!r}: expected 'embeddings' or 'blocks:N' "
+                                 f"(N >= 1){hint}")
+        return v
 
 
 class ParallelConfig(_Section):
@@ -106,6 +146,10 @@ class ParallelConfig(_Section):
     tp_degree: int = Field(1, ge=1)
     activation_checkpointing: bool = False
     compile: bool = False
+    # What parallel.compile compiles: "model" (the whole model with its loss, one graph),
+    # "blocks" (each block, plus the head with its loss), "auto" (model on one rank,
+    # blocks with several: gradient communication then overlaps backward).
+    compile_mode: Literal["auto", "model", "blocks"] = "auto"
     # Pipeline parallelism: stages of consecutive blocks (embeddings with the first,
     # head and loss with the last); combinable with fsdp/hsdp and tp.
     pp_degree: int = Field(1, ge=1)
@@ -182,6 +226,10 @@ class Config(_Section):
                 f"{self.parallel.pp_schedule}) is larger than model.n_layer={self.model.n_layer}: "
                 f"every stage needs at least one block"
             )
+        for item in self.train.freeze:
+            if item.startswith("blocks:") and int(item.split(":", 1)[1]) > self.model.n_layer:
+                raise ValueError(f"train.freeze entry {item!r}: the model has "
+                                 f"model.n_layer={self.model.n_layer} blocks")
         if self.model.n_head % self.parallel.tp_degree:
             raise ValueError(
                 f"model.n_head={self.model.n_head} is not divisible by "
@@ -211,9 +259,53 @@ SECTIONS = {
 # ---------------------------------------------------------------- errors
 
 
+# Names people reach for (other frameworks, nanoGPT, HF) -> the field here.
+SYNONYMS = {
+    "learning_rate": "lr", "max_lr": "lr", "min_learning_rate": "min_lr",
+    "steps": "max_steps", "max_iters": "max_steps", "num_steps": "max_steps", "iters": "max_steps",
+    "batch_size": "global_batch", "micro_batch_size": "micro_batch",
+    "gradient_accumulation_steps": "global_batch",
+    "n_layers": "n_layer", "num_layers": "n_layer", "layers": "n_layer",
+    "n_heads": "n_head", "num_heads": "n_head", "heads": "n_head",
+    "d_model": "n_embd", "hidden_size": "n_embd", "n_embed": "n_embd", "embed_dim": "n_embd",
+    "context_length": "block_size", "seq_len": "block_size", "max_seq_len": "block_size",
+    "warmup": "warmup_steps", "warmup_iters": "warmup_steps", "lr_decay_iters": "decay_steps",
+    "clip": "grad_clip", "grad_norm_clip": "grad_clip", "max_grad_norm": "grad_clip",
+    "eval_interval": "eval_every", "eval_iters": "eval_steps", "log_interval": "log_every",
+    "workers": "num_workers", "n_workers": "num_workers", "gpu": "use_gpu",
+    "precision": "dtype", "data_dir": "path", "dataset": "path",
+}
+
+
+def _parts(name: str) -> list[str]:
+    return [w for w in name.lower().replace("-", "_").split("_") if w]
+
+
+def _closest(name: str, choices: list[str]) -> str | None:
+    """The field a mistyped or differently named key most likely means: a known synonym,
+    a near spelling, the initials of its words (learning_rate -> lr), or the one field
+    that shares a word with it (iters -> ...)."""
+    key = name.lower().replace("-", "_")
+    if SYNONYMS.get(key) in choices:
+        return SYNONYMS[key]
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    words = _parts(key)
+    initials = "".join(w[0] for w in words)
+    for c in choices:
+        if len(words) > 1 and c.replace("_", "") == initials:
+            return c
+    sharing = [c for c in choices if set(words) & set(_parts(c)) - {"n", "num", "max", "min"}]
+    if len(sharing) == 1:
+        return sharing[0]
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def _suggest(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    close = _closest(name, list(choices))
+    return f" (did you mean '{close}'?)" if close else ""
 
 
 def _format_validation_error(err: ValidationError, data: dict | None = None) -> str:
@@ -243,6 +335,27 @@ def validate(data: dict) -> Config:
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, data)) from None
+
+
+def check_paths(cfg: Config) -> None:
+    """The local paths a config names exist where the driver runs (it reads them there):
+    called before Ray starts, so that a typo is one line, not a failure after start-up.
+    URIs are left to the code that reads them."""
+    checks = [("train.init_from", cfg.train.init_from, "config.json"),
+              ("distill.teacher", cfg.distill.teacher, "config.json")]
+    if cfg.data.path:
+        checks.append(("data.path", cfg.data.path, "meta.json"))
+    elif cfg.data.corpus:
+        checks.append(("data.corpus", cfg.data.corpus, None))
+    for key, value, need in checks:
+        if not value or "://" in value:
+            continue
+        p = Path(value).expanduser()
+        if not p.exists():
+            raise ConfigError(f"{key}={value!r}: no such file or directory")
+        if need and not (p / need).is_file():
+            hint = f"run `raygpt prepare --out {value}`" if need == "meta.json" else "export it with `raygpt export`"
+            raise ConfigError(f"{key}={value!r} has no {need}: {hint}")
 
 
 # ---------------------------------------------------------------- loading

@@ -31,6 +31,14 @@ class GPTConfig:
     vocab_size: int = 65
     dropout: float = 0.0
     bias: bool = False
+    # Ids >= this are padding of the embedding table (vocab_size rounded up for fast
+    # matmuls): never predicted, never sampled. None: every id is a real token.
+    real_vocab_size: int | None = None
+
+    @property
+    def n_real_vocab(self) -> int:
+        """Tokens the model may predict (the tokenizer's vocabulary when padded)."""
+        return self.real_vocab_size or self.vocab_size
 
     @classmethod
     def from_model_config(cls, m, vocab_size: int | None = None) -> "GPTConfig":
@@ -39,8 +47,9 @@ class GPTConfig:
         if v is None:
             raise ValueError("model.vocab_size is unset and no data vocabulary was given")
         pad = max(1, m.pad_vocab_to)
-        v = ((v + pad - 1) // pad) * pad
-        return cls(m.n_layer, m.n_head, m.n_embd, m.block_size, v, m.dropout, m.bias)
+        padded = ((v + pad - 1) // pad) * pad
+        return cls(m.n_layer, m.n_head, m.n_embd, m.block_size, padded, m.dropout, m.bias,
+                   v if padded != v else None)
 
 
 class LayerNorm(nn.Module):
@@ -53,6 +62,29 @@ class LayerNorm(nn.Module):
 
     def forward(self, x):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class LMHead(nn.Linear):
+    """The output projection. Logits of padded ids (>= n_real) come out as a large
+    negative number: exactly zero probability in softmax, so the loss equals that of
+    the unpadded model and sampling never picks them (finite, not -inf, so that KL
+    terms 0 * (t - s) stay 0 rather than NaN)."""
+
+    def __init__(self, n_embd: int, vocab_size: int, n_real: int | None = None):
+        super().__init__(n_embd, vocab_size, bias=False)
+        self.restrict(n_real)
+
+    def restrict(self, n_real: int | None) -> None:
+        mask = None
+        if n_real is not None and n_real < self.out_features:
+            mask = torch.arange(self.out_features, device=self.weight.device) >= n_real
+        self.register_buffer("pad_mask", mask, persistent=False)
+
+    def forward(self, x):
+        logits = super().forward(x)
+        if self.pad_mask is None:
+            return logits
+        return logits.masked_fill(self.pad_mask, max(-1e9, torch.finfo(logits.dtype).min))
 
 
 class CausalSelfAttention(nn.Module):
@@ -154,8 +186,9 @@ class GPT(nn.Module):
         # checkpoints move between pipelined and unpipelined plans.
         self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
         self.ln_f = LayerNorm(cfg.n_embd, cfg.bias)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size, cfg.real_vocab_size)
         self.lm_head.weight = self.wte.weight  # weight tying
+        self.register_load_state_dict_pre_hook(_crop_positions)
         self.apply(self._init_weights)
         # GPT-2: scale residual projections by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
@@ -170,6 +203,24 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    @classmethod
+    def empty(cls, cfg: GPTConfig, device="cpu") -> "GPT":
+        """Uninitialized weights, for loading every tensor next (the random init of a 124M
+        model costs seconds)."""
+        with torch.device("meta"):
+            m = cls(cfg)
+        m = m.to_empty(device=device)
+        m.lm_head.weight = m.wte.weight  # to_empty unties them
+        m.lm_head.restrict(cfg.real_vocab_size)  # the mask buffer came out uninitialized
+        return m
+
+    def restrict_vocab(self, n_real: int) -> None:
+        """Never predict ids >= n_real (a tokenizer smaller than the embedding table)."""
+        if n_real < self.config.n_real_vocab:
+            self.config.real_vocab_size = n_real
+            if self.lm_head is not None:
+                self.lm_head.restrict(n_real)
 
     # ------------------------------------------------------------ accounting
 
@@ -188,8 +239,10 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------ forward
 
-    def forward(self, idx, targets=None):
-        """idx (B,T) -> logits (B,T,V); with targets, (logits, mean cross-entropy).
+    def forward(self, idx, targets=None, return_logits: bool = True):
+        """idx (B,T) -> logits (B,T,V); with targets, (logits, mean cross-entropy), or
+        (None, loss) with return_logits=False (training: a compiled graph then need not
+        write the logits out).
 
         A pipeline stage without the embeddings takes hidden states (B,T,C) instead of
         token ids, and one without the head returns hidden states."""
@@ -205,9 +258,17 @@ class GPT(nn.Module):
             x = block(x)
         if self.lm_head is None:
             return x
-        logits = self.lm_head(self.ln_f(x))
+        logits, loss = self.head_loss(x, targets)
         if targets is None:
             return logits
+        return (logits if return_logits else None), loss
+
+    def head_loss(self, x, targets=None):
+        """Final norm, head and (with targets) the mean cross-entropy in fp32: one unit,
+        so per-block compile can compile it as its own graph."""
+        logits = self.lm_head(self.ln_f(x))
+        if targets is None:
+            return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
                                ignore_index=-1)
         return logits, loss
@@ -270,6 +331,14 @@ class GPT(nn.Module):
             logits = self.forward_cached(nxt[:, None], cache, slots, pos)[:, -1]
         self.train(was_training)
         return out
+
+
+def _crop_positions(model: GPT, state_dict, prefix, *args):
+    """Load hook: a source with a longer context (GPT-2's 1024 positions, fine-tuned here
+    with a shorter block_size) gives its first block_size position embeddings."""
+    w = state_dict.get(prefix + "wpe.weight")
+    if model.wpe is not None and w is not None and w.shape[0] > model.config.block_size:
+        state_dict[prefix + "wpe.weight"] = w[: model.config.block_size]
 
 
 def sample_next(logits, temperature: float = 1.0, top_k: int | None = None,

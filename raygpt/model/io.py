@@ -1,5 +1,10 @@
 """Exported model directories: model.safetensors + config.json + tokenizer.json.
 
+Two formats share those file names and are told apart by config.json: raygpt's own
+(a "model" section) and a Hugging Face GPT-2 directory (model_type gpt2; see
+raygpt.model.hf). Every reader (train --init-from, eval, generate, serve, distill)
+goes through read_model_config / load_model_dir and so takes both.
+
 Loading never unpickles anything. The directory is written under a temp name and
 renamed into place, so a reader never sees a half-written model.
 """
@@ -16,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from raygpt.errors import UserError
 from raygpt.model.gpt import GPT, GPTConfig
 
 WEIGHTS = "model.safetensors"
@@ -23,9 +29,6 @@ CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 # lm_head.weight is tied to wte.weight: stored once.
 _TIED = "lm_head.weight"
-
-
-from raygpt.errors import UserError
 
 
 class ModelDirError(UserError, ValueError):
@@ -57,27 +60,43 @@ def save_model_dir(model: GPT, out: str | os.PathLike, tokenizer_path: str | os.
 
 
 def read_model_config(path: str | os.PathLike) -> dict:
+    """-> raygpt's config.json contents; for a HF GPT-2 dir the same shape ("model":
+    GPTConfig fields, "version", "format": "hf")."""
+    from raygpt.model import hf
+
     p = Path(path)
     if not p.is_dir():
         raise ModelDirError(f"model directory {str(p)!r} does not exist")
-    for name in (WEIGHTS, CONFIG):
-        if not (p / name).is_file():
-            raise ModelDirError(f"model directory {str(p)!r} has no {name} (export it with `raygpt export`)")
+    if not (p / CONFIG).is_file():
+        hf.refuse_pickles(p)  # a pickle-only HF dir gets its reason
+        raise ModelDirError(f"model directory {str(p)!r} has no {CONFIG} (export it with `raygpt export`)")
     try:
-        return json.loads((p / CONFIG).read_text())
+        meta = json.loads((p / CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise ModelDirError(f"{str(p / CONFIG)!r}: invalid JSON ({e.msg})") from None
+    if hf.is_hf_config(meta):
+        return hf.read_hf_meta(p, meta)
+    if not (p / WEIGHTS).is_file():
+        hf.refuse_pickles(p)
+        raise ModelDirError(f"model directory {str(p)!r} has no {WEIGHTS} (export it with `raygpt export`)")
+    return meta
 
 
 def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None) -> tuple[GPT, dict]:
     """-> (model in eval mode, config.json contents). Raises ModelDirError."""
     meta = read_model_config(path)
+    if meta.get("format") == "hf":
+        from raygpt.model.hf import load_hf_model
+
+        model = load_hf_model(Path(path), meta)
+        model.to(device=device, dtype=dtype).eval()
+        return model, meta
     try:
         cfg = GPTConfig(**meta["model"])
     except (KeyError, TypeError) as e:
         raise ModelDirError(f"{str(Path(path) / CONFIG)!r}: bad 'model' section ({e})") from None
-    model = GPT(cfg)
+    model = GPT.empty(cfg)
     try:
         sd = load_file(str(Path(path) / WEIGHTS))
     except Exception as e:  # safetensors raises several types for corrupt files

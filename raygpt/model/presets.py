@@ -41,30 +41,36 @@ PRESETS: dict[str, dict] = {
         "parallel": {"compile": True},
         "checkpoint": {"every": 1000, "keep": 2},
     },
-    # GPT-2 shapes; vocab 50257 padded to 50304 (a multiple of 64) for fast matmuls.
-    "gpt2-124m": {
-        "model": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024,
-                  "vocab_size": 50304, "dropout": 0.0},
-        "data": {"tokenizer": "bpe", "bpe_vocab_size": 50257},
-        "optim": {"lr": 6e-4, "min_lr": 6e-5, "warmup_steps": 700, "beta2": 0.95,
-                  "weight_decay": 0.1, "grad_clip": 1.0},
-        "train": {"max_steps": 5000, "global_batch": 64, "micro_batch": 16, "eval_every": 500,
-                  "eval_steps": 20, "log_every": 10},
-        "parallel": {"compile": True},
-        "checkpoint": {"every": 1000, "keep": 2},
-    },
-    "gpt2-350m": {
-        "model": {"n_layer": 24, "n_head": 16, "n_embd": 1024, "block_size": 1024,
-                  "vocab_size": 50304, "dropout": 0.0},
-        "data": {"tokenizer": "bpe", "bpe_vocab_size": 50257},
-        "optim": {"lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 700, "beta2": 0.95,
-                  "weight_decay": 0.1, "grad_clip": 1.0},
-        "train": {"max_steps": 5000, "global_batch": 64, "micro_batch": 8, "eval_every": 500,
-                  "eval_steps": 20, "log_every": 10},
-        "parallel": {"compile": True},
-        "checkpoint": {"every": 1000, "keep": 2},
-    },
 }
+
+
+def _gpt2(n_layer: int, n_head: int, n_embd: int, lr: float, micro_batch: int) -> dict:
+    """GPT-2's shapes (the public checkpoints: biases, 1024 positions, tanh GELU). The
+    vocabulary, GPT-2's 50257, is padded to 50304 (a multiple of 64) for fast matmuls;
+    the padded ids are never predicted."""
+    return {
+        "model": {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "block_size": 1024,
+                  "vocab_size": 50257, "pad_vocab_to": 64, "bias": True, "dropout": 0.0},
+        "data": {"tokenizer": "bpe", "bpe_vocab_size": 50257},
+        "optim": {"lr": lr, "min_lr": lr / 10, "warmup_steps": 700, "beta2": 0.95,
+                  "weight_decay": 0.1, "grad_clip": 1.0},
+        "train": {"max_steps": 5000, "global_batch": 64, "micro_batch": micro_batch,
+                  "eval_every": 500, "eval_steps": 20, "log_every": 10},
+        "parallel": {"compile": True},
+        "checkpoint": {"every": 1000, "keep": 2},
+    }
+
+
+# The gpt2 family, named as on the Hugging Face Hub and by size.
+_GPT2 = {
+    ("gpt2", "gpt2-124m"): _gpt2(12, 12, 768, 6e-4, 16),
+    ("gpt2-medium", "gpt2-355m", "gpt2-350m"): _gpt2(24, 16, 1024, 3e-4, 8),
+    ("gpt2-large", "gpt2-774m"): _gpt2(36, 20, 1280, 2.5e-4, 4),
+    ("gpt2-xl", "gpt2-1.5b"): _gpt2(48, 25, 1600, 2e-4, 2),
+}
+for _names, _preset in _GPT2.items():
+    for _n in _names:
+        PRESETS[_n] = _preset
 # The default run when no preset is named: the nanoGPT CPU baseline.
 DEFAULT_PRESET = "shakespeare-char-cpu"
 

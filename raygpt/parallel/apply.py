@@ -44,11 +44,32 @@ def apply_ac(model: nn.Module) -> None:
         model.blocks[name] = checkpoint_wrapper(block, preserve_rng_state=True)
 
 
-def apply_compile(model: nn.Module) -> None:
-    """Compile each block in place (module.compile keeps parameter names unchanged, so
-    checkpoints stay loadable by an uncompiled model)."""
+def apply_compile(model: nn.Module, whole: bool = False) -> None:
+    """Compile in place (module.compile keeps parameter names unchanged, so checkpoints
+    stay loadable by an uncompiled model).
+
+    whole=True: the whole model with its loss as one graph (embeddings, blocks, head,
+    fp32 cast and cross-entropy fused; the fastest on one device).
+    Otherwise each block, plus the head with its loss as a second graph (DDP/FSDP/TP/
+    pipeline stages: their gradient hooks fire per block, so communication overlaps the
+    rest of backward), so the fp32 logits and the cross-entropy never run eagerly."""
+    if whole:
+        model.compile()
+        return
     for block in model.blocks.values():
         block.compile()
+    if getattr(model, "lm_head", None) is not None and hasattr(model, "head_loss"):
+        model.head_loss = torch.compile(model.head_loss)
+
+
+def compile_whole(plan: ParallelPlan, pcfg) -> bool:
+    """parallel.compile_mode: 'model', 'blocks', or 'auto' (the whole model on one rank;
+    with several, a one-graph backward would hand DDP/FSDP every gradient at its end and
+    leave no communication to overlap)."""
+    mode = getattr(pcfg, "compile_mode", "auto")
+    if mode != "auto":
+        return mode == "model"
+    return plan.world_size == 1
 
 
 def apply_fsdp(model: nn.Module, dp_mesh, mp_dtype: torch.dtype | None, reshard_after_forward=True):
@@ -64,7 +85,7 @@ def apply_fsdp(model: nn.Module, dp_mesh, mp_dtype: torch.dtype | None, reshard_
     for i, block in enumerate(blocks):
         # The last block's params are needed again at once by backward: keep them.
         fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kw)
-    fully_shard(model, **kw)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
 
 
 def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
@@ -76,15 +97,18 @@ def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def parallelize(model: nn.Module, plan: ParallelPlan, mesh, pcfg, device: torch.device,
-                mp_dtype: torch.dtype | None = None) -> nn.Module:
-    """Move `model` to `device` and wrap it for `plan`. Returns the module to train."""
+                mp_dtype: torch.dtype | None = None, reshard_after_forward: bool = True) -> nn.Module:
+    """Move `model` to `device` and wrap it for `plan`. Returns the module to train.
+
+    reshard_after_forward=False keeps FSDP's gathered weights from forward to backward
+    (pipeline stages: otherwise every microbatch gathers them twice)."""
     model.to(device)
     if plan.tp > 1:
         apply_tp(model, mesh["tp"])
     if pcfg.activation_checkpointing:
         apply_ac(model)
     if pcfg.compile:
-        apply_compile(model)
+        apply_compile(model, whole=compile_whole(plan, pcfg))
     if plan.strategy == "ddp":
         return apply_ddp(model, device)
     if plan.shard > 1:  # fsdp, hsdp, tp+fsdp, pp+fsdp/hsdp (mesh here has no pp dim)
@@ -92,7 +116,7 @@ def parallelize(model: nn.Module, plan: ParallelPlan, mesh, pcfg, device: torch.
             dp_mesh = mesh["dp_replicate", "dp_shard"]
         else:
             dp_mesh = mesh["dp_shard"]
-        apply_fsdp(model, dp_mesh, mp_dtype)
+        apply_fsdp(model, dp_mesh, mp_dtype, reshard_after_forward=reshard_after_forward)
     return model
 
 

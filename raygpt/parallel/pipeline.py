@@ -59,7 +59,9 @@ class Pipeline:
     """This rank's stages, their schedule, and the glue the training loop needs."""
 
     def __init__(self, model: nn.Module, plan: ParallelPlan, mesh, pcfg, device: torch.device,
-                 n_microbatches: int, mp_dtype=None):
+                 n_microbatches: int, mp_dtype=None, amp_dtype=None):
+        """mp_dtype: FSDP's parameter dtype (stages sharded with FSDP); amp_dtype: the
+        autocast dtype for stages that are not (bf16 on GPU), as train_step uses."""
         from torch.distributed.pipelining import PipelineStage
         from torch.distributed.pipelining.schedules import (
             Schedule1F1B,
@@ -78,7 +80,13 @@ class Pipeline:
         for i, sid in enumerate(stage_ids):
             base = model if i == len(stage_ids) - 1 else copy.deepcopy(model)
             part = split_stage(base, sid, self.n_stages)
-            part = parallelize(part, plan, inner_mesh, pcfg, device, mp_dtype=mp_dtype)
+            # FSDP under a pipeline: keep the gathered weights for the whole step (the
+            # schedule reshards after the last microbatch's backward) instead of gathering
+            # them again for every microbatch's forward and backward.
+            part = parallelize(part, plan, inner_mesh, pcfg, device, mp_dtype=mp_dtype,
+                               reshard_after_forward=False)
+            if amp_dtype is not None and amp_dtype != torch.float32:
+                _autocast_forward(part, device, amp_dtype)
             self.parts.append(part)
             self.stages.append(PipelineStage(part, sid, self.n_stages, device, group=self.pp_group))
         self.has_first = 0 in stage_ids
@@ -161,6 +169,13 @@ class Pipeline:
             return set()
         return {id(p.lm_head.weight) for p in self.parts if getattr(p, "lm_head", None) is not None
                 and getattr(p, "wte", None) is None}
+
+
+def _autocast_forward(part: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Run this stage's forward under autocast (the schedule calls the module itself, so
+    there is no training-loop `with` to put it in). Backward follows the forward's
+    dtypes; the loss function casts the logits to fp32."""
+    part.forward = torch.autocast(device_type=device.type, dtype=dtype)(part.forward)
 
 
 def _tied_group(plan: ParallelPlan):

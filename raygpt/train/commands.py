@@ -9,7 +9,7 @@ import typer
 from raygpt.errors import UserError
 
 CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML config file")
-PRESET_OPT = typer.Option(None, "--preset", "-p", help="named preset (debug, shakespeare-char-cpu, shakespeare-char, gpt2-124m, gpt2-350m)")
+PRESET_OPT = typer.Option(None, "--preset", "-p", help="named preset (debug, shakespeare-char-cpu, shakespeare-char, gpt2, gpt2-medium, gpt2-large, gpt2-xl)")
 SET_OPT = typer.Option(None, "--set", "-s", help="override a field: section.field=value (repeatable)")
 
 
@@ -31,7 +31,7 @@ def parse_workers(spec: str) -> tuple[int, int | None]:
 
 def build_run_config(config, preset, sets, *, num_workers=None, use_gpu=None, cpus_per_worker=None,
                      gpus_per_worker=None, storage=None, name=None, address=None, max_failures=None,
-                     init_from=None, resources=None):
+                     init_from=None, resources=None, profile=None):
     from raygpt.config import load_config
     from raygpt.model.presets import DEFAULT_PRESET
 
@@ -51,6 +51,8 @@ def build_run_config(config, preset, sets, *, num_workers=None, use_gpu=None, cp
         except json.JSONDecodeError:
             raise UserError(f"--resources-per-worker {resources!r}: expected JSON like '{{\"w\": 1}}'") from None
     extra = {"run": run} if run else {}
+    if profile is not None:
+        extra["train"] = {"profile": profile}
     if config is None and preset is None:
         preset = DEFAULT_PRESET
     cfg = load_config(preset=preset, path=config, overrides=sets, extra=extra)
@@ -73,10 +75,22 @@ def _apply_init_from(cfg, init_from, sets):
     d = cfg.to_dict()
     d["model"].update({k: shape[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size", "bias")})
     if d["model"]["block_size"] > shape["block_size"]:
+        if any(i.split("=", 1)[0].strip() == "model.block_size" for i in sets):
+            raise ConfigError(f"--set model.block_size={d['model']['block_size']}: larger than the context of "
+                              f"--init-from {init_from} ({shape['block_size']} positions)")
         d["model"]["block_size"] = shape["block_size"]
-    d["model"]["pad_vocab_to"] = 1
+    d["model"]["vocab_size"], d["model"]["pad_vocab_to"] = _vocab_and_padding(shape)
     d["train"]["init_from"] = str(init_from)
     return validate(d)
+
+
+def _vocab_and_padding(shape: dict) -> tuple[int, int]:
+    """(model.vocab_size, model.pad_vocab_to) that rebuild the source's embedding table
+    and keep its padded ids (GPT-2: 50257 of 50304) out of the predictions."""
+    v, real = shape["vocab_size"], shape.get("real_vocab_size")
+    if not real or real >= v:
+        return v, 1
+    return real, (64 if -(-real // 64) * 64 == v else v)
 
 
 def train_cmd(
@@ -94,12 +108,13 @@ def train_cmd(
     max_failures: Optional[int] = typer.Option(None, "--max-failures", help="worker-group restarts allowed (-1 = unlimited)"),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="fine-tune from an exported model directory"),
     print_config: bool = typer.Option(False, "--print-config", help="print the resolved config and exit"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="START:COUNT: torch profiler trace of those steps per rank into <run dir>/profile/"),
 ):
     """Train a GPT with Ray Train (default: the bundled Shakespeare corpus, local Ray, CPU)."""
     cfg = build_run_config(config, preset, set_, num_workers=num_workers, use_gpu=use_gpu,
                            cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                            storage=storage, name=name, address=address, max_failures=max_failures,
-                           init_from=init_from, resources=resources_per_worker)
+                           init_from=init_from, resources=resources_per_worker, profile=profile)
     if print_config:
         typer.echo(cfg.to_yaml())
         return
@@ -124,14 +139,18 @@ def _print_summary(s: dict) -> None:
 
 
 def export_cmd(
-    checkpoint: str = typer.Argument(..., help="checkpoint directory, or a run directory (its latest checkpoint)"),
+    checkpoint: str = typer.Argument(..., help="checkpoint directory, a run directory (its latest "
+                                     "checkpoint), or a model directory (raygpt or Hugging Face) to convert"),
     out: str = typer.Option(..., "--out", "-o", help="output model directory"),
+    format: str = typer.Option("raygpt", "--format", "-f",
+                               help="raygpt (model.safetensors + config.json + tokenizer.json) or "
+                                    "hf (a GPT-2 directory transformers and vLLM load)"),
 ):
-    """Export a sharded checkpoint to model.safetensors + config.json + tokenizer.json."""
-    from raygpt.train.checkpoint import export_checkpoint
+    """Export a sharded checkpoint (or convert a model directory) to a model directory."""
+    from raygpt.train.export import export_to
 
-    p = export_checkpoint(checkpoint, out)
-    typer.echo(f"exported {checkpoint} -> {p}")
+    p = export_to(checkpoint, out, format)
+    typer.echo(f"exported {checkpoint} -> {p} ({format})")
 
 
 def generate_cmd(
@@ -157,6 +176,7 @@ def generate_cmd(
     if not tok_path.is_file():
         raise UserError(f"model directory {model_dir!r} has no {TOKENIZER}")
     tok = load_tokenizer(tok_path)
+    model.restrict_vocab(tok.vocab_size)  # a padded table: never sample an id past the tokenizer
     ids = tok.encode(prompt)
     if not ids:
         raise UserError("--prompt is empty after tokenization")

@@ -101,23 +101,13 @@ def resolve_resources(cfg: Config, use_gpu: bool, embedded: bool) -> dict:
 
 
 def check_placeable(cfg: Config, per_worker: dict) -> None:
-    """Fail fast when the cluster cannot place even the minimum number of workers (Ray
-    would otherwise wait for resources that never come). Autoscaling clusters can grow:
-    RAYGPT_SKIP_RESOURCE_CHECK=1 disables the check there."""
-    import ray
+    """Return once the minimum number of workers can be placed: at once when the live
+    nodes have room; after the autoscaler has added nodes when only it can make room
+    (bounded by run.placement_timeout_s); fail at once when nothing ever could."""
+    from raygpt.train.capacity import ensure_capacity
 
-    if os.environ.get("RAYGPT_SKIP_RESOURCE_CHECK"):
-        return
-    need_workers = cfg.run.min_workers or cfg.run.num_workers
-    total = ray.cluster_resources()
-    for key, per in per_worker.items():
-        have = total.get(key, 0.0)
-        if per * need_workers > have + 1e-9:
-            raise UserError(
-                f"run.num_workers={need_workers} needs {per * need_workers:g} {key} "
-                f"({per:g} per worker) but the cluster has {have:g}: lower --num-workers or "
-                f"run.cpus_per_worker, or add nodes"
-            )
+    ensure_capacity("run.num_workers", cfg.run.min_workers or cfg.run.num_workers, cfg.run.num_workers,
+                    per_worker, timeout_s=cfg.run.placement_timeout_s)
 
 
 def check_plans(cfg: Config, vocab_size: int, use_gpu: bool) -> None:
@@ -200,9 +190,10 @@ def build_trainer(cfg: Config, *, storage: str, name: str, data_dir: str | None,
 
 
 def _gpu_available() -> bool:
-    import ray
+    """GPUs on a live node, or on a node type the autoscaler can add."""
+    from raygpt.train.capacity import gpus_possible, read_capacity
 
-    return ray.cluster_resources().get("GPU", 0) > 0
+    return gpus_possible(read_capacity())
 
 
 class _Progress:
@@ -259,8 +250,10 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
     inject: fault injection for tests and chaos runs (see worker._maybe_crash_in_save)."""
     import ray
 
+    from raygpt.config import check_paths
     from raygpt.data.prepare import ensure_data, read_meta
 
+    check_paths(cfg)  # before Ray starts
     started = init_ray(cfg.run.address)
     try:
         storage = resolve_storage(cfg)
@@ -288,7 +281,8 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
             )
         use_gpu = cfg.run.use_gpu if cfg.run.use_gpu is not None else _gpu_available()
         if use_gpu and not _gpu_available():
-            raise UserError("--use-gpu was given but the Ray cluster has no GPU")
+            raise UserError("--use-gpu was given but the Ray cluster has no GPU and no autoscaler "
+                            "node type with GPUs")
         embedded = not (cfg.run.address or os.environ.get("RAY_ADDRESS"))
         check_plans(cfg, meta["vocab_size"], use_gpu)
         per_worker = resolve_resources(cfg, use_gpu, embedded)
@@ -326,6 +320,10 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
             if prog:
                 prog.stop()
                 th.join(timeout=2)
+            if not embedded:
+                from raygpt.train.capacity import request_workers
+
+                request_workers([])  # withdraw our demand: idle nodes go after the idle timeout
         if result.error:
             raise result.error
         from raygpt.train.metrics import read_uri_json, upload_dir, write_json_atomic

@@ -27,9 +27,15 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, decay_steps: int) ->
     return min_lr + coeff * (lr - min_lr)
 
 
-def build_optimizer(model: nn.Module, ocfg, device_type: str) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, ocfg, device_type: str, fused: bool | None = None) -> torch.optim.Optimizer:
     """AdamW; weight decay only on matrices of Linear layers (not on norms, biases or
-    embeddings, the tied head included). Fused kernel on GPU."""
+    embeddings, the tied head included). Fused kernel on GPU.
+
+    The fused (and foreach) kernels take one kind of tensor per group: under tensor
+    parallelism without FSDP a group would mix DTensor weights with plain norms and
+    biases, which they refuse. So each decay group is split by tensor kind, and a group
+    is fused only when every tensor in it can be (floating point, on a device with the
+    fused kernel). fused=None: fused on CUDA only."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -37,12 +43,23 @@ def build_optimizer(model: nn.Module, ocfg, device_type: str) -> torch.optim.Opt
         # lm_head.weight shows up only as a pipeline stage's copy of the tied embedding.
         is_embedding = name.endswith(("wte.weight", "wpe.weight", "lm_head.weight"))
         (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": ocfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    kw = {"fused": True} if device_type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=ocfg.lr, betas=(ocfg.beta1, ocfg.beta2), **kw)
+    groups = []
+    for params, wd in ((decay, ocfg.weight_decay), (no_decay, 0.0)):
+        for kind in (True, False):
+            same = [p for p in params if _is_dtensor(p) == kind]
+            if same:
+                want = device_type == "cuda" if fused is None else fused
+                groups.append({"params": same, "weight_decay": wd,
+                               "fused": bool(want) and all(_fusable(p) for p in same)})
+    if not groups:
+        groups = [{"params": [], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=ocfg.lr, betas=(ocfg.beta1, ocfg.beta2))
+
+
+def _fusable(p: torch.Tensor) -> bool:
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return p.is_floating_point() and p.device.type in _get_fused_kernels_supported_devices()
 
 
 def pick_micro_batch(per_rank: int, micro_max: int) -> int:
@@ -82,37 +99,76 @@ def _is_dtensor(t) -> bool:
     return type(t).__name__ == "DTensor"
 
 
+def _local_and_shards(g):
+    """(local tensor to take the norm of, number of shards it is one of)."""
+    if not _is_dtensor(g):
+        return g, 1
+    if any(p.is_partial() for p in g.placements):  # not seen after backward; be exact anyway
+        from torch.distributed.tensor import Replicate
+
+        g = g.redistribute(g.device_mesh, [Replicate() if p.is_partial() else p for p in g.placements])
+    n = 1
+    for size, pl in zip(g.device_mesh.shape, g.placements):
+        if pl.is_shard():
+            n *= size
+    return g.to_local(), n
+
+
+def _sum_of_squares(tensors: list, device) -> torch.Tensor:
+    """sum ||t||^2 over tensors, in fp32, with one foreach norm per (device, dtype)."""
+    total = torch.zeros((), device=device, dtype=torch.float32)
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    for ts in groups.values():
+        norms = torch._foreach_norm(ts, 2, dtype=torch.float32)  # bf16 grads: fp32 norms
+        total = total + torch.stack(norms).pow(2).sum().to(device)
+    return total
+
+
 @torch.no_grad()
 def clip_grad_norm(params, max_norm: float, pp_group=None, skip: set | None = None,
                    device=None) -> torch.Tensor:
-    """Global L2 norm over plain and DTensor grads (FSDP/TP shards are reduced over their
-    mesh by DTensor; pipeline stages are summed over pp_group, counting parameters in
-    `skip` (ids) zero times), then clip. Returns the norm before clipping."""
-    params = list(params)
-    grads = [p.grad for p in params if p.grad is not None]
-    skip = skip or set()
-    total_sq = torch.zeros((), device=device or (grads[0].device if grads else "cpu"))
-    for p in params:
-        if p.grad is None or id(p) in skip:
-            continue
-        sq = torch.linalg.vector_norm(p.grad, dtype=torch.float32) ** 2
-        if _is_dtensor(sq):
-            sq = sq.full_tensor()
-        total_sq = total_sq + sq.to(total_sq.device)
-    if pp_group is not None:
-        import torch.distributed as dist
+    """Global L2 norm of the gradients, then clip them like torch's clip_grad_norm_.
+    Returns the norm before clipping (a 0-d tensor; nothing here waits for the GPU).
 
-        dist.all_reduce(total_sq, op=dist.ReduceOp.SUM, group=pp_group)
-    if not grads:
-        return total_sq.sqrt()
-    norm = total_sq.sqrt()
-    if max_norm > 0:
+    Grads may be plain tensors (replicated: DDP, or norms/biases under TP), DTensor
+    shards (FSDP/HSDP/TP) or live on other pipeline stages. Each rank sums the squares
+    of what it holds, weighting a tensor by 1 / (ranks holding the same values), so that
+    ONE all-reduce (SUM) over all ranks gives the global sum, each element counted once.
+    Nothing is reduced when every grad is replicated on every rank (DDP, one rank).
+    Parameters in `skip` (ids; a pipeline's second copy of the tied matrix) count zero
+    times; pp_group (the ranks across stages) tells how many stages there are."""
+    import torch.distributed as dist
+
+    skip = skip or set()
+    with_grad = [p for p in params if p.grad is not None]
+    if device is None:
+        device = with_grad[0].grad.device if with_grad else torch.device("cpu")
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    pp = dist.get_world_size(pp_group) if pp_group is not None else 1
+    by_shards: dict[int, list] = {}
+    for p in with_grad:
+        if id(p) not in skip:
+            local, n = _local_and_shards(p.grad)
+            by_shards.setdefault(n, []).append(local)
+    reduce = world > 1 and (pp > 1 or any(n > 1 for n in by_shards))
+    copies = world // pp  # ranks running one pipeline stage, each holding all its params
+    total = torch.zeros((), device=device, dtype=torch.float32)
+    for n, tensors in by_shards.items():
+        sq = _sum_of_squares(tensors, device)
+        total = total + (sq * (n / copies) if reduce else sq)
+    if reduce:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    norm = total.sqrt()
+    if max_norm > 0 and with_grad:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for g in grads:
-            if _is_dtensor(g):
-                g.mul_(coef.item())  # DTensor * plain tensor is not allowed: use a scalar
-            else:
-                g.mul_(coef.to(g.device))
+        by_dev: dict = {}
+        for p in with_grad:
+            g = p.grad.to_local() if _is_dtensor(p.grad) else p.grad
+            by_dev.setdefault((g.device, g.dtype), []).append(g)
+        for (dev, _), grads in by_dev.items():
+            torch._foreach_mul_(grads, coef.to(dev))
     return norm
 
 
@@ -137,7 +193,9 @@ def distill_loss(student_logits, teacher_logits, targets, temperature: float, al
 
 
 def pp_train_step(pipe, optimizers, x, y, device, grad_clip: float):
-    """One optimizer step through the pipeline schedule (microbatching happens inside)."""
+    """One optimizer step through the pipeline schedule (microbatching happens inside;
+    autocast, when on, is the stages' own: Pipeline(amp_dtype=...)). The grad norm is
+    one all-reduce over all ranks (clip_grad_norm)."""
     loss = pipe.forward_backward(x, y, device)
     norm = clip_grad_norm(list(pipe.parameters()), grad_clip, pp_group=pipe.pp_group,
                           skip=pipe.tied_duplicate(), device=device)
@@ -164,7 +222,7 @@ def train_step(model, optimizer, micro_batches, device, amp_dtype, grad_clip: fl
         with grad_sync(model, enabled=(i == n - 1)):
             with autocast_ctx(device, amp_dtype):
                 if teacher is None:
-                    _, loss = model(x, y)
+                    _, loss = model(x, y, return_logits=False)
                     report = loss
                 else:
                     with torch.no_grad():
@@ -188,7 +246,7 @@ def evaluate(model, loader, eval_steps: int, micro: int, device, amp_dtype) -> t
     for k in range(eval_steps):
         for x, y in loader.get_micro(k, micro):
             with autocast_ctx(device, amp_dtype):
-                _, loss = model(x.to(device), y.to(device))
+                _, loss = model(x.to(device), y.to(device), return_logits=False)
             total += loss.float()
             count += 1
     model.train()

@@ -9,27 +9,65 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16 tensor-core peaks (FLOP/s, no sparsity).
-_GPU_PEAKS = {
-    "H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12,
-    "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
-    "RTX 4090": 165e12, "V100": 125e12, "T4": 65e12,
+# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, keyed by the exact name that
+# torch.cuda.get_device_name reports. Exact names, not substrings: an H100 PCIe (756) or
+# NVL (835) is not an H100 SXM (989), and a name not listed gets no MFU rather than a
+# guess (set RAYGPT_PEAK_FLOPS to give one).
+GPU_PEAK_FLOPS: dict[str, float] = {
+    "NVIDIA H100 80GB HBM3": 989e12,  # SXM5
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,  # SXM (the same tensor cores as the H100 SXM)
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA H800": 989e12,
+    "NVIDIA H800 PCIe": 756e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A800-SXM4-80GB": 312e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA A10": 125e12,
+    "NVIDIA GeForce RTX 4090": 165e12,  # fp32 accumulate
 }
 
 
-def device_peak_flops(device: torch.device, threads: int = 1) -> float:
-    """Peak FLOP/s of the device. Override with RAYGPT_PEAK_FLOPS. On CPU an estimate:
-    threads x 2.5 GHz x 32 fp32 FLOP/cycle (two AVX2 FMA units)."""
+def gpu_peak_flops(name: str) -> float | None:
+    """The table's peak for a device name, or None when the name is not in it."""
+    return GPU_PEAK_FLOPS.get(name.strip())
+
+
+def peak_flops(device: torch.device, threads: int = 1) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device or None, where the figure comes from).
+
+    RAYGPT_PEAK_FLOPS overrides. A GPU not in GPU_PEAK_FLOPS gives (None, a note): MFU is
+    then omitted, never computed against a guessed peak. On CPU an estimate: threads x
+    2.5 GHz x 32 fp32 FLOP/cycle (two AVX2 FMA units)."""
     env = os.environ.get("RAYGPT_PEAK_FLOPS")
     if env:
-        return float(env)
+        return float(env), "RAYGPT_PEAK_FLOPS"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, peak in _GPU_PEAKS.items():
-            if key in name:
-                return peak
-        return 312e12
-    return max(1, threads) * 2.5e9 * 32
+        peak = gpu_peak_flops(name)
+        if peak is None:
+            return None, (f"no MFU: {name!r} is not in raygpt.train.metrics.GPU_PEAK_FLOPS "
+                          f"(set RAYGPT_PEAK_FLOPS=<dense bf16 FLOP/s> to give its peak)")
+        return peak, f"bf16 dense peak of {name}"
+    return max(1, threads) * 2.5e9 * 32, f"CPU estimate for {max(1, threads)} threads"
+
+
+def device_peak_flops(device: torch.device, threads: int = 1) -> float | None:
+    """Peak FLOP/s of the device, or None for a GPU not in the table (see peak_flops)."""
+    return peak_flops(device, threads)[0]
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation, or None when the peak is unknown."""
+    if not peak:
+        return None
+    return flops_per_token * tokens_per_s / peak
 
 
 class RunWriter:

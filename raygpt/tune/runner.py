@@ -396,11 +396,17 @@ def _cluster(spec: SweepSpec, base_cfg: Config):
 
     from raygpt.tune.planner import Cluster
 
-    total = {k: float(v) for k, v in ray.cluster_resources().items()
+    from raygpt.train.capacity import read_capacity
+
+    # Trials are sized against what the cluster can become: nodes up now plus what the
+    # autoscaler may add (a trial's placement group is the demand that brings them).
+    cap = read_capacity()
+    totals = cap.eventual_totals() if cap.autoscaling else ray.cluster_resources()
+    total = {k: float(v) for k, v in totals.items()
              if k in ("CPU", "GPU", "memory") or k in base_cfg.run.resources_per_worker}
     use_gpu = base_cfg.run.use_gpu if base_cfg.run.use_gpu is not None else total.get("GPU", 0) > 0
     if use_gpu and total.get("GPU", 0) <= 0:
-        raise UserError("run.use_gpu is true but the Ray cluster has no GPU")
+        raise UserError("run.use_gpu is true but the Ray cluster has no GPU and no autoscaler node type with GPUs")
     return Cluster(total, bool(use_gpu))
 
 

@@ -7,22 +7,13 @@
 3. `raygpt export` of the checkpoint, `serve deploy` of serve/debug.yaml (model_dir and
    HTTP port rewritten) on the same cluster, and POST /v1/completions answers.
 
-The cluster is always torn down. Not with `ray stop`: that kills every Ray process of
-this user on the machine (other test sessions' too). The head runs with `--block`, so
-every process of the cluster descends from the `ray start` process we spawned; the
-finalizer terminates exactly that process tree (plus anything still naming our
-private --temp-dir), and nothing else.
+The cluster is always torn down, never with `ray stop` (see raycluster.py).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import secrets
-import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -32,171 +23,13 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from raycluster import BIN, RAY, REPO, TERMINAL, Cluster, free_ports, job_status, run, wait_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-RAY = str(BIN / "ray")
 SERVE = str(BIN / "serve")
 RAYGPT = str(BIN / "raygpt")
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-
-
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks, ports = [], []
-    for _ in range(n):  # hold them all open so the n ports differ
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-# ---------------------------------------------------------------- process-tree teardown
-
-
-def _children_map() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        kids.setdefault(ppid, []).append(int(d))
-    return kids
-
-
-def _tree(root: int) -> set[int]:
-    kids = _children_map()
-    out, todo = set(), [root]
-    while todo:
-        p = todo.pop()
-        if p not in out:
-            out.add(p)
-            todo.extend(kids.get(p, []))
-    return out
-
-
-def _naming(marker: str) -> set[int]:
-    """Processes of this user whose command line names `marker` (our private temp dir)."""
-    out = set()
-    uid = os.getuid()
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) == os.getpid():
-            continue
-        try:
-            if os.stat(f"/proc/{d}").st_uid != uid:
-                continue
-            if marker in Path(f"/proc/{d}/cmdline").read_bytes().decode(errors="replace"):
-                out.add(int(d))
-        except OSError:
-            continue
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def stop_cluster(proc: subprocess.Popen, marker: str, grace_s: float = 15.0) -> int:
-    """Terminate the `ray start --block` process, all its descendants and any process that
-    names our temp dir. Returns how many processes were signalled."""
-    pids = (_tree(proc.pid) | _naming(marker)) - {os.getpid()}
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.time() + grace_s
-        while time.time() < deadline:
-            try:
-                proc.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                pass
-            if not any(_alive(p) for p in pids):
-                break
-        # Processes started meanwhile (e.g. a worker respawned during shutdown).
-        pids |= {p for p in _naming(marker) if p != os.getpid()}
-    return len(pids)
-
-
-# ---------------------------------------------------------------- the cluster
-
-
-class Cluster:
-    def __init__(self, tmp: Path):
-        # Unix socket paths must stay under 108 bytes: a short private temp dir.
-        self.temp_dir = tempfile.mkdtemp(prefix="rge2e-", dir="/tmp")
-        (gcs, dash, client, agent_http, agent_grpc, rt_env, metrics, nm, om) = free_ports(9)
-        self.gcs_port, self.dash_port = gcs, dash
-        self.dashboard = f"http://127.0.0.1:{dash}"
-        self.log = tmp / "ray-start.log"
-        env = dict(os.environ)
-        env.pop("RAY_ADDRESS", None)
-        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in a job = this venv
-        env["RAY_USAGE_STATS_ENABLED"] = "0"
-        # Ray 2.60 turns token auth on when ~/.ray/auth_token exists (shared by everything
-        # on this machine). Use it, but with a private token: deterministic and isolated.
-        self.token = secrets.token_hex(32)
-        env["RAY_AUTH_MODE"] = "token"
-        env["RAY_AUTH_TOKEN"] = self.token
-        env.pop("RAY_AUTH_TOKEN_PATH", None)
-        self.base_env = env
-        self.headers = {"Authorization": f"Bearer {self.token}"}
-        self.cmd = [
-            RAY, "start", "--head", "--block",
-            "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-            "--ray-client-server-port", str(client),
-            "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
-            "--runtime-env-agent-port", str(rt_env), "--metrics-export-port", str(metrics),
-            "--node-manager-port", str(nm), "--object-manager-port", str(om),
-            "--num-cpus", "4", "--num-gpus", "0", "--object-store-memory", str(256 * 1024 * 1024),
-            "--temp-dir", self.temp_dir, "--disable-usage-stats",
-        ]
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def env(self) -> dict:
-        """For CLI calls against this cluster: RAY_ADDRESS only in the subprocess env."""
-        return {**self.base_env, "RAY_ADDRESS": self.dashboard}
-
-    def start(self, timeout: float = 240):
-        t0 = time.time()
-        self.proc = subprocess.Popen(self.cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
-                                     env=self.base_env, cwd=REPO, start_new_session=True)
-        while time.time() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                r = httpx.get(f"{self.dashboard}/api/jobs/", headers=self.headers, timeout=5)
-                if r.status_code == 200:
-                    print(f"cluster up in {time.time() - t0:.1f}s (dashboard {self.dashboard})")
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"dashboard not up after {timeout}s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self):
-        if self.proc is not None:
-            n = stop_cluster(self.proc, self.temp_dir)
-            print(f"cluster stopped ({n} processes)")
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -207,32 +40,6 @@ def cluster(tmp_path_factory):
         yield c
     finally:
         c.stop()
-
-
-def run(cmd: list[str], env: dict, timeout: float, check: bool = True) -> subprocess.CompletedProcess:
-    t0 = time.time()
-    p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    print(f"$ {' '.join(cmd[:6])}{' ...' if len(cmd) > 6 else ''}  [rc {p.returncode}, {time.time() - t0:.1f}s]")
-    if check and p.returncode != 0:
-        raise AssertionError(f"{cmd} -> rc {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
-    return p
-
-
-def job_status(cluster: Cluster, job_id: str) -> str:
-    """The job's status from the same REST API the CLI uses (`ray job status`)."""
-    r = httpx.get(f"{cluster.dashboard}/api/jobs/{job_id}", headers=cluster.headers, timeout=30)
-    r.raise_for_status()
-    return r.json()["status"]
-
-
-def wait_status(cluster, job_id, want: tuple[str, ...], timeout: float) -> str:
-    t0, status = time.time(), None
-    while time.time() - t0 < timeout:
-        status = job_status(cluster, job_id)
-        if status in want or status in TERMINAL:
-            return status
-        time.sleep(1)
-    return status
 
 
 def upload_size() -> tuple[int, str, int]:

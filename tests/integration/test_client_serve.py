@@ -47,6 +47,23 @@ def _app(name, model_dir, args, dep):
                              "health_check_period_s": 2, **dep}]}
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _debug_yaml_app(model_dir):
+    """serve/debug.yaml's application as shipped, with the model path filled in (both
+    fields), under /doc and with a quarter CPU (this box's Ray has 6 logical CPUs)."""
+    import yaml
+
+    (app,) = yaml.safe_load((ROOT / "serve" / "debug.yaml").read_text())["applications"]
+    app["name"], app["route_prefix"] = "doc", "/doc"
+    app["args"]["model_dir"] = model_dir
+    (dep,) = app["deployments"]
+    dep["user_config"]["model_dir"] = model_dir
+    dep["ray_actor_options"]["num_cpus"] = 0.25
+    return app
+
+
 @pytest.fixture(scope="module")
 def endpoint(ray_session, model):
     from conftest import free_port
@@ -58,6 +75,7 @@ def endpoint(ray_session, model):
     http = {"host": "127.0.0.1", "port": port}
     cfg = {"http_options": http, "applications": [
         _app("main", model, {"max_slots": 32}, {"max_ongoing_requests": 64}),
+        _debug_yaml_app(model),
         _app("over", model, {"max_slots": 1, "step_delay_s": 0.05},
              {"max_ongoing_requests": 1, "max_queued_requests": 1,
               "backpressure_config": {"status_code": 503, "retry_after_s": 1}}),
@@ -67,7 +85,7 @@ def endpoint(ray_session, model):
         t0 = time.time()
         while True:
             apps = serve.status().applications
-            if all(n in apps and apps[n].status == "RUNNING" for n in ("main", "over")):
+            if all(n in apps and apps[n].status == "RUNNING" for n in ("main", "over", "doc")):
                 break
             assert time.time() - t0 < 240, {n: a.status for n, a in apps.items()}
             time.sleep(0.5)
@@ -166,3 +184,24 @@ def test_503_retry_on_real_overload(endpoint, model):
     assert not errors, errors
     assert texts == [want] * 10 and sum(retries) > 0
     print(f"10 requests on an app taking 2 at a time: {sum(retries)} retries, all completed")
+
+
+def test_readme_client_snippet_runs_as_a_script(endpoint, model, tmp_path):
+    """README's "Python client" snippet, run as a script against serve/debug.yaml's app
+    (the only change: its base URL)."""
+    import re
+    import subprocess
+    import sys
+
+    readme = (ROOT / "README.md").read_text()
+    sec = readme[readme.index("## Python client"):]
+    code = re.search(r"```python\n(.*?)```", sec, re.S).group(1)
+    assert code.count("http://127.0.0.1:8000") == 2 and "asyncio.run(" in code
+    script = tmp_path / "snippet.py"
+    script.write_text(code.replace("http://127.0.0.1:8000", f"{endpoint}/doc"))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = greedy(model, "ROMEO:", 50)
+    assert r.stdout.startswith(want + "\n"), (r.stdout[:200], want)
+    assert f"{version(model)} ok" in r.stdout

@@ -19,7 +19,9 @@ def test_defaults_and_presets_validate():
     baby = load_config("shakespeare-char")
     assert (baby.model.n_layer, baby.model.n_embd, baby.model.block_size, baby.model.dropout) == (6, 384, 256, 0.2)
     assert (baby.train.global_batch, baby.train.max_steps) == (64, 5000)
-    assert load_config("gpt2-124m").model.vocab_size == 50304
+    g = load_config("gpt2-124m").model
+    assert (g.vocab_size, g.pad_vocab_to, g.bias) == (50257, 64, True)  # -> 50304 rows
+    assert load_config("gpt2").model == g and load_config("gpt2-350m").model.n_embd == 1024
 
 
 def test_precedence_preset_file_set_extra(tmp_path):
