@@ -362,8 +362,11 @@ def set_model_dir(app: str, model_dir: str, *, expect_version: str | None = None
     except SwapError:
         if good.get("model_dir") and good != new_uc:
             log(f"Serve app {app!r}: user_config back to the last good model {good['model_dir']}")
-            _apply(app_info(app, dashboard), {k: v for k, v in good.items() if v is not None},
-                   dashboard)
+            good = {k: v for k, v in good.items() if v is not None}
+            _apply(app_info(app, dashboard), good, dashboard)
+            t1 = time.time()  # Serve applies a config asynchronously: wait until it shows
+            while (app_info(app, dashboard).user_config or {}) != good and time.time() - t1 < 60:
+                time.sleep(0.2)
         raise
 
 
