@@ -1,7 +1,7 @@
 """What a running Serve application serves, and swapping its model without downtime.
 
 The serving app (raygpt.serving.app) takes its model from the deployment's
-`user_config: {model_dir: ...}`; a change of user_config alone is a Serve *lightweight
+`user_config: {model_dir: ..., version: ...}`; a change of user_config alone is a Serve *lightweight
 update*: every replica's `reconfigure` loads the new directory beside the old model and
 swaps it in, in-flight requests finish on the old one, and a directory that fails to load
 is refused (GET /v1/models then shows `last_update_error`). Nothing restarts.
@@ -282,28 +282,96 @@ def _deployment_settled(app: str, deployment: str, dashboard: str | None = None)
     return status == "HEALTHY" and states <= {"RUNNING"}
 
 
+def replica_states(app: str, deployment: str = SERVER_DEPLOYMENT,
+                   dashboard: str | None = None) -> dict[str, dict | None]:
+    """{replica_id: what it serves} for every RUNNING replica of the deployment, from the
+    state each replica publishes in Ray's KV store (None: not published yet). Needs this
+    process in the Ray cluster; {} through the dashboard's REST API (not readable there)."""
+    import json
+
+    import ray
+
+    if not ray.is_initialized():
+        return {}
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    from raygpt.serving.server import KV_PREFIX
+
+    details = get_details(dashboard)
+    d = (((details.get("applications") or {}).get(app) or {}).get("deployments") or {}).get(
+        deployment) or {}
+    out: dict[str, dict | None] = {}
+    for r in d.get("replicas") or []:
+        if str(getattr(r.get("state"), "value", r.get("state"))) != "RUNNING":
+            continue
+        raw = _internal_kv_get(f"{KV_PREFIX}/{app}/{r['replica_id']}")
+        out[r["replica_id"]] = json.loads(raw) if raw else None
+    return out
+
+
+def _apply(info: AppInfo, user_config: dict, dashboard: str | None) -> None:
+    if info.source == "declarative":
+        _update_declarative(info, user_config, dashboard)
+    elif dashboard:
+        raise UserError(f"Serve app {info.name!r} was deployed with serve.run (imperative): the REST "
+                        f"API (--dashboard) can only update apps deployed from a config; run "
+                        f"promote with --address (joining the cluster) instead")
+    else:
+        _update_imperative(info, user_config)
+
+
 def set_model_dir(app: str, model_dir: str, *, expect_version: str | None = None,
                   url: str | None = None, api_key: str | None = None, timeout: float = 600.0,
                   dashboard: str | None = None, log: Callable[[str], None] | None = None) -> dict:
-    """Point the app's user_config.model_dir at `model_dir` and wait until it serves it.
+    """Point the app's user_config at `model_dir` (and its version) and wait until every
+    replica serves it.
 
-    Returns the new model card. Raises SwapError when the replicas refused the directory
-    (the previous model keeps serving) or nothing changed within `timeout` seconds."""
+    user_config carries the weights' version: a re-export into the same path is a new
+    user_config (replicas reload it), and a replica refuses a directory holding another
+    version than the one asked for. Returns the new model card. Raises SwapError when the
+    replicas refused the directory or nothing changed within `timeout` seconds; the
+    user_config is then put back on the last good model, so a replica started later
+    (autoscaling, a lost node) loads what its peers serve."""
     log = log or (lambda _m: None)
     info = app_info(app, dashboard)
     url = url or info.url
+    if expect_version is None:
+        try:
+            from raygpt.model.io import read_model_config
+
+            expect_version = read_model_config(model_dir).get("version")
+        except Exception:  # noqa: BLE001 - the dir may be on the replicas' nodes only
+            pass
+    good = dict(info.user_config or {})
+    if url:  # the last good model is what the replicas serve, not what the config says
+        try:
+            card = model_card(url, api_key)
+            if card.get("model_dir"):
+                good = {**good, "model_dir": card["model_dir"], "version": card.get("version")}
+        except Exception:  # noqa: BLE001
+            pass
     new_uc = {**(info.user_config or {}), "model_dir": str(model_dir)}
-    t0 = time.time()
-    if info.source == "declarative":
-        _update_declarative(info, new_uc, dashboard)
-    elif dashboard:
-        raise UserError(f"Serve app {app!r} was deployed with serve.run (imperative): the REST API "
-                        f"(--dashboard) can only update apps deployed from a config; run promote "
-                        f"with --address (joining the cluster) instead")
-    else:
-        _update_imperative(info, new_uc)
+    new_uc.pop("version", None)
+    if expect_version:
+        new_uc["version"] = expect_version
+    _apply(info, new_uc, dashboard)
     log(f"Serve app {app!r}: user_config.model_dir -> {model_dir} ({info.source} update)")
-    want = str(model_dir)
+    try:
+        return _wait_swapped(app, info, str(model_dir), expect_version, url, api_key, timeout,
+                             dashboard)
+    except SwapError:
+        if good.get("model_dir") and good != new_uc:
+            log(f"Serve app {app!r}: user_config back to the last good model {good['model_dir']}")
+            good = {k: v for k, v in good.items() if v is not None}
+            _apply(app_info(app, dashboard), good, dashboard)
+            t1 = time.time()  # Serve applies a config asynchronously: wait until it shows
+            while (app_info(app, dashboard).user_config or {}) != good and time.time() - t1 < 60:
+                time.sleep(0.2)
+        raise
+
+
+def _wait_swapped(app, info, want, expect_version, url, api_key, timeout, dashboard) -> dict:
+    t0 = time.time()
     last_card = None
     while time.time() - t0 < timeout:
         if url:
@@ -315,22 +383,34 @@ def set_model_dir(app: str, model_dir: str, *, expect_version: str | None = None
                 last_card = card
                 err = card.get("last_update_error") or {}
                 if err.get("model_dir") == want and (err.get("time") or 0) >= int(t0) - 1:
-                    raise SwapError(f"Serve app {app!r} refused {model_dir}: {err.get('error')} "
+                    raise SwapError(f"Serve app {app!r} refused {want}: {err.get('error')} "
                                     f"(still serving {card.get('model_dir')})")
                 ok = card.get("model_dir") == want and (
                     expect_version is None or card.get("version") == expect_version)
                 if ok and _deployment_settled(app, info.deployment, dashboard):
-                    # Every replica reconfigures; a second look catches a lagging one.
-                    card2 = model_card(url, api_key)
-                    if card2.get("model_dir") == want:
-                        return card2
+                    if _every_replica(app, info.deployment, want, expect_version, dashboard):
+                        return model_card(url, api_key)
         else:
             i2 = app_info(app, dashboard)
-            if (i2.user_config or {}).get("model_dir") == want and _deployment_settled(app, info.deployment, dashboard):
+            if (i2.user_config or {}).get("model_dir") == want and _deployment_settled(
+                    app, info.deployment, dashboard) and _every_replica(
+                    app, info.deployment, want, expect_version, dashboard):
                 return {"model_dir": want, "version": expect_version}
         time.sleep(0.5)
-    raise SwapError(f"Serve app {app!r} did not switch to {model_dir} within {timeout:.0f}s"
+    raise SwapError(f"Serve app {app!r} did not switch to {want} within {timeout:.0f}s"
                     + (f" (serving {last_card.get('model_dir')})" if last_card else ""))
+
+
+def _every_replica(app, deployment, want, expect_version, dashboard) -> bool:
+    """Every running replica reports the new model (True when states are not readable
+    from here: the HTTP card is then all we have)."""
+    states = replica_states(app, deployment, dashboard)
+    for st in states.values():
+        if st is None:
+            return False
+        if st.get("model_dir") != want or (expect_version and st.get("version") != expect_version):
+            return False
+    return True
 
 
 def resolve_model_dir(path: str) -> str:

@@ -30,12 +30,19 @@ def serve_cmd(
         None, "--address", help="Ray cluster to join (default: start a local Ray; 'auto' = running one)"),
     dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard",
                                    help="start Ray's dashboard with a local Ray (needed by `serve status`)"),
+    drain_timeout: float = typer.Option(
+        60.0, "--drain-timeout", min=0.0,
+        help="on SIGTERM/Ctrl-C: seconds in-flight requests get to finish before exit"),
     step_delay: float = typer.Option(0.0, "--step-delay", min=0.0, hidden=True,
                                      help="testing aid: sleep after each engine step"),
 ):
-    """Serve MODEL_DIR over HTTP (OpenAI-style /v1/completions, playground at /) until Ctrl-C."""
+    """Serve MODEL_DIR over HTTP (OpenAI-style /v1/completions, playground at /) until Ctrl-C.
+
+    SIGTERM (or Ctrl-C) drains: no new requests are admitted, in-flight ones finish (up to
+    --drain-timeout seconds), then Serve and Ray shut down and the exit status is 0."""
     import os
-    import time
+    import signal
+    import threading
     from pathlib import Path
 
     from raygpt.model.io import read_model_config
@@ -50,19 +57,20 @@ def serve_cmd(
 
     from raygpt.serving.app import make_app
 
-    import signal
-
-    def _term(signum, frame):  # SIGTERM stops like Ctrl-C: Serve and Ray shut down cleanly
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _term)
+    stop = threading.Event()
     if address:
         ray.init(address=address)
-    else:
-        ray.init(include_dashboard=dashboard)
+    else:  # address="local": a fresh Ray, never a stray cluster of another program
+        ray.init(address="local", include_dashboard=dashboard)
+    # After ray.init (which installs its own SIGTERM handler): the handler only sets a flag;
+    # raising from it inside Ray's code ended in Ray's signal dump and an abort.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    deployed = False
     try:
         serve.start(http_options={"host": host, "port": port})
         opts: dict = {"max_ongoing_requests": max_ongoing, "max_queued_requests": max_queued,
+                      "graceful_shutdown_timeout_s": drain_timeout,
                       "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
         if replicas:
             opts["num_replicas"] = replicas
@@ -73,17 +81,24 @@ def serve_cmd(
             if address:  # a local Ray inherits our environment; a cluster's nodes do not
                 opts["ray_actor_options"]["runtime_env"] = {
                     "env_vars": {api_key_env: os.environ[api_key_env]}}
-        serve.run(make_app(args, **opts), name="raygpt", route_prefix="/")
+        if not stop.is_set():
+            serve.run(make_app(args, **opts), name="raygpt", route_prefix="/")
+            deployed = True
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         url = f"http://{shown}:{port}"
         typer.echo(f"serving {md} (version {meta.get('version')}) as model {name!r}")
         typer.echo(f"  playground  {url}/")
         typer.echo(f"  API         {url}/v1/completions   (GET {url}/v1/models)")
         typer.echo("Ctrl-C to stop.", err=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        typer.echo("stopping", err=True)
+        while not stop.wait(1.0):
+            pass
+        typer.echo("draining: no new requests; in-flight ones finish "
+                   f"(up to {drain_timeout:g}s)", err=True)
+        if deployed:
+            # Deleting the app stops routing to it; each replica shuts down once its ongoing
+            # requests (streams included) finished or graceful_shutdown_timeout_s passed.
+            serve.delete("raygpt", _blocking=True)
+        typer.echo("stopped", err=True)
     finally:
         try:
             serve.shutdown()

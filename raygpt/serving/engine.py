@@ -1,19 +1,24 @@
 """Continuous-batching generation engine: pure torch, no Ray (testable on its own).
 
 One background thread owns the model and a preallocated `KVCache` with `max_slots`
-slots. Each iteration of its loop
+slots. Each iteration of its loop (`_step`)
 
-1. admits waiting requests into free slots and prefills them (batched by length,
-   right-padded), sampling each one's first token from its prefill logits;
-2. runs ONE batched decode step (T=1) over every active slot, each row at its own
-   position (`GPT.forward_cached`), and samples one token per row with the row's own
-   temperature / top-k / top-p / torch.Generator;
-3. streams the new text of each request to its own queue and frees the slot of a
-   request that finished (stop string, EOS, max_tokens, context full, cancelled) at once,
-   so a waiting request takes it at the next iteration.
+1. admits waiting requests into free slots (a cancelled waiting request leaves the
+   queue at once, see `Request.cancel`);
+2. runs ONE batched decode step (T=1) over every running request, each row at its own
+   position, and samples one token per row with the row's own parameters;
+3. spends what is left of the per-step token budget (`step_tokens`) on prefill: prompts
+   are prefilled in chunks (chunked prefill), so a burst of long prompts costs running
+   streams at most one budget's worth of compute per token instead of stalling them.
+   The output head runs at each prompt's last position only (unless the request asked
+   for prompt logprobs, `echo`); a finished prefill samples the first token;
+4. streams each request's new text (incremental detokenization: the cost per token is
+   flat in the output length) and frees the slot of a finished request at once.
 
-Requests are created from any thread; their events are delivered through an
-`asyncio.Queue` (when submitted from a running event loop) or a `queue.Queue`.
+A failure while sampling one row (e.g. a distribution that is all -inf) fails only that
+request; a failed forward fails the rows in it. `consecutive_failed_steps` counts steps
+in a row where a forward failed: the server's health check reports the replica broken
+beyond a bound (a broken GPU), so Serve replaces it.
 
 Context length policy: the prompt must be 1..block_size tokens (longer -> `PromptTooLong`).
 `max_tokens` beyond the room left in the context is *capped*: generation ends with
@@ -29,7 +34,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -37,6 +42,11 @@ from raygpt.errors import UserError
 from raygpt.model.gpt import GPT, KVCache, sample_next
 
 log = logging.getLogger("raygpt.serving.engine")
+
+# Temperatures below this sample greedily: dividing logits by 1e-300 overflows to inf/nan.
+GREEDY_EPS = 1e-5
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
+MAX_LOGPROBS = 5
 
 
 class EngineError(Exception):
@@ -67,40 +77,74 @@ class EngineOverloaded(EngineError):
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0
+    max_tokens: int = 16                 # 0 only with echo (score the prompt, generate nothing)
+    temperature: float = 1.0             # < GREEDY_EPS = greedy
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
     stop: Sequence[str] = ()
+    presence_penalty: float = 0.0        # OpenAI semantics, on generated tokens
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None          # None: no logprobs; k: the chosen token's + top k
+    echo: bool = False                   # also compute the prompt's logprobs
 
-    def validate(self, max_tokens_limit: int | None = None) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise InvalidRequest(f"max_tokens must be a positive integer, got {self.max_tokens!r}",
-                                 "max_tokens")
-        if max_tokens_limit is not None and self.max_tokens > max_tokens_limit:
-            raise InvalidRequest(f"max_tokens={self.max_tokens} is above the limit of "
-                                 f"{max_tokens_limit}", "max_tokens")
-        if self.temperature is None or self.temperature < 0:
+    def validate(self, vocab_size: int | None = None) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0 or (
+                self.max_tokens == 0 and not self.echo):
+            raise InvalidRequest(f"max_tokens must be a positive integer (0 only with echo), "
+                                 f"got {self.max_tokens!r}", "max_tokens")
+        if self.temperature is None or not self.temperature >= 0:
             raise InvalidRequest(f"temperature must be >= 0, got {self.temperature!r}", "temperature")
         if self.top_p is not None and not (0 < self.top_p <= 1):
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
         if self.top_k is not None and self.top_k < 0:
             raise InvalidRequest(f"top_k must be >= 0, got {self.top_k!r}", "top_k")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise InvalidRequest(f"seed must be a 64-bit integer, got {self.seed}", "seed")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not -2.0 <= v <= 2.0:
+                raise InvalidRequest(f"{name} must be in [-2, 2], got {v!r}", name)
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"logprobs must be in 0..{MAX_LOGPROBS}", "logprobs")
+        for t, b in (self.logit_bias or {}).items():
+            if vocab_size is not None and not 0 <= t < vocab_size:
+                raise InvalidRequest(f"logit_bias: token id {t} is outside the vocabulary "
+                                     f"(0..{vocab_size - 1})", "logit_bias")
+            if not -100 <= b <= 100:
+                raise InvalidRequest(f"logit_bias: bias {b} of token {t} is outside [-100, 100]",
+                                     "logit_bias")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidRequest("stop strings must be non-empty strings", "stop")
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS
+
+
+@dataclass
+class TokenLogprob:
+    """One position: the token there, its log-probability (None for a prompt's first
+    token) and the `top` alternatives [(token_id, logprob)], best first."""
+
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
 
 @dataclass
 class Event:
-    """One streamed update of a request: new text, the new token ids, and at the end
-    finish_reason ("stop" | "length" | "cancelled" | "error") with `error` set on errors."""
+    """One streamed update of a request: new text, the new token ids (with their logprobs
+    when asked for), and at the end finish_reason ("stop" | "length" | "cancelled" |
+    "error") with `error` set on errors."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -111,32 +155,44 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     ttft_s: float | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class Request:
     """A submitted generation. Iterate `events()` (sync) or `aevents()` (async), or call
-    `result()` / `await aresult()`. `cancel()` frees its slot at the next step."""
+    `result()` / `await aresult()`. `cancel()` frees its slot at the next step (and
+    takes a waiting request out of the queue at once)."""
 
     _ids = itertools.count()
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, loop=None):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, loop=None, engine=None):
         self.id = next(Request._ids)
         self.prompt_ids = prompt_ids
         self.params = params
         self.loop = loop
+        self.engine = engine
         self._aq: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
         self._q: queue.Queue | None = None if loop is not None else queue.Queue()
         self.cancelled = False
         self.done = False
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
         # engine-side state
         self.slot: int | None = None
+        self.prefilled = 0                       # prompt tokens already in the KV cache
         self.generated: list[int] = []
+        self.counts: dict[int, int] = {}         # generated token -> count (penalties)
+        self.prefix_offset = self.read_offset = 0  # incremental detokenization window
+        self.text = ""                           # decoded output so far (before stop cut)
         self.emitted_chars = 0
-        self.text = ""
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None
+        self.prompt_logprobs: list[TokenLogprob] | None = (
+            [TokenLogprob(prompt_ids[0], None)] if params.echo and params.logprobs is not None
+            else None)
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
 
     # -- producer side (engine thread) --
     def _put(self, ev: Event) -> None:
@@ -153,6 +209,8 @@ class Request:
     # -- consumer side --
     def cancel(self) -> None:
         self.cancelled = True
+        if self.engine is not None and not self.done:
+            self.engine._drop_waiting(self)
 
     def events(self, timeout: float | None = None) -> Iterator[Event]:
         if self._q is None:
@@ -172,7 +230,7 @@ class Request:
             while ev.finish_reason is None and not self._aq.empty():
                 nxt = self._aq.get_nowait()
                 ev = Event(ev.text + nxt.text, ev.token_ids + nxt.token_ids,
-                           nxt.finish_reason, nxt.error)
+                           nxt.finish_reason, nxt.error, ev.logprobs + nxt.logprobs)
             yield ev
             if ev.finish_reason is not None:
                 return
@@ -180,7 +238,7 @@ class Request:
     def _completion(self, text: str, finish: str) -> Completion:
         ttft = None if self.first_token_at is None else self.first_token_at - self.submitted_at
         return Completion(text, list(self.generated), finish, len(self.prompt_ids),
-                          len(self.generated), ttft)
+                          len(self.generated), ttft, self.logprobs, self.prompt_logprobs)
 
     def result(self, timeout: float | None = None) -> Completion:
         parts, finish, err = [], None, None
@@ -205,21 +263,31 @@ class Request:
         return self._completion("".join(parts), finish)
 
 
+class Observer:
+    """Hooks the server's metrics attach to (called on the engine thread; keep them cheap)."""
+
+    def first_token(self, seconds: float) -> None: ...
+    def inter_token(self, seconds: float) -> None: ...
+    def finished(self, reason: str, tokens: int) -> None: ...
+
+
 class Engine:
     """Continuous-batching engine around one GPT model and its tokenizer.
 
     model: a GPT in eval mode (any device/dtype); tokenizer: encode/decode/eos_id.
     max_slots: KV-cache slots = the most requests decoded together.
     max_waiting: requests allowed to wait for a slot before submit() raises EngineOverloaded.
+    step_tokens: token budget of one step: decode rows count one each, prefill chunks
+      take the rest (at least `min_prefill_tokens`, so prefill always progresses).
     step_delay_s: sleep added to each loop iteration (a testing aid to hold requests open).
-    max_prefills_per_step: requests admitted per iteration (default: max_slots).
-    prefill_tokens: admitted prompts are prefilled together in groups of at most this many
-    (padded) tokens; a longer prompt is prefilled alone.
+    sample_mask: optional (V,) bool tensor of token ids never to sample (a padded
+      vocabulary); ids at or beyond the tokenizer's vocabulary are always masked.
     """
 
     def __init__(self, model: GPT, tokenizer, max_slots: int = 16, max_waiting: int = 1024,
                  version: str | None = None, name: str = "engine", step_delay_s: float = 0.0,
-                 max_prefills_per_step: int | None = None, prefill_tokens: int = 2048):
+                 step_tokens: int = 256, min_prefill_tokens: int = 32,
+                 sample_mask: torch.Tensor | None = None, observer: Observer | None = None):
         if max_slots < 1:
             raise ValueError("max_slots must be >= 1")
         self.model = model.eval()
@@ -233,20 +301,18 @@ class Engine:
         self.version = version
         self.name = name
         self.step_delay_s = step_delay_s
-        self.max_prefills_per_step = max_prefills_per_step or max_slots
-        self.prefill_tokens = prefill_tokens  # padded tokens per batched prefill (>= 1 request)
+        self.step_tokens = max(1, step_tokens)
+        self.min_prefill_tokens = max(1, min_prefill_tokens)
+        self.observer = observer or Observer()
+        self.fault_hook: Callable[[], None] | None = None  # called each step (fault injection)
         self.cache = KVCache(self.cfg, max_slots, device=self.device, dtype=self.dtype)
-        tok_vocab = getattr(tokenizer, "vocab_size", None)
-        # Padded model vocabularies: never sample an id the tokenizer cannot decode.
-        self._vocab_mask = None
-        if tok_vocab is not None and tok_vocab < self.cfg.vocab_size:
-            self._vocab_mask = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=self.device)
-            self._vocab_mask[tok_vocab:] = True
+        self._vocab_mask = self._build_mask(sample_mask)
         self.eos_id = getattr(tokenizer, "eos_id", None)
 
         self._cv = threading.Condition()
         self._waiting: list[Request] = []
-        self._active: list[Request] = []
+        self._prefilling: list[Request] = []   # admitted, prompt not fully in the cache yet
+        self._active: list[Request] = []       # decoding
         self._free_slots = list(range(max_slots - 1, -1, -1))
         self._closing = False  # no new requests; finish what is admitted/waiting
         self._stopped = threading.Event()
@@ -255,9 +321,24 @@ class Engine:
         self.decode_steps = 0
         self.prefills = 0
         self.prefill_batches = 0
+        self.prefill_tokens = 0
         self.tokens_generated = 0
         self.requests_finished = 0
         self.max_batch = 0
+        self.failed_steps = 0
+        self.consecutive_failed_steps = 0
+
+    def _build_mask(self, extra: torch.Tensor | None) -> torch.Tensor | None:
+        V = self.cfg.vocab_size
+        mask = torch.zeros(V, dtype=torch.bool, device=self.device)
+        tok_vocab = getattr(self.tokenizer, "vocab_size", None)
+        real = getattr(self.cfg, "real_vocab_size", None)  # a padded model vocabulary
+        for n in (tok_vocab, real):
+            if n is not None and n < V:
+                mask[n:] = True
+        if extra is not None:
+            mask |= extra.to(self.device, torch.bool)
+        return mask if bool(mask.any()) else None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -279,8 +360,8 @@ class Engine:
         """Stop now: every unfinished request ends with finish_reason "cancelled"."""
         with self._cv:
             self._closing = True
-            for r in self._waiting + self._active:
-                r.cancel()
+            for r in self._waiting + self._prefilling + self._active:
+                r.cancelled = True
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join()
@@ -289,6 +370,11 @@ class Engine:
     def closing(self) -> bool:
         return self._closing
 
+    @property
+    def idle(self) -> bool:
+        with self._cv:
+            return not (self._waiting or self._prefilling or self._active)
+
     def stats(self) -> dict[str, Any]:
         with self._cv:
             return {
@@ -296,12 +382,15 @@ class Engine:
                 "decode_steps": self.decode_steps,
                 "prefills": self.prefills,
                 "prefill_batches": self.prefill_batches,
+                "prefill_tokens": self.prefill_tokens,
                 "tokens_generated": self.tokens_generated,
                 "requests_finished": self.requests_finished,
                 "max_batch": self.max_batch,
-                "active": len(self._active),
+                "active": len(self._active) + len(self._prefilling),
                 "waiting": len(self._waiting),
                 "max_slots": self.max_slots,
+                "failed_steps": self.failed_steps,
+                "consecutive_failed_steps": self.consecutive_failed_steps,
                 "closing": self._closing,
             }
 
@@ -331,14 +420,14 @@ class Engine:
         request streams through an asyncio.Queue of that loop (use `aevents()`/`aresult()`);
         otherwise (or with loop=False) through a queue.Queue (`events()`/`result()`)."""
         params = params or SamplingParams()
-        params.validate()
+        params.validate(self.cfg.vocab_size)
         ids = self.encode(prompt)
         if loop is None:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 loop = None
-        req = Request(ids, params, loop or None)
+        req = Request(ids, params, loop or None, engine=self)
         if params.seed is not None:
             req.generator = torch.Generator(device=self.device)
             req.generator.manual_seed(int(params.seed))
@@ -354,6 +443,12 @@ class Engine:
             self.start()
         return req
 
+    def _drop_waiting(self, r: Request) -> None:
+        with self._cv:
+            if r in self._waiting:
+                self._waiting.remove(r)
+                r._put(Event(finish_reason="cancelled"))
+
     def generate(self, prompt, params: SamplingParams | None = None,
                  timeout: float | None = None) -> Completion:
         """Blocking convenience (not from inside an event loop's thread)."""
@@ -365,123 +460,274 @@ class Engine:
         try:
             while True:
                 with self._cv:
-                    while not self._waiting and not self._active and not self._closing:
+                    while not (self._waiting or self._prefilling or self._active
+                               or self._closing):
                         self._cv.wait()
-                    if self._closing and not self._waiting and not self._active:
+                    if self._closing and not (self._waiting or self._prefilling or self._active):
                         break
-                    admit = []
-                    while (self._waiting and self._free_slots
-                           and len(admit) < self.max_prefills_per_step):
+                    while self._waiting and self._free_slots:
                         r = self._waiting.pop(0)
-                        if r.cancelled:
-                            r._put(Event(finish_reason="cancelled"))
-                            continue
                         r.slot = self._free_slots.pop()
-                        admit.append(r)
-                try:
-                    self._step(admit)
-                except Exception as e:  # a bug or a device error: fail the batch, keep serving
-                    log.exception("engine step failed")
-                    with self._cv:
-                        for r in self._active + [a for a in admit if a not in self._active]:
-                            if not r.done:
-                                r._put(Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
-                            self._release(r)
-                        self._active = []
+                        self._prefilling.append(r)
+                self._step()
                 if self.step_delay_s:
                     time.sleep(self.step_delay_s)
         finally:
             with self._cv:
-                for r in self._waiting + self._active:
+                for r in self._waiting + self._prefilling + self._active:
                     if not r.done:
                         r._put(Event(finish_reason="cancelled"))
-                self._waiting, self._active = [], []
+                self._waiting, self._prefilling, self._active = [], [], []
             self._stopped.set()
+
+    def _fail(self, reqs: list[Request], e: BaseException) -> None:
+        msg = f"{type(e).__name__}: {e}"
+        for r in reqs:
+            if not r.done:
+                r._put(Event(finish_reason="error", error=msg))
 
     def _release(self, r: Request) -> None:
         if r.slot is not None:
             self._free_slots.append(r.slot)
             r.slot = None
 
+    def _reap(self) -> None:
+        with self._cv:
+            for lst in (self._active, self._prefilling):
+                keep = []
+                for r in lst:
+                    if r.cancelled and not r.done:
+                        r._put(Event(finish_reason="cancelled"))
+                    if r.done:
+                        self._release(r)
+                    else:
+                        keep.append(r)
+                lst[:] = keep
+
     @torch.inference_mode()
-    def _step(self, admit: list[Request]) -> None:
-        # 1. prefill the newly admitted requests, batched: sorted by length, right-padded
-        # to the longest of a group (B x T_max <= prefill_tokens). Padding writes junk k/v
-        # after a prompt's end in its slot; decode overwrites each position before any
-        # query can see it (keys beyond a row's position are masked), so it is harmless.
-        for group in self._prefill_groups(admit):
-            lens = [len(r.prompt_ids) for r in group]
-            T = max(lens)
-            ids = torch.zeros((len(group), T), dtype=torch.long)
-            for i, r in enumerate(group):
-                ids[i, :lens[i]] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            ids = ids.to(self.device)
-            logits = self.model.forward_cached(ids, self.cache, [r.slot for r in group],
-                                               [0] * len(group))
-            last = logits[torch.arange(len(group), device=self.device),
-                          torch.tensor(lens, device=self.device) - 1]
-            with self._cv:
-                self.prefills += len(group)
-                self.prefill_batches += 1
-            toks = self._sample(last, group)
-            for r, t in zip(group, toks):
-                self._active.append(r)
-                self._emit(r, t)
-        # drop finished and cancelled requests, freeing their slots
+    def _step(self) -> None:
         self._reap()
-        if not self._active:
-            return
-        # 2. one decode step over all active slots, each at its own position.
-        batch = self._active
-        idx = torch.tensor([[r.generated[-1]] for r in batch], dtype=torch.long, device=self.device)
-        slots = [r.slot for r in batch]
-        pos = [len(r.prompt_ids) + len(r.generated) - 1 for r in batch]
-        logits = self.model.forward_cached(idx, self.cache, slots, pos)[:, -1]
+        failed = False
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook()
+        except Exception as e:  # an injected device failure: every running row fails
+            log.error("engine step failed: %s", e)
+            self._fail(self._active + self._prefilling, e)
+            failed = True
+        if not failed:
+            failed = self._decode() | self._prefill()
+        with self._cv:
+            if failed:
+                self.failed_steps += 1
+                self.consecutive_failed_steps += 1
+            else:
+                self.consecutive_failed_steps = 0
+        self._reap()
+
+    def _decode(self) -> bool:
+        """One decode step over all running requests. -> True when the forward failed."""
+        batch = [r for r in self._active if not r.done]
+        if not batch:
+            return False
+        try:
+            idx = torch.tensor([[r.generated[-1]] for r in batch], dtype=torch.long,
+                               device=self.device)
+            pos = [len(r.prompt_ids) + len(r.generated) - 1 for r in batch]
+            logits = self._forward(idx, [r.slot for r in batch], pos)[:, -1]
+        except Exception as e:  # a bug or a device error: fail these rows, keep serving
+            log.exception("decode step failed")
+            self._fail(batch, e)
+            return True
         with self._cv:
             self.decode_steps += 1
             self.max_batch = max(self.max_batch, len(batch))
-        toks = self._sample(logits, batch)
-        for r, t in zip(batch, toks):
-            self._emit(r, t)
-        self._reap()
+        self._sample_and_emit(logits, batch)
+        return False
 
-    def _prefill_groups(self, admit: list[Request]) -> list[list[Request]]:
-        groups: list[list[Request]] = []
-        cur: list[Request] = []
-        for r in sorted(admit, key=lambda r: len(r.prompt_ids)):
-            if cur and (len(cur) + 1) * len(r.prompt_ids) > self.prefill_tokens:
+    def _prefill(self) -> bool:
+        """Prefill chunks within the step's remaining token budget. -> True on a failure."""
+        budget = max(self.step_tokens - len(self._active), self.min_prefill_tokens)
+        chunks: list[tuple[Request, int]] = []  # (request, chunk length)
+        for r in self._prefilling:
+            if budget <= 0:
+                break
+            if r.done:
+                continue
+            n = min(len(r.prompt_ids) - r.prefilled, budget)
+            chunks.append((r, n))
+            budget -= n
+        failed = False
+        for group in self._groups(chunks):
+            try:
+                self._prefill_group(group)
+            except Exception as e:
+                log.exception("prefill failed")
+                self._fail([r for r, _ in group], e)
+                failed = True
+        return failed
+
+    def _groups(self, chunks: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:
+        """Chunks batched by length, right-padded: padded tokens <= step_tokens, every row's
+        padded end inside the context, and prompt-logprob rows (head over every position)
+        on their own."""
+        groups, cur = [], []
+        for r, n in sorted(chunks, key=lambda c: c[1]):
+            full = r.prompt_logprobs is not None
+            if full:
+                groups.append([(r, n)])
+                continue
+            fits = (len(cur) + 1) * n <= self.step_tokens and all(
+                q.prefilled + n <= self.block_size for q, _ in cur + [(r, n)])
+            if cur and not fits:
                 groups.append(cur)
                 cur = []
-            cur.append(r)
+            cur.append((r, n))
         if cur:
             groups.append(cur)
         return groups
 
-    def _reap(self) -> None:
+    def _prefill_group(self, group: list[tuple[Request, int]]) -> None:
+        T = max(n for _, n in group)
+        ids = torch.zeros((len(group), T), dtype=torch.long)
+        for i, (r, n) in enumerate(group):
+            ids[i, :n] = torch.tensor(r.prompt_ids[r.prefilled:r.prefilled + n], dtype=torch.long)
+        full = group[0][0].prompt_logprobs is not None  # such a row is alone in its group
+        last = None if full else [n - 1 for _, n in group]
+        logits = self._forward(ids.to(self.device), [r.slot for r, _ in group],
+                               [r.prefilled for r, _ in group], last)
+        if full:
+            self._record_prompt_logprobs(group[0][0], logits[0, :group[0][1]])
         with self._cv:
-            keep = []
-            for r in self._active:
-                if r.done:
-                    self._release(r)
-                elif r.cancelled:
-                    r._put(Event(finish_reason="cancelled"))
-                    self._release(r)
-                else:
-                    keep.append(r)
-            self._active = keep
+            self.prefill_batches += 1
+            self.prefill_tokens += sum(n for _, n in group)
+        done_rows, done_reqs = [], []
+        for i, (r, n) in enumerate(group):
+            r.prefilled += n
+            if r.prefilled == len(r.prompt_ids):
+                done_rows.append(i if not full else n - 1)
+                done_reqs.append(r)
+        if not done_reqs:
+            return
+        with self._cv:
+            self.prefills += len(done_reqs)
+            for r in done_reqs:
+                self._prefilling.remove(r)
+        sampled = []
+        for r in done_reqs:
+            if r.params.max_tokens == 0:  # echo only: score the prompt, generate nothing
+                self._finish_without_tokens(r)
+            else:
+                sampled.append(r)
+        if sampled:
+            rows = torch.tensor([done_rows[done_reqs.index(r)] for r in sampled],
+                                device=self.device)
+            last_logits = logits[rows, 0] if not full else logits[0, rows]
+            with self._cv:
+                self._active.extend(sampled)
+            self._sample_and_emit(last_logits, sampled)
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
-        """logits (B,V) -> one token per row with each row's own sampling parameters."""
+    def _forward(self, idx: torch.Tensor, slots, pos, last: list[int] | None = None):
+        """GPT.forward_cached with the head at chosen positions only: `last[b]` is the
+        position within row b whose logits are wanted -> (B,1,V); None -> every position
+        (B,T,V). Padding beyond a row's chunk writes junk k/v in its slot that the next
+        chunk or decode step overwrites before any query can see it."""
+        m = self.model
+        B, T = idx.shape
+        dev = idx.device
+        slots = torch.as_tensor(slots, device=dev, dtype=torch.long)
+        pos = torch.as_tensor(pos, device=dev, dtype=torch.long)
+        qpos = pos[:, None] + torch.arange(T, device=dev)[None, :]
+        L = int(qpos.max()) + 1
+        if L > self.block_size:
+            raise ValueError(f"position {L - 1} >= block_size {self.block_size}")
+        attn_mask = torch.arange(L, device=dev)[None, None, :] <= qpos[:, :, None]
+        x = m.wte(idx) + m.wpe(qpos)
+        for block, layer_cache in zip(m.blocks.values(), self.cache.layers):
+            x = block.forward_cached(x, layer_cache, slots, pos, attn_mask)
+        if last is not None:
+            x = x[torch.arange(B, device=dev), torch.as_tensor(last, device=dev)][:, None]
+        return m.lm_head(m.ln_f(x))
+
+    # ------------------------------------------------------------ sampling
+
+    def _top(self, lp: torch.Tensor, k: int) -> list[tuple[int, float]]:
+        if k <= 0:
+            return []
+        v, i = torch.topk(lp, k)
+        return list(zip(i.tolist(), v.tolist()))
+
+    def _record_prompt_logprobs(self, r: Request, logits: torch.Tensor) -> None:
+        """logits (n, V) of a chunk: position j predicts prompt token prefilled + j + 1."""
+        lp = torch.log_softmax(self._mask(logits.float()), dim=-1)
+        k = r.params.logprobs or 0
+        start = r.prefilled
+        for j in range(logits.shape[0]):
+            t = start + j + 1
+            if t >= len(r.prompt_ids):
+                break
+            tok = r.prompt_ids[t]
+            r.prompt_logprobs.append(TokenLogprob(tok, float(lp[j, tok]), self._top(lp[j], k)))
+
+    def _mask(self, logits: torch.Tensor) -> torch.Tensor:
         if self._vocab_mask is not None:
             logits = logits.masked_fill(self._vocab_mask, float("-inf"))
+        return logits
+
+    def _process(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """Mask, logit_bias and presence/frequency penalties (OpenAI's definitions)."""
+        logits = self._mask(logits.float()).clone()  # never modify the caller's tensor
+        for i, r in enumerate(reqs):
+            p = r.params
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), device=logits.device)
+                vals = torch.tensor(list(p.logit_bias.values()), device=logits.device,
+                                    dtype=logits.dtype)
+                logits[i, ids] += vals
+            if (p.presence_penalty or p.frequency_penalty) and r.counts:
+                ids = torch.tensor(list(r.counts), device=logits.device)
+                cnt = torch.tensor(list(r.counts.values()), device=logits.device,
+                                   dtype=logits.dtype)
+                logits[i, ids] -= cnt * p.frequency_penalty + p.presence_penalty
+        return logits
+
+    def _sample_and_emit(self, raw: torch.Tensor, reqs: list[Request]) -> None:
+        """Sample one token per row; a row whose sampling fails ends with an error alone."""
+        try:
+            logits = self._process(raw, reqs)
+            toks = self._sample(logits, reqs)
+        except Exception:  # isolate: sample each row on its own
+            logits, toks = None, []
+            for i, r in enumerate(reqs):
+                try:
+                    toks.append(self._sample(self._process(raw[i:i + 1], [r]), [r])[0])
+                except Exception as e:
+                    log.warning("sampling failed for one request: %s", e)
+                    self._fail([r], e)
+                    toks.append(None)
+        for i, (r, t) in enumerate(zip(reqs, toks)):
+            if t is None or r.done:
+                continue
+            try:
+                lp = None
+                if r.logprobs is not None:
+                    row = logits[i] if logits is not None else self._process(raw[i:i + 1], [r])[0]
+                    ls = torch.log_softmax(row, dim=-1)
+                    lp = TokenLogprob(t, float(ls[t]), self._top(ls, r.params.logprobs))
+                self._emit(r, t, lp)
+            except Exception as e:  # e.g. a token the tokenizer cannot decode
+                log.exception("emit failed")
+                self._fail([r], e)
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
+        """logits (B,V) processed -> one token per row with each row's own parameters.
+        Unseeded rows with the same parameters are sampled together; a seeded row uses its
+        own generator, so its tokens do not depend on the batch. Raises on a bad row."""
         out: list[int | None] = [None] * len(reqs)
-        greedy = [i for i, r in enumerate(reqs) if r.params.temperature <= 0]
+        greedy = [i for i, r in enumerate(reqs) if r.params.greedy]
         if greedy:
-            am = logits[greedy].float().argmax(dim=-1).tolist()
-            for i, t in zip(greedy, am):
+            for i, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
                 out[i] = t
-        # Unseeded rows with the same parameters are sampled together (one call per group);
-        # a seeded row uses its own generator, so its tokens do not depend on the batch.
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(reqs):
             if out[i] is None:
@@ -492,25 +738,57 @@ class Engine:
                 else:
                     groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
         for (temp, top_k, top_p), rows in groups.items():
-            toks = sample_next(logits[rows], temp, top_k, top_p).tolist()
-            for i, t in zip(rows, toks):
+            for i, t in zip(rows, sample_next(logits[rows], temp, top_k, top_p).tolist()):
                 out[i] = t
         return out  # type: ignore[return-value]
 
-    def _emit(self, r: Request, tok: int) -> None:
+    # ------------------------------------------------------------ output
+
+    def _detok(self, r: Request, final: bool) -> str:
+        """New text of r since the last call, decoding a short window of tokens (not the
+        whole output): text shows once it no longer ends in an incomplete UTF-8 sequence."""
+        toks = r.generated
+        prefix = self.tokenizer.decode(toks[r.prefix_offset:r.read_offset])
+        new = self.tokenizer.decode(toks[r.prefix_offset:])
+        if len(new) > len(prefix) and (final or not new.endswith("\ufffd")):
+            r.prefix_offset, r.read_offset = r.read_offset, len(toks)
+            return new[len(prefix):]
+        return ""
+
+    def _finish_without_tokens(self, r: Request) -> None:
+        r.finish_reason = "length"
+        with self._cv:
+            self.requests_finished += 1
+        self.observer.finished("length", 0)
+        r._put(Event(finish_reason="length"))
+
+    def _emit(self, r: Request, tok: int, lp: TokenLogprob | None) -> None:
         """Record a new token of r; stream the text that is safe to show; finish if due."""
+        now = time.perf_counter()
         if r.first_token_at is None:
-            r.first_token_at = time.perf_counter()
+            r.first_token_at = now
+            self.observer.first_token(now - r.submitted_at)
+        else:
+            self.observer.inter_token(now - r.last_token_at)
+        r.last_token_at = now
         r.generated.append(tok)
+        r.counts[tok] = r.counts.get(tok, 0) + 1
+        if lp is not None:
+            r.logprobs.append(lp)
         with self._cv:
             self.tokens_generated += 1
         p = r.params
         finish = None
         if self.eos_id is not None and tok == self.eos_id:
             finish = "stop"
-            text = self.tokenizer.decode(r.generated[:-1])
-        else:
-            text = self.tokenizer.decode(r.generated)
+            r.generated.pop()  # not part of the text; put back below for the ids
+            r.text += self._detok(r, final=True)
+            r.generated.append(tok)
+        if finish is None:
+            last = len(r.generated) >= p.max_tokens or (
+                len(r.prompt_ids) + len(r.generated) >= self.block_size)
+            r.text += self._detok(r, final=last)
+        text = r.text
         cut = len(text)
         if p.stop:
             start = max(0, r.emitted_chars - max(len(s) for s in p.stop))
@@ -522,10 +800,7 @@ class Engine:
                 finish = "length"
             elif len(r.prompt_ids) + len(r.generated) >= self.block_size:
                 finish = "length"  # the context is full (same rule as GPT.generate)
-        if finish is None:
-            # Hold back an incomplete UTF-8 sequence and a possible start of a stop string.
-            while cut > r.emitted_chars and text[cut - 1] == "\ufffd":
-                cut -= 1
+        if finish is None and p.stop:  # hold back a possible start of a stop string
             hold = 0
             for s in p.stop:
                 for k in range(min(len(s) - 1, cut - r.emitted_chars), hold, -1):
@@ -535,11 +810,13 @@ class Engine:
             cut -= hold
         delta = text[r.emitted_chars:cut] if cut > r.emitted_chars else ""
         r.emitted_chars = max(r.emitted_chars, cut)
+        lps = [lp] if lp is not None else []
         if finish is not None:
             r.text = text[:cut]
             r.finish_reason = finish
             with self._cv:
                 self.requests_finished += 1
-            r._put(Event(delta, [tok], finish))
+            self.observer.finished(finish, len(r.generated))
+            r._put(Event(delta, [tok], finish, logprobs=lps))
         else:
-            r._put(Event(delta, [tok]))
+            r._put(Event(delta, [tok], logprobs=lps))

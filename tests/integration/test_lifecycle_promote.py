@@ -246,10 +246,15 @@ def test_promote_imperative_app_and_cli(serve_apps, models, char_data, tmp_path,
 
 def test_refused_update_is_reported(serve_apps, models, tmp_path):
     """A candidate directory the replicas cannot load: the swap fails, the old model
-    keeps serving, the failure is logged (set_model_dir is what promote calls)."""
+    keeps serving, the failure is logged (set_model_dir is what promote calls), and the
+    user_config is back on the last good model: a replica started later (scale-up) serves
+    the same version as its peers. Then a re-export into the same path is picked up."""
     import shutil
 
-    from raygpt.lifecycle.serve_ops import SwapError, set_model_dir
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from raygpt.lifecycle.serve_ops import SwapError, app_info, replica_states, set_model_dir
 
     broken = tmp_path / "broken"
     shutil.copytree(models["b"], broken)
@@ -258,8 +263,38 @@ def test_refused_update_is_reported(serve_apps, models, tmp_path):
         set_model_dir("lm", str(broken), timeout=120)
     c = card(serve_apps, "lm")
     assert c["model_dir"] == models["a"] and c["last_update_error"]["model_dir"] == str(broken)
-    # put the config back to A for whoever comes next
-    set_model_dir("lm", models["a"], timeout=120)
+    uc = app_info("lm").user_config
+    assert uc["model_dir"] == models["a"] and uc["version"] == version(models["a"])
+    # a new replica (scale to 2) loads what its peer serves
+    client = _get_global_client()
+
+    def scale(n):
+        details = client.get_serve_details()
+        cfg = details["applications"]["lm"]["deployed_app_config"]
+        cfg["deployments"][0]["num_replicas"] = n
+        client.deploy_apps(ServeDeploySchema.model_validate(
+            {"http_options": details["http_options"], "applications": [cfg]}))
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            states = replica_states("lm")
+            if len(states) == n and all(states.values()):
+                return states
+            time.sleep(0.5)
+        raise AssertionError(f"lm never ran {n} replicas: {replica_states('lm')}")
+
+    states = scale(2)
+    assert {s["version"] for s in states.values()} == {version(models["a"])}, states
+    scale(1)
+    # a re-export into the same directory (new weights, new version) is picked up
+    same = tmp_path / "same"
+    shutil.copytree(models["a"], same)
+    set_model_dir("lm", str(same), timeout=120)
+    shutil.rmtree(same)
+    shutil.copytree(models["b"], same)
+    c = set_model_dir("lm", str(same), timeout=120)
+    assert c["model_dir"] == str(same) and c["version"] == version(models["b"])
+    assert {s["version"] for s in replica_states("lm").values()} == {version(models["b"])}
+    set_model_dir("lm", models["a"], timeout=120)  # back to A for whoever comes next
 
 
 def _load_retrain():

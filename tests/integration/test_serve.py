@@ -4,6 +4,7 @@ One Serve instance for the module; four applications deployed together with one
 declarative config (the `serve deploy` REST API), each on its own route prefix:
   /main   the API (64 slots)            /over   tiny limits to provoke 503s
   /guard  API key, rate limit, body cap  /upd    live model updates
+  /fault  engine steps that fail (the fault_file testing aid): replaced by Serve
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n"
         "All:\nSpeak, speak.\nROMEO: JULIET? What light through yonder window breaks!\n")
 BLOCK = 64
 API_KEY = "s3cret-test-key"
-APPS = ("main", "over", "guard", "upd")
+API_KEYS = (API_KEY, "second-key", "third-key")
+APPS = ("main", "over", "guard", "upd", "fault")
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -101,6 +103,7 @@ class Cluster:
         self.port, self.dashboard, self.models = port, dashboard, models
         self.base = f"http://127.0.0.1:{port}"
         self.upd_user_config = None
+        self.fault_file = str(Path(models["a"]).parent / "fault-replicas")
 
     def config(self):
         m = self.models
@@ -116,9 +119,15 @@ class Cluster:
                      {"max_ongoing_requests": 2, "max_queued_requests": 2,
                       "backpressure_config": {"status_code": 503, "retry_after_s": 2}}),
                 _app("guard", m["a"], {"api_key_env": "RAYGPT_TEST_API_KEY", "rate_limit_rps": 1,
-                                       "rate_limit_burst": 3, "max_body_bytes": 2048},
-                     runtime_env={"env_vars": {"RAYGPT_TEST_API_KEY": API_KEY}}),
+                                       "rate_limit_burst": 3, "max_body_bytes": 2048,
+                                       "rate_limit_tps": 5, "rate_limit_token_burst": 100},
+                     runtime_env={"env_vars": {"RAYGPT_TEST_API_KEY": ",".join(API_KEYS)}}),
                 _app("upd", m["a"], {"max_slots": 16, "step_delay_s": 0.005}, upd_dep),
+                _app("fault", m["a"], {"max_slots": 2, "fault_file": self.fault_file,
+                                       "max_failed_steps": 2, "rate_limit_rps": 0.5,
+                                       "rate_limit_burst": 40,
+                                       "trusted_proxy_header": "X-Forwarded-For"},
+                     {"health_check_period_s": 1, "health_check_timeout_s": 10}),
             ],
         }
 
@@ -481,3 +490,281 @@ def test_model_update_under_load(cluster, refs, models):
     from ray import serve
 
     assert serve.status().applications["upd"].status == "RUNNING"
+
+
+# ----------------------------------------------------------------------------- issue 18
+
+def test_tiny_temperature_is_greedy_while_another_streams(cluster, refs):
+    """temperature 1e-300 was a 500 (logits / 1e-300 = inf/nan); now it is greedy, and a
+    stream running beside it finishes normally."""
+    async def main():
+        async with httpx.AsyncClient(base_url=f"{cluster.base}/main", timeout=120) as client:
+            async def stream():
+                body = {"prompt": "All:", "max_tokens": 40, "temperature": 0.8, "seed": 3,
+                        "stream": True}
+                async with client.stream("POST", "/v1/completions", json=body) as r:
+                    return r.status_code, (await r.aread()).decode()
+            t = asyncio.create_task(stream())
+            tiny = [client.post("/v1/completions", json={
+                "prompt": "ROMEO:", "max_tokens": 20, "temperature": t_}) for t_ in (1e-300, 1e-9)]
+            return await asyncio.gather(*tiny), await t
+
+    tiny, (code, raw) = asyncio.run(main())
+    for r in tiny:
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == refs["a"].greedy("ROMEO:", 20)
+    assert code == 200
+    chunks = [json.loads(e) for e in sse_events(raw)[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all("error" not in c for c in chunks)
+
+
+def test_huge_seed_is_400_and_leaves_nothing_running(cluster):
+    with cluster.client("main") as h:
+        for seed in (2 ** 64, -(2 ** 63) - 1, 10 ** 30):
+            body = {"prompt": ["First", "hear me"], "n": 4, "max_tokens": 60, "seed": seed}
+            assert_error(h.post("/v1/completions", json=body), 400, "seed")
+        # the largest valid seed; its n choices wrap around (seed + j mod 2^64)
+        ok = h.post("/v1/completions", json={"prompt": "a", "n": 3, "max_tokens": 4,
+                                             "seed": 2 ** 64 - 1})
+        assert ok.status_code == 200, ok.text
+        cur = h.get("/v1/stats").json()["current"]
+    assert cur["waiting"] == 0 and cur["active"] == 0, cur
+
+
+def test_openai_defaults_and_unsupported_fields(cluster, refs):
+    defaults = {"prompt": "ROMEO:", "max_tokens": None, "temperature": None,
+                "frequency_penalty": 0, "presence_penalty": 0, "logprobs": None, "echo": False,
+                "best_of": 1, "n": None, "stop": None, "suffix": None, "top_p": None,
+                "seed": None, "stream": False, "user": None, "logit_bias": None}
+    with cluster.client("main") as h:
+        r = h.post("/v1/completions", json=defaults)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 16  # OpenAI's default max_tokens
+        for field, value in (("best_of", 2), ("suffix", "end")):
+            err = assert_error(h.post("/v1/completions", json={"prompt": "a", field: value}),
+                               400, field)
+            assert err["code"] == "unsupported_parameter" and field in err["message"]
+        for body, param in (({"prompt": "a", "logprobs": 6}, "logprobs"),
+                            ({"prompt": "a", "presence_penalty": 3}, "presence_penalty"),
+                            ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
+                            ({"prompt": "a", "logit_bias": {"99999": 1}}, "logit_bias"),
+                            ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+                            ({"prompt": ["a"] * 30, "n": 16}, "n")):  # fan-out
+            assert_error(h.post("/v1/completions", json=body), 400, param)
+        # logit_bias steers greedy decoding; penalties change a greedy output that repeats
+        tok = refs["a"].tok
+        e = tok.encode("e")[0]
+        b = h.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 5,
+                                            "temperature": 0, "logit_bias": {str(e): 100}})
+        assert b.json()["choices"][0]["text"] == "eeeee"
+        p = h.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 5, "temperature": 0,
+                                            "logit_bias": {str(e): 5}, "frequency_penalty": 2,
+                                            "presence_penalty": 2})
+        assert p.status_code == 200 and p.json()["choices"][0]["text"] != "eeeee"
+
+
+def test_logprobs_and_echo(cluster, refs):
+    import math
+
+    with cluster.client("main") as h:
+        r = h.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 6, "temperature": 0,
+                                            "logprobs": 3}).json()
+        ch = r["choices"][0]
+        lp = ch["logprobs"]
+        assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+        assert "".join(lp["tokens"]) == ch["text"] == refs["a"].greedy("ROMEO:", 6)
+        assert lp["text_offset"] == list(range(6))
+        for t, l, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+            assert len(top) == 3 and l <= 0 and max(top.values()) == pytest.approx(l)  # greedy
+            assert top[t] == pytest.approx(l)
+        # echo with max_tokens 0: the prompt scored, nothing generated
+        e = h.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 0, "echo": True,
+                                            "logprobs": 1}).json()
+        ch = e["choices"][0]
+        assert ch["text"] == "ROMEO:" and e["usage"]["completion_tokens"] == 0
+        lp = ch["logprobs"]
+        assert lp["tokens"] == list("ROMEO:") and lp["token_logprobs"][0] is None
+        assert lp["top_logprobs"][0] is None and lp["text_offset"] == list(range(6))
+        # the prompt's logprobs agree with the model's own forward pass
+        m, tok = refs["a"].model, refs["a"].tok
+        ids = torch.tensor([tok.encode("ROMEO:")])
+        with torch.no_grad():
+            ref = torch.log_softmax(m(ids)[0].float(), -1)
+        want = [float(ref[i, ids[0, i + 1]]) for i in range(5)]
+        assert lp["token_logprobs"][1:] == pytest.approx(want, abs=1e-4)
+        assert all(math.isfinite(x) for x in lp["token_logprobs"][1:])
+        # echo + generation + streaming: the chunks add up to the non-streamed answer
+        body = {"prompt": "ROMEO:", "max_tokens": 5, "echo": True, "logprobs": 2,
+                "temperature": 0}
+        full = h.post("/v1/completions", json=body).json()["choices"][0]
+        with h.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+            chunks = [json.loads(x) for x in sse_events(s.read().decode())[:-1]]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == full["text"]
+        toks = [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]]
+        offs = [t for c in chunks for t in c["choices"][0]["logprobs"]["text_offset"]]
+        assert toks == full["logprobs"]["tokens"] and offs == full["logprobs"]["text_offset"]
+
+
+def test_chat_completions(cluster, refs):
+    msgs = [{"role": "system", "content": "Speak."},
+            {"role": "user", "content": [{"type": "text", "text": "hear me"}]}]
+    prompt = "Speak.\n\nUser: hear me\nAssistant:"
+    with cluster.client("main") as h:
+        r = h.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 12,
+                                                 "temperature": 0, "logprobs": True,
+                                                 "top_logprobs": 2, "tools": None})
+        assert r.status_code == 200, r.text
+        j = r.json()
+        assert j["object"] == "chat.completion"
+        (ch,) = j["choices"]
+        assert ch["message"]["role"] == "assistant"
+        want = refs["a"].greedy(prompt, 12)
+        if "\nUser:" in want:  # the template's stop string
+            want = want[:want.index("\nUser:")]
+        assert ch["message"]["content"] == want
+        assert len(ch["logprobs"]["content"]) == j["usage"]["completion_tokens"]
+        assert j["usage"]["prompt_tokens"] == len(prompt)
+        with h.stream("POST", "/v1/chat/completions",
+                      json={"messages": msgs, "max_tokens": 12, "temperature": 0,
+                            "stream": True}) as s:
+            chunks = [json.loads(x) for x in sse_events(s.read().decode())[:-1]]
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == want
+        err = assert_error(h.post("/v1/chat/completions", json={
+            "messages": msgs, "tools": [{"type": "function", "function": {"name": "f"}}]}),
+            400, "tools")
+        assert err["code"] == "unsupported_parameter"
+        assert_error(h.post("/v1/chat/completions", json={"messages": []}), 400, "messages")
+
+
+def test_tokenize_detokenize_health_metrics(cluster, refs):
+    with cluster.client("main") as h:
+        t = h.post("/tokenize", json={"prompt": "ROMEO:", "add_special_tokens": False}).json()
+        assert t["tokens"] == refs["a"].tok.encode("ROMEO:") and t["count"] == 6
+        assert t["max_model_len"] == BLOCK
+        assert h.post("/detokenize", json={"tokens": t["tokens"]}).json() == {"prompt": "ROMEO:"}
+        assert_error(h.post("/detokenize", json={"tokens": [99999]}), 400, "tokens")
+        assert h.get("/health").status_code == 200
+        h.post("/v1/completions", json={"prompt": "a", "max_tokens": 3})
+        m = h.get("/metrics")
+        assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
+        text = m.text
+        for name in ("raygpt_time_to_first_token_seconds_bucket",
+                     "raygpt_inter_token_latency_seconds_bucket", "raygpt_queue_depth",
+                     "raygpt_slots_in_use", "raygpt_generated_tokens_total",
+                     'raygpt_requests_total{status="200"}'):
+            assert name in text, name
+        ttft = [ln for ln in text.splitlines()
+                if ln.startswith("raygpt_time_to_first_token_seconds_count")]
+        assert float(ttft[0].split()[-1]) >= 1
+
+
+def test_openai_client_defaults(cluster, refs):
+    """The official openai SDK with default arguments: completions with logprobs + echo,
+    streaming, chat."""
+    openai = pytest.importorskip("openai")
+    c = openai.OpenAI(base_url=f"{cluster.base}/main/v1", api_key="unused", max_retries=0)
+    r = c.completions.create(model="raygpt", prompt="ROMEO:", max_tokens=8, temperature=0,
+                             logprobs=2, echo=True)
+    ch = r.choices[0]
+    assert ch.text == "ROMEO:" + refs["a"].greedy("ROMEO:", 8)
+    assert len(ch.logprobs.tokens) == 6 + 8 and ch.logprobs.token_logprobs[0] is None
+    assert r.usage.completion_tokens == 8
+    s = c.completions.create(model="raygpt", prompt="All:", max_tokens=10, temperature=0,
+                             stream=True)
+    assert "".join(x.choices[0].text for x in s) == refs["a"].greedy("All:", 10)
+    chat = c.chat.completions.create(model="raygpt", messages=[
+        {"role": "user", "content": "hear me"}], max_tokens=6)
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    st = c.chat.completions.create(model="raygpt", messages=[
+        {"role": "user", "content": "hear me"}], max_tokens=6, stream=True)
+    assert [x.choices[0].finish_reason for x in st][-1] in ("stop", "length")
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="raygpt", prompt="a", seed=2 ** 64)
+
+
+def test_lm_eval_local_completions(cluster, tmp_path, monkeypatch):
+    """lm-evaluation-harness's local-completions model scores a small multiple-choice task
+    built here (no download): loglikelihoods over HTTP via logprobs + echo, tokenization
+    through the server's /tokenize (tokenizer_backend=remote)."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    rows = [{"question": q, "choices": c, "answer": a} for q, c, a in [
+        ("First", ["Citizen:", "light"], 0), ("ROMEO:", ["JULIET?", "speak"], 0),
+        ("Speak,", ["speak.", "window"], 0), ("What light through", ["yonder", "me"], 0),
+        ("hear me", ["speak.", "All:"], 0), ("Before we", ["proceed", "breaks"], 0)]]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "raygpt_mc.yaml").write_text(
+        "task: raygpt_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: acc\n")
+    out = simple_evaluate(
+        model="local-completions",
+        model_args=(f"model=raygpt,base_url={cluster.base}/main/v1/completions,"
+                    "tokenizer_backend=remote,num_concurrent=1,max_retries=1"),
+        tasks=["raygpt_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=False)
+    acc = out["results"]["raygpt_mc"]["acc,none"]
+    assert 0.0 <= acc <= 1.0
+    assert out["results"]["raygpt_mc"]["alias"] == "raygpt_mc"
+
+
+def test_failing_engine_steps_replace_the_replica(cluster, tmp_path_factory):
+    """A replica whose every engine step fails (a broken device, injected with the
+    fault_file testing aid) fails its health check and Serve replaces it."""
+    fault = Path(cluster.fault_file)
+    with cluster.client("fault") as h:
+        rid = h.get("/v1/stats").json()["replica"]
+        assert h.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
+        fault.write_text(rid)
+        codes = [h.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code
+                 for _ in range(3)]
+        assert all(c >= 500 for c in codes), codes  # a device fault, not the client's
+        deadline = time.monotonic() + 120
+        new = rid
+        while new == rid and time.monotonic() < deadline:
+            time.sleep(1)
+            try:
+                r = h.get("/v1/stats")
+                new = r.json()["replica"] if r.status_code == 200 else rid
+            except httpx.HTTPError:
+                pass
+        assert new != rid, "the broken replica was never replaced"
+        r = h.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+
+
+def test_rate_limit_per_api_key_by_tokens(cluster):
+    """Keys are limited separately, by tokens too (prompt + max_tokens x choices)."""
+    def client(key):
+        return cluster.client("guard", headers={"Authorization": f"Bearer {key}"})
+
+    body = {"prompt": "a", "max_tokens": 60}
+    with client(API_KEYS[1]) as h:
+        assert h.post("/v1/completions", json=body).status_code == 200
+        err = assert_error(h.post("/v1/completions", json=body), 429)
+        assert err["code"] == "rate_limit_exceeded" and "token" in err["message"]
+    with client(API_KEYS[2]) as h:  # another key: its own buckets
+        assert h.post("/v1/completions", json=body).status_code == 200
+
+
+def test_rate_limit_per_client_ip_from_trusted_proxy_header(cluster):
+    """Without API keys the client is its IP; behind a trusted proxy, the right-most
+    X-Forwarded-For entry (what that proxy appended)."""
+    with cluster.client("fault") as h:
+        a = {"X-Forwarded-For": "10.0.0.9, 192.0.2.1"}
+        codes = [h.get("/v1/models", headers=a).status_code for _ in range(45)]
+        assert 429 in codes and codes[0] == 200, codes
+        b = {"X-Forwarded-For": "10.0.0.9, 192.0.2.2"}  # another client behind the proxy
+        assert h.get("/v1/models", headers=b).status_code == 200
+        assert h.get("/v1/models", headers=a).status_code == 429

@@ -199,3 +199,76 @@ def test_batched_prefill_mixed_lengths(model, tok):
         assert st["prefills"] >= 6 and st["prefill_batches"] <= st["prefills"] - 5
     finally:
         e.abort()
+
+
+def test_chunked_prefill_token_budget(model, tok):
+    """A step_tokens budget smaller than the prompts: prompts are prefilled in chunks
+    across steps while running streams keep decoding; outputs are unchanged."""
+    e = Engine(model, tok, max_slots=8, step_tokens=8, min_prefill_tokens=4).start()
+    try:
+        long = "First Citizen:\nBefore we proceed any further"  # 45 tokens
+        runner = e.submit("hear", SamplingParams(max_tokens=50, temperature=0), loop=False)
+        next(runner.events(timeout=30))  # it is decoding
+        with e._cv:
+            before = e.decode_steps
+            reqs = [e.submit(long, SamplingParams(max_tokens=5, temperature=0), loop=False)
+                    for _ in range(4)]
+        outs = [r.result(timeout=60) for r in reqs]
+        assert all(o.token_ids == reference(model, tok, long, 5) for o in outs)
+        assert runner.result(timeout=60).token_ids == reference(model, tok, "hear", 50)
+        st = e.stats()
+        # 4 x 45 prompt tokens at <= 8 tokens a step: many steps, the stream decoding in each
+        assert st["prefill_tokens"] >= 4 * 45 and st["decode_steps"] - before >= 4 * 45 // 8
+    finally:
+        e.abort()
+
+
+def test_cancelled_waiting_request_leaves_queue_at_once(model, tok):
+    e = Engine(model, tok, max_slots=1, step_delay_s=0.01).start()
+    try:
+        busy = e.submit("hear", SamplingParams(max_tokens=60, temperature=0), loop=False)
+        next(busy.events(timeout=30))  # admitted: it holds the only slot
+        waiting = e.submit("hear", SamplingParams(max_tokens=5), loop=False)
+        assert e.stats()["waiting"] == 1
+        waiting.cancel()
+        assert e.stats()["waiting"] == 0  # not at the next admission: now
+        assert [ev.finish_reason for ev in waiting.events(timeout=5)] == ["cancelled"]
+        busy.cancel()
+    finally:
+        e.abort()
+
+
+def test_tiny_temperature_seed_bounds_penalties_logprobs(engine, model, tok):
+    ref = reference(model, tok, "First", 10)
+    for t in (1e-300, 1e-9):
+        assert engine.generate("First", SamplingParams(max_tokens=10, temperature=t)).token_ids == ref
+    for seed in (2 ** 64, -(2 ** 63) - 1):
+        with pytest.raises(InvalidRequest, match="seed"):
+            engine.submit("First", SamplingParams(seed=seed))
+    assert engine.generate("First", SamplingParams(max_tokens=3, seed=2 ** 64 - 1)).completion_tokens == 3
+    c = engine.generate("First", SamplingParams(max_tokens=10, temperature=0, logprobs=2))
+    assert [x.token_id for x in c.logprobs] == ref
+    assert all(x.top[0][0] == x.token_id and len(x.top) == 2 for x in c.logprobs)
+    # echo with max_tokens 0: prompt logprobs equal the full forward pass's
+    c = engine.generate("First", SamplingParams(max_tokens=0, echo=True, logprobs=0))
+    ids = torch.tensor([tok.encode("First")])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids)[0].float(), -1)
+    assert c.completion_tokens == 0 and c.prompt_logprobs[0].logprob is None
+    assert [x.logprob for x in c.prompt_logprobs[1:]] == pytest.approx(
+        [float(lp[i, ids[0, i + 1]]) for i in range(4)], abs=1e-5)
+    # a strong frequency penalty stops greedy repetition
+    rep = engine.generate("a", SamplingParams(max_tokens=20, temperature=0,
+                                               logit_bias={tok.encode("e")[0]: 8.0}))
+    pen = engine.generate("a", SamplingParams(max_tokens=20, temperature=0, frequency_penalty=2,
+                                               logit_bias={tok.encode("e")[0]: 8.0}))
+    assert rep.text.count("e") > pen.text.count("e")
+
+
+def test_incremental_detokenization_matches_full_decode(model, tok):
+    e = Engine(model, tok, max_slots=2).start()
+    try:
+        c = e.generate("All:", SamplingParams(max_tokens=60, temperature=1.0, seed=5))
+        assert c.text == tok.decode(c.token_ids)
+    finally:
+        e.abort()

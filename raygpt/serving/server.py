@@ -1,0 +1,785 @@
+"""Ray Serve deployment: OpenAI-compatible routes over the continuous-batching engine.
+
+    serve run serve/debug.yaml                      # config file (import_path: build_app)
+    serve run raygpt.serving.app:build_app model_dir=/abs/path/to/model
+    raygpt serve /abs/path/to/model --port 8000     # the same, one command
+
+Routes: POST /v1/completions, POST /v1/chat/completions (stream or not), GET /v1/models,
+POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /health, GET /healthz,
+GET /metrics (Prometheus), GET /v1/stats (engine counters), GET / (playground page).
+
+Model updates: `user_config: {model_dir: ..., version: ...}`. `reconfigure` loads the new
+directory in a thread while the old engine keeps serving, warms it up, then swaps it in;
+requests hold the engine they started on, so in-flight requests finish on the old model.
+The same path with a new version (a re-export) is reloaded; a directory that fails to
+load, or whose version is not the one asked for, is refused: the old model keeps serving
+and the error shows in GET /v1/models (`last_update_error`). Each replica publishes what it
+serves in Ray's KV store (`replica_state`), so promote can check every replica.
+
+Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}: 4xx for every
+bad input, and a catch-all 500 (same shape) for bugs, which cancels what the request had
+submitted to the engine.
+"""
+# No `from __future__ import annotations` here: FastAPI must resolve the endpoint
+# annotations (`request: Request`) of the class Serve wraps; as strings they turn into
+# query parameters. Everything GPTServer uses is defined above it: @serve.deployment
+# pickles the class (and what its globals hold) when the decorator runs.
+import asyncio
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from raygpt.errors import UserError
+from raygpt.serving import adapter
+from raygpt.serving.protocol import (ApiError, ChatCompletionRequest, CompletionRequest,
+                                     DetokenizeRequest, TokenizeRequest, error_body, parse,
+                                     validation_error)
+from raygpt.serving.settings import ServerSettings
+
+log = logging.getLogger("ray.serve")
+
+STATIC = Path(__file__).parent / "static"
+KV_PREFIX = "raygpt/serve"
+
+
+# --------------------------------------------------------------------------- rate limit
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: float):
+        self.rate, self.burst = rate, burst
+        self.tokens, self.t = burst, time.monotonic()
+
+    def take(self, cost: float = 1.0) -> float:
+        """-> 0 when allowed (and taken), else seconds until `cost` is available."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+        if self.tokens >= cost:
+            self.tokens -= cost
+            return 0.0
+        return (cost - self.tokens) / self.rate
+
+
+class RateLimiter:
+    """Token buckets per client (API key when keys are set, else client IP)."""
+
+    def __init__(self, rate: float, burst: float | None, max_clients: int = 10000):
+        self.rate, self.burst = rate, burst if burst is not None else max(1.0, rate)
+        self.buckets: dict[str, TokenBucket] = {}
+        self.max_clients = max_clients
+
+    def check(self, client: str, cost: float = 1.0) -> float:
+        if self.rate <= 0:
+            return 0.0
+        b = self.buckets.get(client)
+        if b is None:
+            if len(self.buckets) >= self.max_clients:  # forget idle clients (full buckets)
+                now = time.monotonic()
+                self.buckets = {k: v for k, v in self.buckets.items()
+                                if v.tokens + (now - v.t) * v.rate < v.burst}
+            b = self.buckets[client] = TokenBucket(self.rate, self.burst)
+        return b.take(min(cost, self.burst))
+
+
+# --------------------------------------------------------------------------- the app
+
+app = FastAPI(title="raygpt", docs_url="/docs", redoc_url=None)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError):
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation(request: Request, exc: RequestValidationError):
+    return JSONResponse(validation_error(list(exc.errors())).body(), status_code=400)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, kind),
+                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+class CatchAll:
+    """A bug never answers with a plain-text 500 nor leaves engine work without a reader:
+    cancel what the request submitted (`request.state.submitted`) and answer in the OpenAI
+    error shape. Pure ASGI (BaseHTTPMiddleware would re-buffer every SSE chunk); also
+    counts /v1/* responses by status for the metrics."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        state["submitted"] = []
+        status = None
+
+        async def send_and_record(msg):
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        except Exception as e:  # noqa: BLE001 - the last line of defence
+            for r in state["submitted"]:
+                r.cancel()
+            log.exception("raygpt: unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            if status is None:  # nothing sent yet: answer; else the stream just ends
+                status = 500
+                await JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}",
+                                              "server_error", None, "internal_error"),
+                                   status_code=500)(scope, receive, send)
+        finally:
+            # scope["app"]: the app Serve runs (a copy of the module's `app`, pickled with
+            # the deployment), where GPTServer put its metrics
+            m = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
+            if m is not None and status is not None and "/v1/" in scope.get("path", ""):
+                m.request(status)
+
+
+app.add_middleware(CatchAll)
+
+
+class _ChoiceFormat:
+    """Engine results -> OpenAI choices (completions' text + legacy logprobs, with echo;
+    chat's message/delta + logprobs.content)."""
+
+    def __init__(self, engine, req, chat: bool, prompts: list):
+        self.tok, self.req, self.chat, self.n = engine.tokenizer, req, chat, req.n
+        self.echo = (not chat) and req.echo
+        self.logprobs = req.logprobs if chat else req.logprobs is not None
+        self.prompts = [p if isinstance(p, str) else self.tok.decode(p) for p in prompts]
+        self.streams: dict[int, adapter.LegacyLogprobs] = {}
+        self.started: set[int] = set()
+        self.wants_every_token = bool(self.logprobs)
+
+    def _prompt(self, i: int) -> str:
+        return self.prompts[i // self.n]
+
+    def full(self, i: int, res) -> dict:
+        if self.chat:
+            c = {"index": i, "message": {"role": "assistant", "content": res.text,
+                                          "refusal": None},
+                 "logprobs": adapter.chat_logprobs(self.tok, res.logprobs) if self.logprobs
+                 else None, "finish_reason": res.finish_reason}
+            return c
+        text = (self._prompt(i) if self.echo else "") + res.text
+        lp = None
+        if self.logprobs:
+            L = adapter.LegacyLogprobs(self.tok)
+            lp = L.part((res.prompt_logprobs or []) + (res.logprobs or []))
+        return {"index": i, "text": text, "logprobs": lp, "finish_reason": res.finish_reason}
+
+    def stream_start(self, base: dict, n: int) -> list[dict]:
+        if self.chat:  # the role first, like OpenAI
+            return [{**base, "choices": [
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None}]} for i in range(n)]
+        return []
+
+    def delta(self, i: int, ev, r) -> dict:
+        if self.chat:
+            return {"index": i, "delta": {"content": ev.text} if ev.text else {},
+                    "logprobs": adapter.chat_logprobs(self.tok, ev.logprobs)
+                    if self.logprobs else None, "finish_reason": ev.finish_reason}
+        text, entries = ev.text, list(ev.logprobs)
+        if i not in self.started:
+            self.started.add(i)
+            if self.echo:
+                text = self._prompt(i) + text
+                entries = (r.prompt_logprobs or []) + entries
+        lp = None
+        if self.logprobs:
+            L = self.streams.setdefault(i, adapter.LegacyLogprobs(self.tok))
+            lp = L.part(entries)
+        return {"index": i, "text": text, "logprobs": lp, "finish_reason": ev.finish_reason}
+
+
+def _prompts(prompt) -> list:
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ApiError(400, "prompt must not be empty", param="prompt")
+        return [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt must not be empty", param="prompt")
+    if isinstance(prompt[0], int):
+        return [prompt]  # one prompt given as token ids
+    for p in prompt:
+        if not p:
+            raise ApiError(400, "prompt must not contain empty prompts", param="prompt")
+    return list(prompt)
+
+
+def _drop(body: bytes, keys: tuple[str, ...]) -> bytes:
+    try:
+        d = json.loads(body)
+    except ValueError:
+        return body
+    if isinstance(d, dict):
+        for k in keys:
+            d.pop(k, None)
+        return json.dumps(d).encode()
+    return body
+
+
+def _replica_id() -> str | None:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return None
+
+
+@serve.deployment(
+    name="GPTServer",
+    max_ongoing_requests=64,
+    max_queued_requests=256,
+    backpressure_config={"status_code": 503, "retry_after_s": 1},
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=60,
+    ray_actor_options={"num_cpus": 1},
+)
+@serve.ingress(app)
+class GPTServer:
+    def __init__(self, settings: dict | None = None):
+        self.s = ServerSettings.from_args(settings)
+        if self.s.num_threads:
+            import torch
+
+            torch.set_num_threads(self.s.num_threads)
+        self.api_keys: list[str] = []
+        if self.s.api_key_env:
+            raw = os.environ.get(self.s.api_key_env) or ""
+            self.api_keys = [k.strip() for k in raw.split(",") if k.strip()]
+            if not self.api_keys:  # fail closed: an API key was asked for but is not there
+                raise UserError(f"api_key_env={self.s.api_key_env!r} is set but that environment "
+                                "variable is empty in the replica")
+        self.limiter = RateLimiter(self.s.rate_limit_rps, self.s.rate_limit_burst)
+        self.token_limiter = RateLimiter(self.s.rate_limit_tps, self.s.rate_limit_token_burst)
+        from raygpt.serving.metrics import ServerMetrics
+
+        try:
+            app_name = serve.get_replica_context().app_name
+        except Exception:
+            app_name = "raygpt"
+        self.app_name = app_name
+        self.metrics = ServerMetrics(app_name)
+        app.state.metrics = self.metrics
+        self.engine = None
+        self.last_error: dict | None = None
+        self.retired: list = []  # engines draining after a swap (their stats still count)
+        self.draining = False
+        self._reconf_lock = asyncio.Lock()
+        self._totals = {"decode_steps": 0, "tokens_generated": 0, "requests_finished": 0,
+                        "prefills": 0}
+        self._n_engines = 0
+        self._init_model_dir = self.s.model_dir
+        # Serve calls reconfigure(user_config) right after __init__ when there is one
+        # (build_app always sets it). Without one, the first request loads args.model_dir.
+
+    # ----------------------------------------------------------------- model lifecycle
+
+    def _fault_hook(self):
+        """Testing aid (settings.fault_file): steps fail while the file names this replica
+        (or '*'), standing in for a broken accelerator."""
+        path, me = self.s.fault_file, _replica_id()
+
+        def hook():
+            try:
+                who = Path(path).read_text().split()
+            except OSError:
+                return
+            if "*" in who or me in who:
+                raise RuntimeError(f"injected device failure ({path})")
+        return hook
+
+    async def _swap_in(self, model_dir: str, want_version: str | None = None):
+        self._n_engines += 1
+        eng = await asyncio.to_thread(adapter.load_engine, model_dir, self.s,
+                                      f"engine{self._n_engines}", self.metrics)
+        if want_version and eng.version != want_version:
+            eng.abort()
+            raise UserError(f"{model_dir} holds version {eng.version}, not the {want_version} "
+                            "this update asked for (changed while promoting?)")
+        if self.s.fault_file:
+            eng.fault_hook = self._fault_hook()
+        old, self.engine = self.engine, eng
+        log.info("raygpt: serving model %s (version %s)", model_dir, eng.version)
+        self._publish()
+        if old is not None:
+            self.retired.append(old)
+            threading.Thread(target=self._retire, args=(old,), daemon=True).start()
+        return eng
+
+    def _publish(self) -> None:
+        """What this replica serves, in Ray's KV store (promote checks every replica)."""
+        rid = _replica_id()
+        if rid is None:
+            return
+        try:
+            from ray.experimental.internal_kv import _internal_kv_put
+
+            _internal_kv_put(f"{KV_PREFIX}/{self.app_name}/{rid}", json.dumps(
+                {"model_dir": getattr(self.engine, "model_dir", None),
+                 "version": getattr(self.engine, "version", None),
+                 "last_update_error": self.last_error, "time": time.time()}).encode(),
+                overwrite=True)
+        except Exception as e:  # noqa: BLE001 - observability only
+            log.warning("raygpt: cannot publish replica state: %s", e)
+
+    def _retire(self, old):
+        old.close(wait=True)  # in-flight requests finish on the old model
+        st = old.stats()
+        for k in self._totals:
+            self._totals[k] += st[k]
+        self.retired = [e for e in self.retired if e is not old]
+        log.info("raygpt: retired model version %s", old.version)
+
+    async def reconfigure(self, user_config: dict | None):
+        user_config = dict(user_config or {})
+        unknown = set(user_config) - {"model_dir", "version"}
+        model_dir = user_config.get("model_dir") or self.s.model_dir
+        want = user_config.get("version")
+        async with self._reconf_lock:
+            if unknown:
+                self.last_error = {"model_dir": model_dir, "error": f"unknown user_config keys "
+                                   f"{sorted(unknown)} (known: ['model_dir', 'version'])",
+                                   "time": int(time.time())}
+                log.error("raygpt: %s", self.last_error["error"])
+            if not model_dir:
+                raise UserError("no model_dir: set args.model_dir or user_config.model_dir")
+            if self.engine is not None and model_dir == self.engine.model_dir:
+                # the same path: reload only when what it holds changed (a re-export)
+                try:
+                    from raygpt.model.io import read_model_config
+
+                    on_disk = read_model_config(model_dir).get("version")
+                except Exception:  # noqa: BLE001 - a broken dir: keep serving what we have
+                    on_disk = self.engine.version
+                if on_disk == self.engine.version and want in (None, self.engine.version):
+                    return
+            try:
+                await self._swap_in(model_dir, want)
+                self.last_error = None
+                self._publish()
+            except Exception as e:
+                msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+                self.last_error = {"model_dir": model_dir, "error": msg, "time": int(time.time())}
+                self._publish()
+                if self.engine is not None:
+                    log.error("raygpt: refused model update to %s, still serving %s: %s",
+                              model_dir, self.engine.model_dir, msg)
+                    return
+                # No model yet (replica start): fall back to args.model_dir when it differs.
+                if self._init_model_dir and self._init_model_dir != model_dir:
+                    log.error("raygpt: cannot load %s (%s); falling back to %s",
+                              model_dir, msg, self._init_model_dir)
+                    await self._swap_in(self._init_model_dir)
+                    return
+                raise
+
+    async def _current_engine(self):
+        if self.engine is None and self.s.model_dir:
+            await self.reconfigure(None)
+        if self.engine is None:
+            raise ApiError(503, "no model is loaded yet", "server_error", code="model_not_ready")
+        return self.engine
+
+    def check_health(self):
+        e = self.engine
+        if e is None:
+            return
+        if e._thread is None or not e._thread.is_alive():
+            raise RuntimeError("the generation engine thread died")
+        if e.consecutive_failed_steps >= self.s.max_failed_steps:
+            raise RuntimeError(f"{e.consecutive_failed_steps} engine steps in a row failed "
+                               "(a broken device?): replace this replica")
+
+    async def drain(self, timeout_s: float | None = None) -> dict:
+        """Stop admitting (503 on new generation requests) and wait, up to `timeout_s`
+        (default settings.drain_timeout_s), until in-flight requests finished."""
+        self.draining = True
+        limit = self.s.drain_timeout_s if timeout_s is None else timeout_s
+        t0 = time.monotonic()
+        engines = [e for e in [self.engine, *self.retired] if e is not None]
+        while any(not e.idle for e in engines) and time.monotonic() - t0 < limit:
+            await asyncio.sleep(0.05)
+        return {"drained": all(e.idle for e in engines), "seconds": time.monotonic() - t0}
+
+    # ----------------------------------------------------------------- request guards
+
+    def _client_id(self, request: Request, key: str | None) -> str:
+        if key is not None:
+            return "key:" + key
+        h = self.s.trusted_proxy_header
+        if h and request.headers.get(h):
+            # the right-most entry is the one our trusted proxy appended
+            return "ip:" + request.headers[h].split(",")[-1].strip()
+        c = request.client
+        return "ip:" + (c.host if c else "unknown")
+
+    def _guard(self, request: Request) -> str:
+        """Auth and the request-rate limit. -> the client id (for the token limit)."""
+        key = None
+        if self.api_keys:
+            auth = request.headers.get("authorization", "")
+            scheme, _, given = auth.partition(" ")
+            given = given.strip().encode()
+            key = next((k for k in self.api_keys if hmac.compare_digest(given, k.encode())), None)
+            if scheme.lower() != "bearer" or key is None:
+                raise ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                               "invalid_request_error", code="invalid_api_key",
+                               headers={"WWW-Authenticate": "Bearer"})
+        client = self._client_id(request, key)
+        wait = self.limiter.check(client)
+        if wait > 0:
+            raise ApiError(429, f"rate limit of {self.s.rate_limit_rps:g} requests/s exceeded",
+                           "requests", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+        return client
+
+    def _charge_tokens(self, client: str, tokens: int) -> None:
+        wait = self.token_limiter.check(client, tokens)
+        if wait > 0:
+            raise ApiError(429, f"token rate limit of {self.s.rate_limit_tps:g} tokens/s exceeded "
+                           f"(this request: {tokens} prompt + max completion tokens)", "tokens",
+                           code="rate_limit_exceeded",
+                           headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.s.max_body_bytes
+        too_big = ApiError(413, f"request body is larger than {limit} bytes",
+                           code="request_too_large")
+        cl = request.headers.get("content-length")
+        if cl is not None:
+            try:
+                if int(cl) > limit:
+                    raise too_big
+            except ValueError:
+                raise ApiError(400, "invalid Content-Length header") from None
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name != self.s.model_name:
+            raise ApiError(404, f"model {name!r} does not exist (this server serves "
+                           f"{self.s.model_name!r})", param="model", code="model_not_found")
+
+    # ----------------------------------------------------------------- small routes
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground(self, request: Request):
+        root = request.scope.get("root_path", "").rstrip("/")
+        html = (STATIC / "playground.html").read_text(encoding="utf-8")
+        return HTMLResponse(html.replace("{{ROOT}}", root).replace("{{MODEL}}", self.s.model_name)
+                            .replace("{{AUTH}}", "true" if self.api_keys else "false"))
+
+    @app.get("/healthz")
+    async def healthz(self):
+        try:
+            e = await self._current_engine()
+            self.check_health()
+            if self.draining:
+                raise ApiError(503, "draining: not admitting new requests", "server_error",
+                               code="draining")
+        except ApiError as ex:
+            return JSONResponse(ex.body(), status_code=503)
+        except Exception as ex:  # noqa: BLE001
+            return JSONResponse(error_body(str(ex), "server_error", None, "unhealthy"),
+                                status_code=503)
+        return {"status": "ok", "version": e.version, "model": self.s.model_name}
+
+    @app.get("/health")
+    async def health(self):
+        r = await self.healthz()
+        return r if isinstance(r, Response) else Response(status_code=200)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus(self):
+        self._engine_gauges()
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    def _engine_gauges(self):
+        if self.engine is not None:
+            st = self.engine.stats()
+            self.metrics.engine_state(st["waiting"], st["active"])
+
+    def _model_card(self) -> dict:
+        e = self.engine
+        card = {"id": self.s.model_name, "object": "model", "owned_by": "raygpt",
+                "created": getattr(e, "loaded_at", None)}
+        if e is not None:
+            card.update(version=e.version, model_dir=e.model_dir,
+                        context_length=e.block_size, vocab_size=e.cfg.vocab_size,
+                        replica=_replica_id())
+        card["last_update_error"] = self.last_error
+        return card
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        self._guard(request)
+        await self._current_engine()
+        return {"object": "list", "data": [self._model_card()]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(self, model_id: str, request: Request):
+        self._guard(request)
+        await self._current_engine()
+        self._check_model(model_id)
+        return self._model_card()
+
+    @app.get("/v1/stats")
+    async def stats(self, request: Request):
+        self._guard(request)
+        engines = [e for e in self.retired] + ([self.engine] if self.engine else [])
+        totals = dict(self._totals)
+        per = []
+        for e in engines:
+            st = e.stats()
+            per.append(st)
+            for k in totals:
+                totals[k] += st[k]
+        cur = self.engine.stats() if self.engine else None
+        return {"totals": totals, "current": cur, "engines": per, "replica": _replica_id()}
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request):
+        self._guard(request)
+        body = await self._read_body(request)
+        # vLLM's field; our tokenizers add no special tokens
+        data = _drop(body, ("add_special_tokens", "add_generation_prompt"))
+        req = parse(TokenizeRequest, data)
+        self._check_model(req.model)
+        e = await self._current_engine()
+        text = req.prompt if req.prompt is not None else e.chat_template.render(req.messages)
+        try:
+            ids = e.tokenizer.encode(text)
+        except UserError as ex:
+            raise ApiError(400, str(ex), param="prompt") from None
+        return {"tokens": ids, "count": len(ids), "max_model_len": e.block_size}
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        self._guard(request)
+        req = parse(DetokenizeRequest, await self._read_body(request))
+        self._check_model(req.model)
+        e = await self._current_engine()
+        try:
+            return {"prompt": e.tokenizer.decode(req.tokens)}
+        except UserError as ex:
+            raise ApiError(400, str(ex), param="tokens") from None
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(self, request: Request):
+        self._guard(request)
+        e = await self._current_engine()
+        eos = e.eos_id
+        return {"tokenizer_class": type(e.tokenizer).__name__, "vocab_size": e.tokenizer.vocab_size,
+                "model_max_length": e.block_size, "eos_token": None if eos is None
+                else e.tokenizer.decode([eos]), "bos_token": None, "pad_token": None}
+
+    # ----------------------------------------------------------------- generation
+
+    def _admit(self) -> None:
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", "server_error", code="draining",
+                           headers={"Retry-After": "1"})
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        client = self._guard(request)
+        self._admit()
+        req = parse(CompletionRequest, await self._read_body(request))
+        self._check_model(req.model)
+        engine = await self._current_engine()
+        prompts = _prompts(req.prompt)
+        if len(prompts) > self.s.max_prompts:
+            raise ApiError(400, f"at most {self.s.max_prompts} prompts per request", param="prompt")
+        if req.max_tokens == 0 and not req.echo:
+            raise ApiError(400, "max_tokens must be >= 1 (0 only with echo)", param="max_tokens")
+        adapter.check_max_tokens(req.max_tokens, self.s.max_tokens_limit or engine.block_size)
+        return await self._generate(request, client, engine, prompts, req, req.max_tokens,
+                                    req.stop_list(), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        client = self._guard(request)
+        self._admit()
+        req = parse(ChatCompletionRequest, await self._read_body(request))
+        self._check_model(req.model)
+        engine = await self._current_engine()
+        limit = self.s.max_tokens_limit or engine.block_size
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is not None:
+            adapter.check_max_tokens(max_tokens, limit, "max_completion_tokens"
+                                     if req.max_completion_tokens else "max_tokens")
+        tpl = engine.chat_template
+        prompt = tpl.render(req.messages)
+        stop = req.stop_list() + [s for s in tpl.stop if s not in (req.stop or [])]
+        return await self._generate(request, client, engine, [prompt], req,
+                                    max_tokens or limit, stop, chat=True)
+
+    async def _generate(self, request, client, engine, prompts, req, max_tokens, stop, chat):
+        fan = len(prompts) * req.n
+        if req.n > self.s.max_n:
+            raise ApiError(400, f"n={req.n} is above the limit of {self.s.max_n}", param="n")
+        if fan > self.s.max_fanout:
+            raise ApiError(400, f"{len(prompts)} prompts x n={req.n} = {fan} generations is above "
+                           f"this server's limit of {self.s.max_fanout} per request", param="n",
+                           code="fanout_too_large")
+        reqs, engine = await self._submit_all(request, engine, prompts, req, max_tokens, stop)
+        n_prompt = sum(len(reqs[k * req.n].prompt_ids) for k in range(len(prompts)))
+        if self.s.rate_limit_tps > 0:
+            try:
+                self._charge_tokens(client, n_prompt + max_tokens * fan)
+            except ApiError:
+                for r in reqs:
+                    r.cancel()
+                raise
+        kind = ("chat.completion.chunk" if req.stream else "chat.completion") if chat else \
+            "text_completion"
+        base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "object": kind,
+                "created": int(time.time()), "model": self.s.model_name,
+                "system_fingerprint": engine.version}
+        fmt = _ChoiceFormat(engine, req, chat, prompts)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(
+                self._sse(reqs, base, include_usage, n_prompt, fmt),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        from raygpt.serving.engine import EngineError
+
+        try:
+            results = await asyncio.gather(*(r.aresult() for r in reqs))
+        except EngineError as e:
+            raise ApiError(500, f"generation failed: {e}", "server_error") from None
+        finally:
+            for r in reqs:
+                if not r.done:
+                    r.cancel()
+        choices = [fmt.full(i, res) for i, res in enumerate(results)]
+        n_comp = sum(res.completion_tokens for res in results)
+        return {**base, "choices": choices,
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_comp,
+                          "total_tokens": n_prompt + n_comp}}
+
+    async def _submit_all(self, request, engine, prompts, req, max_tokens, stop):
+        from raygpt.serving.engine import EngineClosed, EngineOverloaded, InvalidRequest
+
+        for attempt in range(5):
+            reqs = []
+            try:
+                for p in prompts:
+                    for j in range(req.n):
+                        sp = adapter.sampling_params(req, max_tokens, stop, j)
+                        r = engine.submit(p, sp)
+                        reqs.append(r)
+                        request.state.submitted.append(r)
+                return reqs, engine
+            except EngineClosed:  # a model swap happened between picking and submitting
+                for r in reqs:
+                    r.cancel()
+                engine = await self._current_engine()
+                continue
+            except InvalidRequest as e:
+                for r in reqs:
+                    r.cancel()
+                raise ApiError(400, str(e), param=e.param, code=e.code) from None
+            except UserError as e:
+                for r in reqs:
+                    r.cancel()
+                raise ApiError(400, str(e), param="prompt") from None
+            except EngineOverloaded as e:
+                for r in reqs:
+                    r.cancel()
+                raise ApiError(503, f"server overloaded: {e}", "server_error",
+                               code="overloaded", headers={"Retry-After": "1"}) from None
+            except BaseException:
+                for r in reqs:
+                    r.cancel()
+                raise
+        raise ApiError(503, "the model is being swapped, retry", "server_error",
+                       headers={"Retry-After": "1"})
+
+    async def _sse(self, reqs, base: dict, include_usage: bool, n_prompt: int, fmt):
+        q: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i, r):
+            try:
+                async for ev in r.aevents():
+                    await q.put((i, ev))
+            except BaseException as e:  # pragma: no cover - surfaced as an error event
+                from raygpt.serving.engine import Event
+
+                await q.put((i, Event(finish_reason="error", error=str(e))))
+
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
+        n_comp = 0
+        try:
+            for c in fmt.stream_start(base, len(reqs)):
+                yield "data: " + json.dumps(c) + "\n\n"
+            left = len(reqs)
+            while left:
+                i, ev = await q.get()
+                if ev.finish_reason is not None:
+                    left -= 1
+                n_comp += len(ev.token_ids)
+                if ev.finish_reason == "error":
+                    yield "data: " + json.dumps(error_body(
+                        f"generation failed: {ev.error}", "server_error")) + "\n\n"
+                    continue
+                if not ev.text and ev.finish_reason is None and not fmt.wants_every_token:
+                    continue
+                yield "data: " + json.dumps({**base, "choices": [fmt.delta(i, ev, reqs[i])]}) + "\n\n"
+            if include_usage:
+                yield "data: " + json.dumps({**base, "choices": [], "usage": {
+                    "prompt_tokens": n_prompt, "completion_tokens": n_comp,
+                    "total_tokens": n_prompt + n_comp}}) + "\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            for r in reqs:
+                if not r.done:
+                    r.cancel()
+            for t in tasks:
+                t.cancel()
+
+
+def make_app(args: dict | None = None, **deployment_options: Any):
+    """The bound Serve application; deployment_options override the decorator's."""
+    s = ServerSettings.from_args(args)
+    opts: dict[str, Any] = {}
+    if s.model_dir:
+        opts["user_config"] = {"model_dir": s.model_dir}
+    opts.update(deployment_options)
+    return GPTServer.options(**opts).bind(s.model_dump())
+
+
+def build_app(args: dict) -> Any:
+    """Entry point of `serve run` / `serve deploy` (import_path: raygpt.serving.app:build_app)."""
+    return make_app(args)

@@ -1,0 +1,56 @@
+"""`args` of build_app (and of `raygpt serve`): one validated model, unknown keys refused."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from raygpt.errors import UserError
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model_dir: str | None = None
+    model_name: str = "raygpt"            # the `model` clients name; stays across updates
+    max_slots: int = Field(32, ge=1)      # KV-cache slots per replica = max batch
+    max_waiting: int = Field(512, ge=1)   # engine queue beyond the slots (503 beyond it)
+    max_fanout: int | None = Field(None, ge=1)  # prompts x n per request; default max_waiting // 4
+    step_tokens: int = Field(256, ge=1)   # tokens per engine step (decode rows + prefill chunks)
+    max_tokens_limit: int | None = Field(None, ge=1)  # default: the model's block_size
+    max_n: int = Field(16, ge=1)          # max choices per prompt
+    max_prompts: int = Field(32, ge=1)    # max prompts in one request (list prompt)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: bf16 on GPU
+    num_threads: int | None = Field(None, ge=1)  # torch CPU threads (default: Ray's)
+    api_key_env: str | None = None        # env var holding API key(s), comma-separated; unset -> no auth
+    max_body_bytes: int = Field(1 << 20, ge=1)  # request body limit (413 beyond)
+    rate_limit_rps: float = Field(0.0, ge=0)  # requests/s per client (API key, else IP); 0 = off
+    rate_limit_burst: float | None = Field(None, gt=0)
+    rate_limit_tps: float = Field(0.0, ge=0)  # tokens/s per client (prompt + max_tokens); 0 = off
+    rate_limit_token_burst: float | None = Field(None, gt=0)
+    trusted_proxy_header: str | None = None  # e.g. X-Forwarded-For: client IP set by your proxy
+    chat_template: str | None = None      # file with a chat template (default: model dir's, else built in)
+    max_failed_steps: int = Field(5, ge=1)  # consecutive failed engine steps -> unhealthy
+    drain_timeout_s: float = Field(30.0, ge=0)  # `drain`: wait for in-flight requests this long
+    step_delay_s: float = Field(0.0, ge=0)  # testing aid: slows each engine step down
+    fault_file: str | None = None         # testing aid: steps fail while this file names the replica
+
+    @model_validator(mode="after")
+    def _fanout(self):
+        if self.max_fanout is None:
+            object.__setattr__(self, "max_fanout", max(1, self.max_waiting // 4))
+        return self
+
+    @classmethod
+    def from_args(cls, args: dict | None) -> "ServerSettings":
+        args = dict(args or {})
+        unknown = sorted(set(args) - set(cls.model_fields))
+        if unknown:
+            raise UserError(f"unknown serve args {unknown}; known: {sorted(cls.model_fields)}")
+        try:
+            return cls.model_validate(args)
+        except ValidationError as e:
+            err = e.errors()[0]
+            name = ".".join(str(x) for x in err["loc"]) or "args"
+            raise UserError(f"serve arg {name}={err.get('input')!r}: {err['msg']}") from None

@@ -1,0 +1,82 @@
+"""`raygpt serve` as a process: SIGTERM drains (an in-flight stream finishes, new requests
+are not admitted) and the process exits 0. Its own local Ray (what a user runs)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+
+
+def test_sigterm_drains_and_exits_0(tmp_path):
+    from conftest import free_port
+
+    from raygpt.data.tokenizer import train_char_tokenizer
+    from raygpt.model.gpt import GPT, GPTConfig
+    from raygpt.model.io import save_model_dir
+
+    tok = train_char_tokenizer(TEXT)
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=tok.vocab_size))
+    md = tmp_path / "model"
+    save_model_dir(m, md, tok.save(tmp_path / "tokenizer.json"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raygpt.cli", "serve", str(md), "--port", str(port),
+         "--no-dashboard", "--num-cpus", "0.5", "--step-delay", "0.05", "--drain-timeout", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
+    reader.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, "".join(out)
+            time.sleep(0.5)
+        else:
+            pytest.fail("raygpt serve never became healthy:\n" + "".join(out))
+        body = {"prompt": "First", "max_tokens": 50, "temperature": 0, "stream": True}
+        chunks = []
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
+            lines = r.iter_lines()
+            for line in lines:  # the stream is running
+                if line.startswith("data: {"):
+                    chunks.append(json.loads(line[6:]))
+                    break
+            proc.send_signal(signal.SIGTERM)
+            for line in lines:
+                if line.startswith("data: {"):
+                    chunks.append(json.loads(line[6:]))
+                elif line == "data: [DONE]":
+                    chunks.append("DONE")
+        assert chunks[-1] == "DONE", chunks[-3:]
+        assert chunks[-2]["choices"][0]["finish_reason"] == "length"  # finished, not cut
+        text = "".join(c["choices"][0]["text"] for c in chunks[:-1])
+        assert len(text) == 50
+        assert proc.wait(timeout=120) == 0, "".join(out)
+        log = "".join(out)
+        assert "draining" in log and "Traceback" not in log and "Aborted" not in log, log[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
