@@ -84,7 +84,7 @@ def test_multi_shard_reads_match_single_shard(char_data, multi_shard_data):
 def test_memory_mapped_zero_copy(char_data):
     ts = TokenSplit(char_data, "train")
     assert ts.num_tokens == 1_003_854 and ts.dtype == np.uint16
-    arr = ts._arrays[0]
+    arr = ts._shard(0)[0][0]
     assert not arr.flags.owndata and not arr.flags.writeable  # a view of the mapped file
     view = ts.read(1000, 50)
     assert np.shares_memory(view, arr)  # no copy inside a shard
