@@ -478,6 +478,7 @@ class _Build:
         tok = self.tokenizer(pieces, rows)
         self.log(f"{tok.kind} tokenizer: vocab {tok.vocab_size} ({time.time() - t0:.1f}s)")
         fs, base = filesystem(self.target)
+        fs.create_dir(base, recursive=True)
         with fs.open_output_stream(f"{base}/{TOKENIZER_FILE}") as f:
             if self.o["tokenizer"] in ("char", "bpe"):
                 f.write((_tokenizer_to_str(tok) if tok.kind == "bpe" else
@@ -767,11 +768,11 @@ def _cache_key(data_cfg) -> str:
     return key
 
 
-def ensure_data(data_cfg, log: Log | None = None) -> str | Path:
+def ensure_data(data_cfg, log: Log | None = None) -> Path:
     """The prepared data directory (or URI) for a DataConfig.
 
     data.path set: it must hold meta.json (its tokenizer wins over data.tokenizer); a
-    storage URI is returned as it is (workers read it through their node-local cache).
+    storage URI gives its node-local cache dir (shards follow on demand, see loader).
     data.path None: the bundled corpus (or data.corpus) is prepared once into
     `$RAYGPT_CACHE_DIR` (default ~/.cache/raygpt) /data/<corpus>-<tokenizer>[-<vocab>]
     and reused; it is prepared again when the corpus files changed (size or mtime).
@@ -779,8 +780,9 @@ def ensure_data(data_cfg, log: Log | None = None) -> str | Path:
     rename wins and the others keep its result."""
     if data_cfg.path:
         if is_uri(data_cfg.path):
-            read_meta(data_cfg.path)
-            return data_cfg.path
+            from raygpt.data.loader import local_data_dir
+
+            return local_data_dir(data_cfg.path)  # meta + tokenizer in this node's cache
         p = Path(data_cfg.path).expanduser()
         if not (p / META_FILE).is_file():
             raise UserError(f"data.path '{data_cfg.path}' has no {META_FILE}: "

@@ -42,7 +42,7 @@ _GLOB = re.compile(r"[*?\[]")
 _TEXT_CUT = re.compile(rb"\n(?=[!-~])")
 
 
-class BadInput(Exception):
+class BadInput(UserError):
     """A corpus file that cannot be read as its format says (message names the file)."""
 
     def __init__(self, file: str, msg: str):
@@ -125,10 +125,14 @@ def resolve_corpus(corpus: str, label: str | None = None) -> Corpus:
     if local:
         spec = str(Path(spec).expanduser())
     pattern = None
-    if _GLOB.search(spec.split("://", 1)[-1]):
+    path_part = spec.split("://", 1)[-1].split("?", 1)[0] if not local else spec
+    if _GLOB.search(path_part):
+        if not local:
+            raise UserError(f"corpus {corpus}: globs work for local paths; give a storage "
+                            f"URI of a file or a directory")
         head = spec
-        while _GLOB.search(head.split("://", 1)[-1]):
-            head = head.rsplit("/", 1)[0] if "/" in head.split("://", 1)[-1] else "."
+        while _GLOB.search(head):
+            head = head.rsplit("/", 1)[0] if "/" in head else "."
         pattern = spec
         fs, base = filesystem(head)
     else:

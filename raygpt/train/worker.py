@@ -192,7 +192,8 @@ def train_func(loop_config: dict) -> None:
     import torch.distributed as dist
 
     from raygpt.data.loader import BatchLoader
-    from raygpt.data.prepare import ensure_data, read_meta
+    from raygpt.data.loader import worker_data_dir
+    from raygpt.data.prepare import read_meta
     from raygpt.parallel.apply import parallelize
     from raygpt.parallel.plan import resolve_plan
     from raygpt.train import checkpoint as ckpt_lib
@@ -214,9 +215,7 @@ def train_func(loop_config: dict) -> None:
     amp_dtype = _amp_dtype(cfg, device)
 
     # Data: a shared path from the driver, or the bundled corpus prepared on this node.
-    data_dir = Path(loop_config.get("data_dir") or ensure_data(cfg.data))
-    if not (data_dir / "meta.json").is_file():
-        data_dir = ensure_data(cfg.data)
+    data_dir = worker_data_dir(cfg.data, loop_config.get("data_dir"))
     meta = read_meta(data_dir)
     tokenizer_path = data_dir / "tokenizer.json"
 
@@ -294,7 +293,7 @@ def train_func(loop_config: dict) -> None:
                f"steps {start_step}->{cfg.train.max_steps}")
 
     train_loader = BatchLoader(data_dir, "train", gcfg.block_size, cfg.train.global_batch,
-                               cfg.train.seed, dp_rank, plan.dp)
+                               cfg.train.seed, dp_rank, plan.dp, sampling=cfg.data.sampling)
     val_loader = BatchLoader(data_dir, "val", gcfg.block_size, cfg.train.global_batch,
                              cfg.train.seed, dp_rank, plan.dp)
     decay = cfg.optim.decay_steps or cfg.train.max_steps
