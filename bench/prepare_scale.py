@@ -190,6 +190,11 @@ class RssSampler(threading.Thread):
                 else:
                     other = max(other, rss)
             self.series.append((time.time() - t0, drv, other))
+            if len(self.series) % 120 == 0:  # a line a minute: figures survive a cut-short run
+                d = max(v[1] for v in self.series) / 2**20
+                o = max(v[2] for v in self.series) / 2**20
+                print(f"  rss at {time.time() - t0:.0f}s: driver peak {d:.0f} MB, largest other "
+                      f"peak {o:.0f} MB (now {drv / 2**20:.0f} / {other / 2**20:.0f})", flush=True)
             self.stop.wait(self.interval)
 
 
@@ -229,7 +234,8 @@ def main() -> None:
     ap.add_argument("--format", choices=["txt", "jsonl", "parquet"], default="jsonl")
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--bpe-sample-mb", type=int, default=256)
-    ap.add_argument("--baseline-mb", type=int, default=200)
+    ap.add_argument("--baseline-mb", type=int, default=48,
+                    help="MB of documents encode_batch is timed on (before and after prepare).")
     ap.add_argument("--dir", default=None, help="Work directory (default: a temp dir under /work or /tmp).")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
