@@ -320,7 +320,8 @@ def train_func(loop_config: dict) -> None:
         return {"step": step, "world_size": world, "plan": plan.describe(), "accum": accum,
                 "micro_batch": micro, "best_val_loss": best_val if best_val < float("inf") else None,
                 "val_loss": val_loss, "train_seconds": train_seconds_prev + train_time,
-                "model": dict(gcfg.__dict__), "config": cfg.to_dict(), "rng": cfg.train.seed + step}
+                "model": dict(gcfg.__dict__), "config": cfg.to_dict(), "rng": cfg.train.seed + step,
+                "data_position": train_loader.position(step)}
 
     def report_saved(local: Path, step: int, metrics: dict, upload_async: bool):
         from ray.train import CheckpointUploadMode
