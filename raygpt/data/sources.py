@@ -533,11 +533,12 @@ def _read_gz_text_tail(src, seg, fkey, chunk_bytes, val_fraction):
     parts = list(_gz_chunks(src, chunk_bytes))
     data = b"".join(parts)
     text = _decode(src, data, 0)
-    if text.startswith("\ufeff"):
+    bom = text.startswith("\ufeff")
+    if bom:
         text = text[1:]
-    cut = int(len(data) * (1.0 - val_fraction))
+    cut = int(len(data) * (1.0 - val_fraction))  # as for a plain file: bytes, BOM included
     while cut < len(data) and data[cut] & 0xC0 == 0x80:
         cut += 1
-    ncut = len(data[:cut].decode("utf-8"))
+    ncut = max(0, len(data[:cut].decode("utf-8")) - bom)
     yield [Doc(text[:ncut], fkey, True, "train")]
     yield [Doc(text[ncut:], fkey, True, "val")]

@@ -307,3 +307,17 @@ def test_bad_input_found_by_a_ray_worker(tmp_path, ray_session):
     meta = prepare_corpus(d, out, tokenizer="char", use_ray=True, skip_bad_files=True)
     assert meta["skipped_files"] == 1
     assert meta["documents"]["train"] + meta["documents"]["val"] == 120
+
+
+def test_gzipped_text_gives_the_tokens_of_the_text(tmp_path):
+    text = "\ufeff" + "\n".join(make_docs(80, seed=11))
+    (tmp_path / "book.txt").write_text(text, encoding="utf-8")
+    with gzip.open(tmp_path / "book.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    a = prepare_corpus(tmp_path / "book.txt", tmp_path / "plain", tokenizer="bpe", vocab_size=300)
+    b = prepare_corpus(tmp_path / "book.txt.gz", tmp_path / "gz", tokenizer=str(tmp_path / "plain"))
+    assert (a["train_tokens"], a["val_tokens"]) == (b["train_tokens"], b["val_tokens"])
+    for s in ("train", "val"):
+        assert np.array_equal(split_stream(tmp_path / "plain", s), split_stream(tmp_path / "gz", s))
+    tok = load_tokenizer(tmp_path / "plain")  # the byte-order mark is not part of the text
+    assert tok.decode(split_stream(tmp_path / "plain", "train").tolist()).startswith(text[1:40])
