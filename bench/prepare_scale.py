@@ -228,6 +228,20 @@ def hf_baseline(tok_file: Path, texts: list[str]) -> dict:
     return {"mb_s": nbytes / dt / 1e6, "tokens_s": ntok / dt, "bytes": nbytes, "seconds": dt}
 
 
+def _encode_seconds(log: list[str]) -> float | None:
+    """Seconds from 'bpe tokenizer: vocab' to 'wrote' in prepare's progress lines."""
+    import re
+
+    t = {}
+    for line in log:
+        m = re.match(r"\s*([0-9.]+)s (bpe tokenizer: vocab|wrote )", line)
+        if m:
+            t[m.group(2)] = float(m.group(1))
+    if len(t) == 2:
+        return round(t["wrote "] - t["bpe tokenizer: vocab"], 1)
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, required=True)
@@ -286,6 +300,7 @@ def main() -> None:
         del texts
         base = {k: (base_before[k] + base_after[k]) / 2 for k in ("mb_s", "tokens_s")}
         mbs = nbytes / wall / 1e6
+        enc_s = _encode_seconds(log)
         res = {
             "gb": args.gb, "format": args.format, "documents": ndocs, "corpus_bytes": nbytes,
             "tokens": ntok, "wall_s": round(wall, 1), "mb_s": round(mbs, 2),
@@ -294,7 +309,11 @@ def main() -> None:
             "peak_rss_first_third_mb": round(early / 2**20), "peak_rss_last_third_mb": round(late / 2**20),
             "hf_encode_batch_mb_s": round(base["mb_s"], 2),
             "hf_encode_batch_mb_s_before_after": [round(base_before["mb_s"], 2), round(base_after["mb_s"], 2)], "hf_encode_batch_tokens_s": round(base["tokens_s"]),
-            "ratio_vs_encode_batch": round(mbs / base["mb_s"], 3), "cpus": os.cpu_count(),
+            "ratio_vs_encode_batch": round(mbs / base["mb_s"], 3),
+            # the encode phase alone (after the tokenizer is trained, to meta.json)
+            "encode_phase_s": enc_s, "encode_phase_mb_s": round(nbytes / enc_s / 1e6, 2) if enc_s else None,
+            "encode_phase_ratio": round(nbytes / enc_s / 1e6 / base["mb_s"], 3) if enc_s else None,
+            "cpus": os.cpu_count(),
             "load_avg_1m": round(os.getloadavg()[0], 2),
         }
         print(json.dumps(res, indent=2), flush=True)
