@@ -61,9 +61,9 @@ def local_data_dir(path) -> Path:
     if not is_uri(s):
         p = Path(s).expanduser()
         if not (p / META_FILE).is_file():
-            where = f" on {socket.gethostname()}" if p.parent.exists() or not p.exists() else ""
-            raise UserError(f"data directory {s} has no {META_FILE}{where}: run `raygpt prepare "
-                            f"--out {s}`, or give a path every node can reach or a storage URI")
+            raise UserError(f"data directory {s} has no {META_FILE} on {socket.gethostname()}: "
+                            f"run `raygpt prepare --out {s}`, or give a path every node can "
+                            f"reach or a storage URI")
         return p
     fs, base = filesystem(s)
     base = base.rstrip("/")
@@ -155,7 +155,8 @@ class TokenSplit:
                     self._parts[i] = self._open(f)
         if int(lens.sum()) == 0:
             raise UserError(f"the '{split}' split of {self.data_dir} has no tokens")
-        self.dtype = np.dtype(meta.get("dtype") or (self._parts[0][0][0].dtype if self._parts[0] and self._parts[0][0] else "uint16"))
+        first = self._parts[0]
+        self.dtype = np.dtype(meta.get("dtype") or (first[0][0].dtype if first and first[0] else "uint16"))
         self._ends = np.cumsum(lens)
         self._starts = self._ends - lens
         self.num_tokens = int(self._ends[-1])
