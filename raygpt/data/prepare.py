@@ -326,7 +326,10 @@ def _ray_data():
 
     started = False
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
+        # RAY_ADDRESS joins a cluster; else a fresh embedded instance ("local"), never a
+        # cluster that some `ray start` on this machine happens to have recorded in /tmp/ray.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+                 configure_logging=False)
         started = True
     ctx = DataContext.get_current()
     saved = ctx.enable_progress_bars

@@ -321,3 +321,35 @@ def test_gzipped_text_gives_the_tokens_of_the_text(tmp_path):
         assert np.array_equal(split_stream(tmp_path / "plain", s), split_stream(tmp_path / "gz", s))
     tok = load_tokenizer(tmp_path / "plain")  # the byte-order mark is not part of the text
     assert tok.decode(split_stream(tmp_path / "plain", "train").tolist()).startswith(text[1:40])
+
+
+def test_prepare_does_not_join_a_cluster_recorded_on_this_machine(tmp_path):
+    """`ray start` records its address in <ray temp dir>/ray_current_cluster, and a bare
+    ray.init() joins that cluster: prepare's Ray Data tasks then ran on someone else's
+    cluster (seen: another test's `ray start` on this machine). Prepare starts its own
+    embedded Ray unless RAY_ADDRESS says otherwise."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from conftest import free_port
+
+    raytmp = Path(tempfile.mkdtemp(prefix="rgd", dir="/tmp"))  # short: socket paths < 108 B
+    try:
+        (raytmp / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # nobody there
+        d = tmp_path / "c"
+        d.mkdir()
+        for i in range(2):
+            (d / f"{i}.txt").write_text("\n".join(make_docs(30, i)))
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["RAY_TMPDIR"] = str(raytmp)
+        code = ("from raygpt.data.prepare import prepare_corpus; import sys; "
+                "m = prepare_corpus(sys.argv[1], sys.argv[2], use_ray=True); print(m['train_tokens'])")
+        p = subprocess.run([sys.executable, "-c", code, str(d), str(tmp_path / "out")], env=env,
+                           capture_output=True, text=True, timeout=240)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert int(p.stdout.split()[-1]) == read_meta(tmp_path / "out")["train_tokens"] > 0
+    finally:
+        import shutil
+
+        shutil.rmtree(raytmp, ignore_errors=True)
