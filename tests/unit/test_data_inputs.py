@@ -336,7 +336,8 @@ def test_prepare_does_not_join_a_cluster_recorded_on_this_machine(tmp_path):
 
     raytmp = Path(tempfile.mkdtemp(prefix="rgd", dir="/tmp"))  # short: socket paths < 108 B
     try:
-        (raytmp / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # nobody there
+        (raytmp / "ray").mkdir()  # Ray's temp dir is $RAY_TMPDIR/ray
+        (raytmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # nobody there
         d = tmp_path / "c"
         d.mkdir()
         for i in range(2):
