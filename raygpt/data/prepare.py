@@ -411,30 +411,26 @@ class _Build:
         quota = max(1 << 16, budget // max(1, len(pieces)))
         for segs in pieces:
             got = 0
-            for seg in segs:
-                src = self.corpus.files[seg.file]
-                try:
-                    for batch in src_lib.read_segment(src, seg, self.o["text_field"],
-                                                      val_fraction=self.o["val_fraction"]):
-                        for d in batch:
-                            for t in split_at_pretoken_boundaries(d.text, 1 << 20):
-                                yield t
-                                got += len(t)
-                                self.sampled += len(t)
-                                if got >= quota or self.sampled >= budget:
-                                    break
-                            if got >= quota or self.sampled >= budget:
-                                break
-                        if got >= quota or self.sampled >= budget:
-                            break
-                except BadInput as e:
-                    if not self.o["skip_bad_files"]:
-                        raise UserError(str(e)) from None
-                    self.bad_files.add(e.file)
+            for t in self._piece_texts(segs):
+                yield t
+                got += len(t)
+                self.sampled += len(t)
                 if got >= quota or self.sampled >= budget:
                     break
             if self.sampled >= budget:
                 return
+
+    def _piece_texts(self, segs):
+        for seg in segs:
+            try:
+                for batch in src_lib.read_segment(self.corpus.files[seg.file], seg, self.o["text_field"],
+                                                  val_fraction=self.o["val_fraction"]):
+                    for d in batch:
+                        yield from split_at_pretoken_boundaries(d.text, 1 << 20)
+            except BadInput as e:
+                if not self.o["skip_bad_files"]:
+                    raise
+                self.bad_files.add(e.file)
 
     def _empty(self) -> UserError:
         c = self.corpus

@@ -491,8 +491,7 @@ def _jsonl_docs(src, data: bytes, offset: int, text_field: str, fkey: int, lines
                         else "a non-string")
                 raise BadInput(src.uri, f"corpus file {src.uri} line {base + n + 1}: {what} "
                                         f"'{text_field}' field (use --text-field)")
-            docs.append(Doc(value, fkey | ((offset + pos) & 0xFFFFFFFF) ^ ((offset + pos) >> 32),
-                            True, None))
+            docs.append(Doc(value, fkey ^ (offset + pos), True, None))
         pos += len(line.encode("utf-8")) + 1 if not line.isascii() else len(line) + 1
     return docs
 
@@ -514,7 +513,7 @@ def _read_parquet(src, seg, text_field, fkey, chunk_bytes):
                 docs = []
                 for j, v in enumerate(col.to_pylist()):
                     if isinstance(v, str) and v:
-                        docs.append(Doc(v, fkey | ((row + j) & 0xFFFFFFFF), True, None))
+                        docs.append(Doc(v, fkey ^ (row + j), True, None))
                     elif v is not None and not isinstance(v, str):
                         raise BadInput(src.uri, f"corpus file {src.uri} row {row + j}: column "
                                                 f"'{text_field}' is not text")
