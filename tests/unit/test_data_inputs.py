@@ -323,6 +323,7 @@ def test_gzipped_text_gives_the_tokens_of_the_text(tmp_path):
     assert tok.decode(split_stream(tmp_path / "plain", "train").tolist()).startswith(text[1:40])
 
 
+@pytest.mark.slow  # its own Ray in a subprocess: ~20 s idle, ~65 s on a loaded machine
 def test_prepare_does_not_join_a_cluster_recorded_on_this_machine(tmp_path):
     """`ray start` records its address in <ray temp dir>/ray_current_cluster, and a bare
     ray.init() joins that cluster: prepare's Ray Data tasks then ran on someone else's
