@@ -61,14 +61,28 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    # Directory with train/val Arrow shards + meta.json (written by `raygpt prepare`).
-    # None: the bundled Shakespeare corpus, prepared on first use into the cache dir.
+    # Directory or storage URI (s3://, gs://, file://) with train/val Arrow shards +
+    # meta.json (written by `raygpt prepare`); workers read a URI through the node-local
+    # cache ($RAYGPT_CACHE_DIR). None: data.corpus (default the bundled Shakespeare),
+    # prepared on first use into the cache dir.
     path: str | None = None
-    tokenizer: Literal["char", "bpe"] = "char"
-    # Text file or directory of text files; None = bundled tinyshakespeare.
+    # char | bpe | the path of a Hugging Face tokenizer.json (used unchanged).
+    tokenizer: str = "char"
+    # File, directory, glob or URI of .txt/.jsonl/.parquet(/.gz); None = tinyshakespeare.
     corpus: str | None = None
+    text_field: str = "text"  # the jsonl field / parquet column holding the text
     bpe_vocab_size: int = Field(2048, ge=260)
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    # random: windows drawn with replacement; epoch: a seeded permutation of
+    # non-overlapping windows, epoch after epoch (both indexed by step).
+    sampling: Literal["random", "epoch"] = "random"
+
+    @model_validator(mode="after")
+    def _tokenizer(self):
+        v = self.tokenizer
+        if not (v in ("char", "bpe") or v.endswith(".json") or "/" in v):
+            raise ValueError(f"data.tokenizer={v!r}: use char, bpe or the path of a tokenizer.json")
+        return self
 
 
 class OptimConfig(_Section):

@@ -1,30 +1,36 @@
-"""Text corpus -> tokenizer.json + Arrow IPC token shards + meta.json.
+"""Corpus -> tokenizer.json + Arrow IPC token shards + meta.json, streaming, in parallel.
 
-Output directory:
+Output directory (a local/NFS path or a storage URI):
 
     out/tokenizer.json
-    out/meta.json
-    out/train/shard-00000.arrow, shard-00001.arrow, ...
-    out/val/shard-00000.arrow, ...
+    out/train/shard-<piece>-<k>.arrow, ...
+    out/val/shard-<piece>-<k>.arrow, ...
+    out/meta.json          written last: counts, tokenizer, dtype and the shard list
 
-Each shard is an uncompressed Arrow IPC file with one record batch and one column
-`tokens` (uint16, or uint32 when the vocabulary has more than 65536 entries), so the
-loader memory-maps it and views it as numpy without a copy.
+Each shard is an uncompressed Arrow IPC file with one column `tokens` (uint16, or uint32
+when the vocabulary has more than 65536 entries) in record batches, so the loader memory-
+maps it and views it as numpy without a copy.
 
-Split: every document's token stream is cut at int(n * (1 - val_fraction)); the head goes
-to train and the tail to val. For a single file this is exactly nanoGPT's split (first 90%
-train, last 10% val); for a directory, val is the concatenation of each document's tail
-(so every document is represented in val and no split depends on file sizes). With the
-BPE tokenizer and more than one document, each document is followed by <|endoftext|>.
+How (see sources.py for inputs): the corpus is planned into segments of about 32 MB
+(big files cut on document boundaries), grouped into pieces, and every piece is one Ray
+Data task (on this machine's Ray, or across a cluster) that reads its documents in chunks
+of a few MB, encodes them, and writes its own shards straight to the output. Only
+counts travel back to the driver; memory per process is bounded by the chunk and segment
+sizes, not by the corpus. A small corpus (one piece) runs the same code inline.
 
-A directory corpus is read recursively (hidden entries skipped) in sorted path order; text
-files are those with a text suffix (TEXT_SUFFIXES) or no suffix. With more than one file
-(or use_ray=True) files are scanned and tokenized in parallel with Ray Data; a local Ray is
-started only if none is running, and shut down afterwards only if we started it. On a
-multi-node cluster the corpus path must be readable from every node.
+Documents: every document ends with the tokenizer's end-of-text token (when it has one:
+the char tokenizer has none), in train and val alike. Split: a corpus of a few text files
+(fewer than MANY_TEXT_FILES) cuts every document at (1 - val_fraction) of its bytes: the
+head goes to train, the tail to val (for one file this is nanoGPT's split). Otherwise each
+document goes to val with probability val_fraction, a seeded choice of whole documents.
 
-Atomic: everything is written into a temp dir beside `out`, which is renamed into place at
-the end; on failure the temp dir is removed and an existing `out` is left untouched.
+Tokenizer: "char" (the corpus's characters: one scan pass), "bpe" (byte-level BPE trained
+on a bounded sample of the corpus, `bpe_sample_bytes`), or the path of a Hugging Face
+tokenizer.json (or a directory holding one), used unchanged.
+
+Atomic: a local `out` is built in a temp dir beside it and renamed into place; a URI `out`
+gets shards named after this run and meta.json last (one PUT), older shards removed after.
+Either way a crashed prepare never looks finished and a failed one leaves `out` as it was.
 """
 from __future__ import annotations
 
@@ -41,36 +47,37 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
-from raygpt.errors import UserError
+from raygpt.data import sources as src_lib
+from raygpt.data.sources import BadInput, Corpus, Segment, filesystem, is_uri
 from raygpt.data.tokenizer import (
     MIN_BPE_VOCAB,
     TOKENIZER_FILE,
     Tokenizer,
+    load_tokenizer,
     split_at_pretoken_boundaries,
     tokenizer_from_json,
     train_bpe_tokenizer,
     train_char_tokenizer,
 )
+from raygpt.errors import UserError
 
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
 BUNDLED_NAME = "tinyshakespeare"
 BUNDLED_LABEL = f"bundled:{BUNDLED_NAME}"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Each split needs at least one (input, target) pair.
 MIN_SPLIT_TOKENS = 2
-TEXT_SUFFIXES = frozenset({
-    ".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".org", ".adoc", ".csv", ".tsv",
-    ".json", ".jsonl", ".ndjson", ".xml", ".html", ".htm", ".srt", ".vtt", ".log",
-    ".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".js", ".ts", ".go", ".rs",
-    ".rb", ".sh", ".sql", ".yaml", ".yml", ".toml", ".ini", ".cfg",
-})
+# A corpus of this many text files or more (or any jsonl/parquet) gets whole-document val.
+MANY_TEXT_FILES = 100
+BPE_SAMPLE_BYTES = 256 << 20
+TEXT_SUFFIXES = src_lib.TEXT_SUFFIXES
 
-# Test hook: called with the path of every shard right after it is written.
+# Test hook: called with the path of every shard right after it is written (inline runs).
 _after_shard: Callable[[Path], None] | None = None
 
 Log = Callable[[str], None]
@@ -83,170 +90,249 @@ def bundled_corpus_path() -> Path:
     return Path(str(resources.files("raygpt") / "assets" / "tinyshakespeare.txt"))
 
 
-def _resolve_corpus(corpus: str | os.PathLike | None) -> tuple[list[Path], str, bool]:
-    """-> (files in order, label for meta/errors, is_directory)."""
+def resolve_corpus(corpus) -> Corpus:
     if corpus is None:
-        return [bundled_corpus_path()], BUNDLED_LABEL, False
-    p = Path(corpus).expanduser()
-    if not p.exists():
-        raise UserError(f"corpus {p} does not exist")
-    if p.is_file():
-        return [p], str(p), False
-    if not p.is_dir():
-        raise UserError(f"corpus {p} is neither a file nor a directory")
-    files = []
-    for root, dirs, names in os.walk(p):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for n in sorted(names):
-            f = Path(root) / n
-            if n.startswith(".") or not f.is_file():
-                continue
-            if f.suffix.lower() in TEXT_SUFFIXES or not f.suffix:
-                files.append(f)
-    if not files:
-        raise UserError(f"corpus directory {p} has no text files "
-                        f"(*.txt, *.md, ... or files without a suffix)")
-    return files, str(p), True
+        return src_lib.resolve_corpus(str(bundled_corpus_path()), label=BUNDLED_LABEL)
+    return src_lib.resolve_corpus(str(corpus))
 
 
-def _decode(path: Path, data: bytes) -> tuple[str | None, str | None]:
-    """-> (text, error)."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return None, (f"corpus file {path} is not UTF-8: invalid byte 0x{data[e.start]:02x} "
-                      f"at byte offset {e.start}")
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    return text, None
-
-
-def _read_text(path: Path) -> str:
-    text, err = _decode(path, Path(path).read_bytes())
-    if err:
-        raise UserError(err)
-    return text
-
-
-def _scan_file(path: Path, want_chars: bool) -> dict:
-    data = Path(path).read_bytes()
-    text, err = _decode(path, data)
-    return {
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "nbytes": len(data),
-        "nchars": len(text) if text is not None else 0,
-        "chars": "".join(sorted(set(text))) if (want_chars and text) else "",
-        "error": err or "",
-    }
-
-
-def _corpus_stat(files: list[Path], label: str) -> str:
+def _corpus_stat(corpus: Corpus) -> str:
     """Cheap fingerprint (relative names, sizes, mtimes) to notice a changed corpus."""
     h = hashlib.sha256()
-    base = Path(label) if not label.startswith("bundled:") else None
-    for f in files:
-        st = f.stat()
-        rel = f.relative_to(base).as_posix() if base is not None and base.is_dir() else f.name
-        h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    for f in corpus.files:
+        h.update(f"{f.rel}\t{f.size}\t{f.mtime_ns}\n".encode())
     return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- shards
 
 
 def dtype_for_vocab(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 65536 else "uint32"
 
 
-def _write_shard(path: Path, tokens: np.ndarray) -> None:
-    import pyarrow as pa
-
-    batch = pa.record_batch([pa.array(tokens)], names=["tokens"])
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
-        writer.write_batch(batch)
-    if _after_shard is not None:
-        _after_shard(path)
-
-
-class _ShardWriter:
-    """Streams token arrays into fixed-size shards (the last one holds the rest)."""
-
-    def __init__(self, directory: Path, dtype: str, shard_tokens: int):
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.dtype = np.dtype(dtype)
-        self.shard_tokens = shard_tokens
-        self.buf: list[np.ndarray] = []
-        self.buffered = 0
-        self.num_tokens = 0
-        self.num_shards = 0
-
-    def add(self, tokens: np.ndarray) -> None:
-        if len(tokens) == 0:
-            return
-        self.buf.append(np.asarray(tokens, dtype=self.dtype))
-        self.buffered += len(tokens)
-        self.num_tokens += len(tokens)
-        if self.buffered >= self.shard_tokens:
-            data = np.concatenate(self.buf)
-            n_full = len(data) // self.shard_tokens
-            for i in range(n_full):
-                self._flush(data[i * self.shard_tokens:(i + 1) * self.shard_tokens])
-            rest = data[n_full * self.shard_tokens:]
-            self.buf, self.buffered = ([rest] if len(rest) else []), len(rest)
-
-    def _flush(self, data: np.ndarray) -> None:
-        _write_shard(self.dir / f"shard-{self.num_shards:05d}.arrow", data)
-        self.num_shards += 1
-
-    def close(self) -> None:
-        if self.buffered:
-            self._flush(np.concatenate(self.buf))
-        self.buf, self.buffered = [], 0
+def _val_choice(key: int, seed: int, val_fraction: float) -> bool:
+    """Seeded, stable per-document coin: splitmix64 of (key, seed)."""
+    z = (key * 0x9E3779B97F4A7C15 + seed * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    z ^= z >> 31
+    return z < val_fraction * 2**64
 
 
-# ----------------------------------------------------------------------------- Ray Data
+# ----------------------------------------------------------------------------- tokenizer
 
 
-def _scan_batch(batch, want_chars: bool):
-    import pyarrow as pa
-
-    rows = [_scan_file(Path(p), want_chars) for p in batch.column("path").to_pylist()]
-    return pa.table({
-        "idx": batch.column("idx"),
-        **{k: pa.array([r[k] for r in rows]) for k in ("sha256", "nbytes", "nchars", "chars", "error")},
-    })
+def _tokenizer_to_str(tok: Tokenizer) -> str:
+    return json.dumps(tok.to_dict()) if tok.kind == "char" else tok.to_str()
 
 
 _TOK_CACHE: dict[str, Tokenizer] = {}
 
 
-def _encode_batch(batch, tok_json: str, dtype: str):
-    import pyarrow as pa
-
+def _cached_tokenizer(tok_json: str) -> Tokenizer:
     key = hashlib.sha256(tok_json.encode()).hexdigest()
     tok = _TOK_CACHE.get(key)
     if tok is None:
         tok = _TOK_CACHE[key] = tokenizer_from_json(tok_json)
-    out = []
-    for p in batch.column("path").to_pylist():
-        out.append(tok.encode_np(_read_text(Path(p))).astype(dtype).tobytes())
-    return pa.table({"idx": batch.column("idx"), "tokens": pa.array(out, type=pa.large_binary())})
+    return tok
+
+
+def _tokenizer_file(spec: str) -> Path:
+    p = Path(spec).expanduser()
+    return p / TOKENIZER_FILE if p.is_dir() else p
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+class _ShardStream:
+    """Token arrays -> out/<split>/shard-<piece>-<k>.arrow, a new file every shard_tokens."""
+
+    def __init__(self, out: str, split: str, name: str, dtype: str, shard_tokens: int):
+        self.fs, self.base = filesystem(out)
+        self.split, self.name, self.dtype, self.shard_tokens = split, name, np.dtype(dtype), shard_tokens
+        self.files: list[list] = []  # [relative name, tokens]
+        self._sink = self._writer = None
+        self._in_file = 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        import pyarrow as pa
+
+        while len(tokens):
+            if self._writer is None:
+                rel = f"{self.split}/shard-{self.name}-{len(self.files):04d}.arrow"
+                self.fs.create_dir(f"{self.base}/{self.split}", recursive=True)
+                self._sink = self.fs.open_output_stream(f"{self.base}/{rel}")
+                self._writer = pa.ipc.new_file(self._sink, pa.schema([("tokens", pa.from_numpy_dtype(self.dtype))]))
+                self.files.append([rel, 0])
+                self._in_file = 0
+            take = min(len(tokens), self.shard_tokens - self._in_file)
+            part = np.ascontiguousarray(tokens[:take], dtype=self.dtype)
+            self._writer.write_batch(pa.record_batch([pa.array(part)], names=["tokens"]))
+            self._in_file += take
+            self.files[-1][1] += take
+            tokens = tokens[take:]
+            if self._in_file >= self.shard_tokens:
+                self._close_file()
+
+    def _close_file(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+            self._writer = self._sink = None
+            if _after_shard is not None and not is_uri(self.base):
+                _after_shard(Path(self.base) / self.files[-1][0])
+
+    def close(self) -> None:
+        self._close_file()
+
+
+class _PieceEncoder:
+    """Encodes the segments of one piece and writes its shards; one per task."""
+
+    def __init__(self, opts: dict, piece: int, srcs: dict):
+        self.o = opts
+        self.tok = _cached_tokenizer(opts["tok_json"])
+        self.dtype = np.dtype(opts["dtype"])
+        self.srcs = srcs
+        name = f"{opts['run']}{piece:05d}" if opts["run"] else f"{piece:05d}"
+        self.streams = {s: _ShardStream(opts["out"], s, name, opts["dtype"], opts["shard_tokens"])
+                        for s in SPLITS}
+        self.docs = {s: 0 for s in SPLITS}
+        self.known = set(getattr(self.tok, "chars", []))
+        self.dropped = 0
+        self.bad_files: list[str] = []
+
+    def _encode_texts(self, texts: list[str]) -> list[np.ndarray]:
+        tok = self.tok
+        if tok.kind == "char":
+            out = []
+            for t in texts:
+                if self.o["unknown"] == "drop":
+                    bad = set(t) - self.known
+                    if bad:
+                        n = len(t)
+                        t = t.translate({ord(c): None for c in bad})
+                        self.dropped += n - len(t)
+                out.append(tok.encode_np(t))
+            return out
+        # Long texts cut at pre-token boundaries so encode_batch spreads them over threads.
+        chunks, owner = [], []
+        for i, t in enumerate(texts):
+            for c in split_at_pretoken_boundaries(t, 1 << 20):
+                chunks.append(c)
+                owner.append(i)
+        encs = tok.tok.encode_batch(chunks, add_special_tokens=False) if chunks else []
+        parts: list[list[np.ndarray]] = [[] for _ in texts]
+        for i, e in zip(owner, encs):
+            parts[i].append(np.asarray(e.ids, dtype=self.dtype))
+        return [np.concatenate(p) if len(p) != 1 else p[0] for p in parts]
+
+    def _segment(self, src, seg: Segment) -> dict:
+        """-> {split: [arrays]} for this segment, written through unless held for skip."""
+        hold = self.o["skip_bad_files"]
+        held: dict[str, list] = {s: [] for s in SPLITS}
+        docs = {s: 0 for s in SPLITS}
+        eos = self.tok.eos_id
+        for batch in src_lib.read_segment(src, seg, self.o["text_field"],
+                                          val_fraction=self.o["val_fraction"]):
+            ids_list = self._encode_texts([d.text for d in batch])
+            out: dict[str, list] = {s: [] for s in SPLITS}
+            for d, ids in zip(batch, ids_list):
+                split = d.split or ("val" if _val_choice(d.key, self.o["seed"], self.o["val_fraction"])
+                                    else "train")
+                if len(ids):
+                    out[split].append(ids)
+                if d.end:
+                    if eos is not None:
+                        out[split].append(np.asarray([eos], dtype=self.dtype))
+                    docs[split] += 1
+            for s in SPLITS:
+                if out[s]:
+                    arr = np.concatenate(out[s]).astype(self.dtype, copy=False)
+                    (held[s].append(arr) if hold else self.streams[s].add(arr))
+        for s in SPLITS:
+            for arr in held[s]:
+                self.streams[s].add(arr)
+            self.docs[s] += docs[s]
+        return docs
+
+    def run(self, segs: list[Segment]) -> dict:
+        error = ""
+        try:
+            for seg in segs:
+                src = self.srcs[seg.file]
+                try:
+                    self._segment(src, seg)
+                except BadInput as e:
+                    if not self.o["skip_bad_files"]:
+                        error = str(e)
+                        break
+                    self.bad_files.append(e.file)
+                except UserError as e:  # e.g. a character the char tokenizer lacks
+                    error = f"{src.uri}: {e}"
+                    break
+        finally:
+            for s in self.streams.values():
+                s.close()
+        return {"error": error, "bad_files": json.dumps(sorted(set(self.bad_files))),
+                "shards": json.dumps({s: self.streams[s].files for s in SPLITS}),
+                "docs": json.dumps(self.docs), "dropped": self.dropped}
+
+
+def _piece_rows(pieces: list[list[Segment]], corpus: Corpus) -> list[dict]:
+    from dataclasses import asdict
+
+    rows = []
+    for k, segs in enumerate(pieces):
+        files = sorted({s.file for s in segs})
+        rows.append({"piece": k, "segs": src_lib.segments_to_json(segs),
+                     "srcs": json.dumps({str(i): asdict(corpus.files[i]) for i in files})})
+    return rows
+
+
+def _srcs(row) -> dict:
+    return {int(i): src_lib.Source(**d) for i, d in json.loads(row["srcs"]).items()}
+
+
+def _encode_row(row: dict, opts: dict) -> dict:
+    res = _PieceEncoder(opts, int(row["piece"]), _srcs(row)).run(
+        src_lib.segments_from_json(row["segs"]))
+    return {"piece": row["piece"], **res}
+
+
+def _chars_row(row: dict, opts: dict) -> dict:
+    chars: set[str] = set()
+    bad, error = [], ""
+    srcs = _srcs(row)
+    for seg in src_lib.segments_from_json(row["segs"]):
+        try:
+            for batch in src_lib.read_segment(srcs[seg.file], seg, opts["text_field"],
+                                              val_fraction=opts["val_fraction"]):
+                for d in batch:
+                    chars.update(d.text)
+        except BadInput as e:
+            if not opts["skip_bad_files"]:
+                error = str(e)
+                break
+            bad.append(e.file)
+    return {"piece": row["piece"], "chars": "".join(sorted(chars)), "error": error,
+            "bad_files": json.dumps(bad)}
 
 
 @contextmanager
 def _ray_data():
-    """A running Ray (started here only if needed) and an ordered, quiet Ray Data context."""
+    """A running Ray (started here only if needed) and a quiet Ray Data context."""
     import ray
     from ray.data import DataContext
 
     started = False
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
+        # RAY_ADDRESS joins a cluster; else a fresh embedded instance ("local"), never a
+        # cluster that some `ray start` on this machine happens to have recorded in /tmp/ray.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+                 configure_logging=False)
         started = True
     ctx = DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
-    ctx.execution_options.preserve_order = True
+    saved = ctx.enable_progress_bars
     ctx.enable_progress_bars = False
     data_logger = logging.getLogger("ray.data")  # we print our own progress lines
     saved_level = data_logger.level
@@ -254,55 +340,316 @@ def _ray_data():
     try:
         yield ray
     finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+        ctx.enable_progress_bars = saved
         data_logger.setLevel(saved_level)
         if started:
             ray.shutdown()
 
 
-def _dataset(ray, files: list[Path]):
-    cpus = int(ray.cluster_resources().get("CPU", 1)) or 1
-    blocks = max(1, min(len(files), 4 * cpus, 1000))
-    return ray.data.from_items([{"idx": i, "path": str(f)} for i, f in enumerate(files)],
-                               override_num_blocks=blocks)
-
-
-def _scan_all(files: list[Path], want_chars: bool, ray, log: Log) -> list[dict]:
+def _run_pieces(fn, rows: list[dict], opts: dict, ray, log: Log, what: str):
+    """fn(row, opts) for every piece: inline, or one Ray Data task per piece. Yields results
+    as they come (the caller stops at the first error)."""
     if ray is None:
-        out = []
-        for i, f in enumerate(files):
-            out.append(_scan_file(f, want_chars))
-            if out[-1]["error"]:
-                break  # the first bad file is reported; no need to read the rest
-        return out
-    ds = _dataset(ray, files).map_batches(
-        _scan_batch, fn_kwargs={"want_chars": want_chars}, batch_format="pyarrow", batch_size=None)
-    rows = sorted(ds.take_all(), key=lambda r: r["idx"])
-    log(f"scanned {len(rows)} files with Ray Data")
-    return rows
-
-
-def _encode_all(files: list[Path], tok: Tokenizer, dtype: str, ray, log: Log
-                ) -> Iterator[tuple[int, np.ndarray]]:
-    """Yields (file index, token ids) in file order."""
-    if ray is None:
-        for i, f in enumerate(files):
-            yield i, tok.encode_np(_read_text(f)).astype(dtype)
+        for r in rows:
+            yield fn(r, opts)
         return
-    tok_json = json.dumps(tok.to_dict()) if tok.kind == "char" else tok.to_str()
-    ds = _dataset(ray, files).map_batches(
-        _encode_batch, fn_kwargs={"tok_json": tok_json, "dtype": dtype},
-        batch_format="pyarrow", batch_size=None)
-    expected = 0
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for idx, data in zip(batch.column("idx").to_pylist(), batch.column("tokens").to_pylist()):
-            if idx != expected:  # preserve_order guarantees this; never write out of order
-                raise RuntimeError(f"Ray Data returned file {idx} when {expected} was expected")
-            expected += 1
-            yield idx, np.frombuffer(data, dtype=dtype)
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = ds.map(fn, fn_kwargs={"opts": opts}, num_cpus=1)
+    done, t_last = 0, time.time()
+    for r in ds.iter_rows():
+        done += 1
+        if time.time() - t_last > 10 or done == len(rows):
+            t_last = time.time()
+            log(f"{what}: {done}/{len(rows)} pieces")
+        yield r
 
 
 # ----------------------------------------------------------------------------- prepare
+
+
+class _Build:
+    """One prepare run: plan -> tokenizer -> encode -> meta, writing into `target`."""
+
+    def __init__(self, corpus: Corpus, target: str, run: str, opts: dict, ray, log: Log):
+        self.corpus, self.target, self.run, self.o, self.ray, self.log = corpus, target, run, opts, ray, log
+        self.bad_files: set[str] = set()
+
+    def _on_bad(self, e: BadInput) -> None:
+        self.bad_files.add(e.file)
+
+    def plan(self) -> list[list[Segment]]:
+        c = self.corpus
+        self.tail = all(f.fmt == "txt" for f in c.files) and len(c.files) < MANY_TEXT_FILES
+        segs = src_lib.plan_segments(c, self.tail, self.o["val_fraction"], self.o["text_field"],
+                                     self.o["segment_bytes"],
+                                     on_bad=self._on_bad if self.o["skip_bad_files"] else None)
+        return src_lib.group_segments(segs, c, self.o["segment_bytes"])
+
+    def tokenizer(self, pieces, rows) -> Tokenizer:
+        kind = self.o["tokenizer"]
+        if kind == "char":
+            chars: set[str] = set()
+            for r in _run_pieces(_chars_row, rows, self.o, self.ray, self.log, "char scan"):
+                self._check(r)
+                chars.update(r["chars"])
+            if not chars:
+                raise self._empty()
+            return train_char_tokenizer("".join(chars))
+        if kind == "bpe":
+            sample = self.o["bpe_sample_bytes"]
+            self.log(f"training byte-level BPE (vocab {self.o['vocab_size']}) on up to "
+                     f"{sample / 1e6:.0f} MB of {self.corpus.total_bytes / 1e6:.1f} MB")
+            tok = train_bpe_tokenizer(self._sample(pieces, sample), self.o["vocab_size"])
+            if self.sampled == 0:
+                raise self._empty()
+            return tok
+        return load_tokenizer(_tokenizer_file(kind))
+
+    def _sample(self, pieces, budget: int):
+        """Texts from the start of every piece, about budget / len(pieces) bytes each."""
+        self.sampled = 0
+        quota = max(1 << 16, budget // max(1, len(pieces)))
+        for segs in pieces:
+            got = 0
+            for t in self._piece_texts(segs):
+                yield t
+                got += len(t)
+                self.sampled += len(t)
+                if got >= quota or self.sampled >= budget:
+                    break
+            if self.sampled >= budget:
+                return
+
+    def _piece_texts(self, segs):
+        for seg in segs:
+            try:
+                for batch in src_lib.read_segment(self.corpus.files[seg.file], seg, self.o["text_field"],
+                                                  val_fraction=self.o["val_fraction"]):
+                    for d in batch:
+                        yield from split_at_pretoken_boundaries(d.text, 1 << 20)
+            except BadInput as e:
+                if not self.o["skip_bad_files"]:
+                    raise
+                self.bad_files.add(e.file)
+
+    def _empty(self) -> UserError:
+        c = self.corpus
+        if c.is_dir:
+            return UserError(f"corpus directory {c.label} has no text: all its "
+                             f"{len(c.files)} text files are empty")
+        return UserError(f"corpus file {c.files[0].uri if c.label == BUNDLED_LABEL else c.label} "
+                         f"is empty")
+
+    def _check(self, r: dict) -> None:
+        if r["error"]:
+            raise UserError(r["error"])
+        self.bad_files.update(json.loads(r["bad_files"]))
+
+    def encode(self, rows, tok: Tokenizer) -> dict:
+        opts = {**self.o, "tok_json": _tokenizer_to_str(tok), "dtype": dtype_for_vocab(tok.vocab_size),
+                "out": self.target, "run": self.run}
+        results = []
+        for r in _run_pieces(_encode_row, rows, opts, self.ray, self.log, "encode"):
+            self._check(r)
+            results.append(r)
+        results.sort(key=lambda r: r["piece"])
+        shards = {s: [] for s in SPLITS}
+        docs = {s: 0 for s in SPLITS}
+        dropped = 0
+        for r in results:
+            for s, files in json.loads(r["shards"]).items():
+                shards[s] += [{"file": f, "tokens": n} for f, n in files]
+            for s, n in json.loads(r["docs"]).items():
+                docs[s] += n
+            dropped += int(r["dropped"])
+        return {"shards": shards, "docs": docs, "dropped": dropped, "dtype": opts["dtype"]}
+
+    def build(self) -> dict:
+        t0 = time.time()
+        c = self.corpus
+        self.log(f"reading {len(c.files)} file{'s' * (len(c.files) != 1)} "
+                 f"({c.total_bytes / 1e6:.1f} MB) from {c.label}"
+                 + (" with Ray Data" if self.ray is not None else ""))
+        pieces = self.plan()
+        if not pieces:
+            raise self._empty()
+        rows = _piece_rows(pieces, c)
+        tok = self.tokenizer(pieces, rows)
+        self.log(f"{tok.kind} tokenizer: vocab {tok.vocab_size} ({time.time() - t0:.1f}s)")
+        fs, base = filesystem(self.target)
+        fs.create_dir(base, recursive=True)
+        with fs.open_output_stream(f"{base}/{TOKENIZER_FILE}") as f:
+            if self.o["tokenizer"] in ("char", "bpe"):
+                f.write((_tokenizer_to_str(tok) if tok.kind == "bpe" else
+                         json.dumps(tok.to_dict(), ensure_ascii=False)).encode() + b"\n")
+            else:  # a given tokenizer.json is copied byte for byte
+                f.write(_tokenizer_file(self.o["tokenizer"]).read_bytes())
+        enc = self.encode(rows, tok)
+        n = {s: sum(x["tokens"] for x in enc["shards"][s]) for s in SPLITS}
+        if n["train"] + n["val"] == 0:
+            raise self._empty()
+        if n["train"] < MIN_SPLIT_TOKENS or n["val"] < MIN_SPLIT_TOKENS:
+            hint = ("" if self.tail else f" ({enc['docs']['val']} of "
+                    f"{enc['docs']['train'] + enc['docs']['val']} documents went to val)")
+            raise UserError(
+                f"corpus {c.label} is too small for val_fraction={self.o['val_fraction']}: train "
+                f"gets {n['train']} and val {n['val']} tokens{hint}, each split needs at least "
+                f"{MIN_SPLIT_TOKENS}")
+        if self.bad_files:
+            self.log(f"skipped {len(self.bad_files)} bad file{'s' * (len(self.bad_files) != 1)}: "
+                     + ", ".join(sorted(self.bad_files)[:5]) + (" ..." if len(self.bad_files) > 5 else ""))
+        extra = {}
+        if self.o["tokenizer"] not in ("char", "bpe"):
+            tf = _tokenizer_file(self.o["tokenizer"])
+            extra = {"tokenizer_from": str(tf), "tokenizer_fingerprint": _fingerprint(tf)}
+        return build_meta(
+            tok, n["train"], n["val"], {s: len(enc["shards"][s]) for s in SPLITS}, enc["dtype"],
+            self.o["shard_tokens"], self.o["val_fraction"], c,
+            shards=enc["shards"], documents=enc["docs"],
+            split=("per document: first (1 - val_fraction) of its bytes -> train, rest -> val"
+                   if self.tail else f"whole documents, seeded choice (seed {self.o['seed']})"),
+            text_field=self.o["text_field"], skipped_files=len(self.bad_files),
+            dropped_chars=enc["dropped"], **extra)
+
+
+def _fingerprint(path: Path) -> str:
+    obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_options(tokenizer: str, vocab_size: int, val_fraction: float, shard_tokens: int,
+                   unknown: str) -> None:
+    if tokenizer == "bpe" and vocab_size < MIN_BPE_VOCAB:
+        raise UserError(f"vocab_size={vocab_size} is too small for the BPE tokenizer "
+                        f"(at least {MIN_BPE_VOCAB}: 256 bytes + <|endoftext|>)")
+    if tokenizer not in ("char", "bpe"):
+        f = _tokenizer_file(tokenizer)
+        if not f.is_file():
+            raise UserError(f"unknown tokenizer {tokenizer!r}: use 'char', 'bpe' or the path of "
+                            f"a tokenizer.json")
+        load_tokenizer(f)  # a file that is not a tokenizer fails here, before any work
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
+    if shard_tokens < 1:
+        raise UserError(f"shard_tokens={shard_tokens} must be at least 1")
+    if unknown not in ("error", "drop"):
+        raise UserError(f"unknown={unknown!r}: use 'error' or 'drop'")
+
+
+def prepare_corpus(
+    corpus: str | os.PathLike | None,
+    out: str | os.PathLike,
+    tokenizer: str = "char",
+    vocab_size: int = 2048,
+    val_fraction: float = 0.1,
+    shard_tokens: int = 50_000_000,
+    use_ray: bool | None = None,
+    *,
+    text_field: str = "text",
+    bpe_sample_bytes: int = BPE_SAMPLE_BYTES,
+    skip_bad_files: bool = False,
+    seed: int = 0,
+    unknown: str = "error",
+    segment_bytes: int = src_lib.SEGMENT_BYTES,
+    overwrite: bool = True,
+    log: Log | None = None,
+) -> dict:
+    """Tokenize `corpus` (None = bundled tinyshakespeare; a file, directory, glob or URI)
+    into `out` (a path or URI) and return its meta dict. tokenizer: "char", "bpe" (trained
+    on up to bpe_sample_bytes; vocab_size) or a tokenizer.json path. use_ray None = Ray Data
+    when the corpus makes more than one piece. unknown="drop" removes characters a given
+    char tokenizer lacks (counted in meta). overwrite=False keeps an `out` that exists
+    meanwhile (another process prepared it) and returns its meta."""
+    log = log or (lambda _msg: None)
+    t0 = time.time()
+    tokenizer = str(tokenizer)
+    _check_options(tokenizer, vocab_size, val_fraction, shard_tokens, unknown)
+    c = resolve_corpus(corpus)
+    out_s = str(out)
+    remote = is_uri(out_s)
+    if not remote:
+        outp = Path(out_s).expanduser().absolute()
+        _check_out(outp)
+    opts = {"tokenizer": tokenizer, "vocab_size": vocab_size, "val_fraction": val_fraction,
+            "shard_tokens": shard_tokens, "text_field": text_field,
+            "bpe_sample_bytes": bpe_sample_bytes, "skip_bad_files": skip_bad_files, "seed": seed,
+            "unknown": unknown, "segment_bytes": segment_bytes}
+
+    def build(target: str, run: str) -> dict:
+        b = _Build(c, target, run, opts, None, log)
+        pieces_guess = c.total_bytes > segment_bytes * 1.5 or len(c.files) > 1
+        if use_ray or (use_ray is None and pieces_guess):
+            with _ray_data() as ray:
+                b.ray = ray
+                return b.build()
+        return b.build()
+
+    if remote:
+        meta = _prepare_remote(out_s, build, overwrite, log)
+    else:
+        outp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{outp.name}.tmp-", dir=outp.parent))
+        try:
+            meta = build(str(tmp), "")
+            _write_meta(str(tmp), meta)
+            if not _install(tmp, outp, overwrite):
+                shutil.rmtree(tmp, ignore_errors=True)
+                log(f"{outp} was prepared meanwhile by someone else: keeping it")
+                return read_meta(outp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    log(f"wrote {out_s} in {time.time() - t0:.1f}s")
+    return meta
+
+
+def _write_meta(target: str, meta: dict) -> None:
+    """meta.json last, atomically (local: temp + rename; object stores: one PUT)."""
+    data = (json.dumps(meta, indent=2) + "\n").encode()
+    if not is_uri(target):
+        p = Path(target) / META_FILE
+        tmp = p.with_name(f".{META_FILE}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(data)
+        os.replace(tmp, p)
+        return
+    fs, base = filesystem(target)
+    with fs.open_output_stream(f"{base}/{META_FILE}") as f:
+        f.write(data)
+
+
+def _prepare_remote(out: str, build, overwrite: bool, log: Log) -> dict:
+    import pyarrow.fs as pafs
+
+    fs, base = filesystem(out)
+    try:
+        has_meta = fs.get_file_info(f"{base}/{META_FILE}").type == pafs.FileType.File
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"output {out} is unreachable: {src_lib._first_line(e)}") from None
+    if has_meta and not overwrite:
+        return read_meta(out)
+    run = f"{uuid.uuid4().hex[:8]}-"
+    try:
+        meta = build(out, run)
+        _write_meta(out, meta)
+    except BaseException:
+        _remove_run_shards(fs, base, lambda name: name.startswith(f"shard-{run}"))
+        raise
+    keep = {x["file"].rsplit("/", 1)[-1] for s in SPLITS for x in meta["shards"][s]}
+    _remove_run_shards(fs, base, lambda name: name not in keep)  # an older prepare's shards
+    return meta
+
+
+def _remove_run_shards(fs, base: str, which) -> None:
+    import pyarrow.fs as pafs
+
+    for s in SPLITS:
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(f"{base}/{s}", allow_not_found=True))
+            for fi in infos:
+                if fi.type == pafs.FileType.File and which(fi.base_name):
+                    fs.delete_file(fi.path)
+        except Exception:  # noqa: BLE001 - best effort clean-up
+            pass
 
 
 def _check_out(out: Path) -> None:
@@ -340,130 +687,9 @@ def _install(tmp: Path, out: Path, overwrite: bool) -> bool:
             shutil.rmtree(o, ignore_errors=True)
 
 
-def prepare_corpus(
-    corpus: str | os.PathLike | None,
-    out: str | os.PathLike,
-    tokenizer: str = "char",
-    vocab_size: int = 2048,
-    val_fraction: float = 0.1,
-    shard_tokens: int = 50_000_000,
-    use_ray: bool | None = None,
-    *,
-    overwrite: bool = True,
-    log: Log | None = None,
-) -> dict:
-    """Tokenize `corpus` (None = bundled tinyshakespeare; a file; or a directory of text
-    files) into `out` and return its meta dict. `vocab_size` applies to BPE only.
-    use_ray None = Ray Data when the corpus has more than one file. overwrite=False keeps an
-    `out` that already exists (e.g. another process prepared it meanwhile) and returns its meta.
-    `log` receives progress lines."""
-    t0 = time.time()
-    log = log or (lambda _msg: None)
-    if tokenizer not in ("char", "bpe"):
-        raise UserError(f"unknown tokenizer {tokenizer!r}: use 'char' or 'bpe'")
-    if tokenizer == "bpe" and vocab_size < MIN_BPE_VOCAB:
-        raise UserError(f"vocab_size={vocab_size} is too small for the BPE tokenizer "
-                        f"(at least {MIN_BPE_VOCAB}: 256 bytes + <|endoftext|>)")
-    if not 0.0 < val_fraction < 1.0:
-        raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
-    if shard_tokens < 1:
-        raise UserError(f"shard_tokens={shard_tokens} must be at least 1")
-    out = Path(out).expanduser().absolute()
-    files, label, is_dir = _resolve_corpus(corpus)
-    _check_out(out)
-    if use_ray is None:
-        use_ray = len(files) > 1
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        if use_ray:
-            with _ray_data() as ray:
-                meta = _build(files, label, is_dir, tmp, tokenizer, vocab_size, val_fraction,
-                              shard_tokens, ray, log)
-        else:
-            meta = _build(files, label, is_dir, tmp, tokenizer, vocab_size, val_fraction,
-                          shard_tokens, None, log)
-        if not _install(tmp, out, overwrite):
-            shutil.rmtree(tmp, ignore_errors=True)
-            log(f"{out} was prepared meanwhile by someone else: keeping it")
-            return read_meta(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log(f"wrote {out} in {time.time() - t0:.1f}s")
-    return meta
-
-
-def _build(files, label, is_dir, tmp: Path, kind, vocab_size, val_fraction, shard_tokens,
-           ray, log: Log) -> dict:
-    t0 = time.time()
-    log(f"reading {len(files)} file{'s' * (len(files) != 1)} from {label}"
-        + (" with Ray Data" if ray is not None else ""))
-    scans = _scan_all(files, kind == "char", ray, log)
-    for f, s in zip(files, scans):
-        if s["error"]:
-            raise UserError(s["error"])
-    docs = [f for f, s in zip(files, scans) if s["nchars"] > 0]
-    if not docs:
-        if is_dir:
-            raise UserError(f"corpus directory {label} has no text: all its "
-                            f"{len(files)} text files are empty")
-        raise UserError(f"corpus file {files[0] if label == BUNDLED_LABEL else label} is empty")
-    total_bytes = sum(s["nbytes"] for s in scans)
-    if is_dir:
-        base = Path(label)
-        lines = "".join(f"{s['sha256']}  {f.relative_to(base).as_posix()}\n"
-                        for f, s in zip(files, scans))
-        corpus_sha = hashlib.sha256(lines.encode()).hexdigest()
-    else:
-        corpus_sha = scans[0]["sha256"]
-
-    if kind == "char":
-        tok = train_char_tokenizer("".join(sorted(set("".join(s["chars"] for s in scans)))))
-    else:
-        log(f"training byte-level BPE (vocab {vocab_size}) on {total_bytes / 1e6:.1f} MB")
-
-        def texts():
-            for f in docs:
-                yield from split_at_pretoken_boundaries(_read_text(f), 1 << 20)
-
-        tok = train_bpe_tokenizer(texts(), vocab_size)
-    log(f"{kind} tokenizer: vocab {tok.vocab_size} ({time.time() - t0:.1f}s)")
-    tok.save(tmp / TOKENIZER_FILE)
-
-    dtype = dtype_for_vocab(tok.vocab_size)
-    writers = {s: _ShardWriter(tmp / s, dtype, shard_tokens) for s in SPLITS}
-    eos = np.asarray([tok.eos_id], dtype=dtype) if (tok.eos_id is not None and len(docs) > 1) else None
-    last_log = time.time()
-    for n_done, (_idx, ids) in enumerate(_encode_all(docs, tok, dtype, ray, log), 1):
-        if eos is not None:
-            ids = np.concatenate([ids, eos])
-        cut = int(len(ids) * (1.0 - val_fraction))
-        writers["train"].add(ids[:cut])
-        writers["val"].add(ids[cut:])
-        if time.time() - last_log > 5 or n_done == len(docs):
-            last_log = time.time()
-            log(f"tokenized {n_done}/{len(docs)} files: "
-                f"{writers['train'].num_tokens + writers['val'].num_tokens:,} tokens")
-    for w in writers.values():
-        w.close()
-    n_train, n_val = writers["train"].num_tokens, writers["val"].num_tokens
-    if n_train < MIN_SPLIT_TOKENS or n_val < MIN_SPLIT_TOKENS:
-        raise UserError(
-            f"corpus {label} is too small for val_fraction={val_fraction}: train gets {n_train} "
-            f"and val {n_val} tokens, each split needs at least {MIN_SPLIT_TOKENS}")
-
-    meta = build_meta(tok, n_train, n_val, {s: writers[s].num_shards for s in SPLITS}, dtype,
-                      shard_tokens, val_fraction, label, files, total_bytes, corpus_sha)
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return meta
-
-
 def build_meta(tok, n_train: int, n_val: int, num_shards: dict, dtype: str, shard_tokens: int,
-               val_fraction: float, label: str, files: list, total_bytes: int, corpus_sha: str,
-               **extra) -> dict:
-    """meta.json of a prepared dataset (also written by `raygpt data` for a new corpus)."""
+               val_fraction: float, corpus: Corpus, **extra) -> dict:
+    """meta.json of a prepared dataset."""
     return {
         "format_version": FORMAT_VERSION,
         "vocab_size": tok.vocab_size,
@@ -475,29 +701,41 @@ def build_meta(tok, n_train: int, n_val: int, num_shards: dict, dtype: str, shar
         "dtype": dtype,
         "shard_tokens": shard_tokens,
         "val_fraction": val_fraction,
-        "split": "per document: first (1 - val_fraction) of its tokens -> train, rest -> val",
-        "corpus": label,
-        "corpus_files": len(files),
-        "corpus_bytes": total_bytes,
-        "corpus_sha256": corpus_sha,
-        "corpus_stat": _corpus_stat(files, label),
+        "corpus": corpus.label,
+        "corpus_files": len(corpus.files),
+        "corpus_bytes": corpus.total_bytes,
+        "corpus_stat": _corpus_stat(corpus),
         **extra,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
 def read_meta(path: str | os.PathLike) -> dict:
-    """meta.json of a prepared data directory (`path` = the directory or the file)."""
-    p = Path(path).expanduser()
-    f = p / META_FILE if p.is_dir() or not p.suffix else p
-    if not f.is_file():
-        raise UserError(f"{p} has no {META_FILE}: run `raygpt prepare --out {p}`")
+    """meta.json of a prepared data directory (`path` = the directory, the file, or a URI)."""
+    s = str(path)
+    if is_uri(s):
+        fs, base = filesystem(s)
+        f = base if base.endswith(".json") else f"{base.rstrip('/')}/{META_FILE}"
+        try:
+            with fs.open_input_stream(f) as fh:
+                text = fh.read().decode("utf-8")
+        except FileNotFoundError:
+            raise UserError(f"{s} has no {META_FILE}: run `raygpt prepare --out {s}`") from None
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"{s} is unreachable: {src_lib._first_line(e)}") from None
+        label = f"{s}/{META_FILE}"
+    else:
+        p = Path(s).expanduser()
+        fp = p / META_FILE if p.is_dir() or not p.suffix else p
+        if not fp.is_file():
+            raise UserError(f"{p} has no {META_FILE}: run `raygpt prepare --out {p}`")
+        text, label = fp.read_text(encoding="utf-8"), str(fp)
     try:
-        meta = json.loads(f.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{f} is not valid JSON: {e}") from None
+        meta = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"{label} is not valid JSON: {e}") from None
     if not isinstance(meta, dict) or "vocab_size" not in meta:
-        raise UserError(f"{f} is not a raygpt meta.json (no vocab_size)")
+        raise UserError(f"{label} is not a raygpt meta.json (no vocab_size)")
     return meta
 
 
@@ -512,32 +750,44 @@ def _cache_key(data_cfg) -> str:
     if data_cfg.corpus is None:
         name = BUNDLED_NAME
     else:
-        p = Path(data_cfg.corpus).expanduser().absolute()
-        name = f"{p.stem or 'corpus'}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
-    key = f"{name}-{data_cfg.tokenizer}"
+        c = str(data_cfg.corpus)
+        p = c if is_uri(c) else str(Path(c).expanduser().absolute())
+        stem = Path(p.rstrip("/").split("/")[-1]).stem.replace("*", "") or "corpus"
+        name = f"{stem}-{hashlib.sha256(p.encode()).hexdigest()[:8]}"
+    tok = data_cfg.tokenizer
+    if tok not in ("char", "bpe"):
+        tok = "tok" + _fingerprint(_tokenizer_file(tok))[:12]
+    key = f"{name}-{tok}"
     if data_cfg.tokenizer == "bpe":
         key += f"-{data_cfg.bpe_vocab_size}"
     if data_cfg.val_fraction != 0.1:
         key += f"-val{data_cfg.val_fraction:g}"
+    if getattr(data_cfg, "text_field", "text") != "text":
+        key += f"-{data_cfg.text_field}"
     return key
 
 
 def ensure_data(data_cfg, log: Log | None = None) -> Path:
-    """The prepared data directory for a DataConfig.
+    """The prepared data directory (or URI) for a DataConfig.
 
-    data.path set: it must hold meta.json (its tokenizer wins over data.tokenizer).
+    data.path set: it must hold meta.json (its tokenizer wins over data.tokenizer); a
+    storage URI gives its node-local cache dir (shards follow on demand, see loader).
     data.path None: the bundled corpus (or data.corpus) is prepared once into
     `$RAYGPT_CACHE_DIR` (default ~/.cache/raygpt) /data/<corpus>-<tokenizer>[-<vocab>]
     and reused; it is prepared again when the corpus files changed (size or mtime).
     Safe when several processes do it at once: each writes its own temp dir, the first
     rename wins and the others keep its result."""
     if data_cfg.path:
+        if is_uri(data_cfg.path):
+            from raygpt.data.loader import local_data_dir
+
+            return local_data_dir(data_cfg.path)  # meta + tokenizer in this node's cache
         p = Path(data_cfg.path).expanduser()
         if not (p / META_FILE).is_file():
             raise UserError(f"data.path '{data_cfg.path}' has no {META_FILE}: "
                             f"run `raygpt prepare --out {data_cfg.path}`")
         return p
-    files, label, _ = _resolve_corpus(data_cfg.corpus)
+    c = resolve_corpus(data_cfg.corpus)
     target = cache_dir() / "data" / _cache_key(data_cfg)
     overwrite = False
     if (target / META_FILE).is_file():
@@ -545,10 +795,11 @@ def ensure_data(data_cfg, log: Log | None = None) -> Path:
             meta = read_meta(target)
         except UserError:
             meta = {}
-        if meta.get("corpus_stat") == _corpus_stat(files, label):
+        if meta.get("corpus_stat") == _corpus_stat(c):
             return target
         overwrite = True  # corpus changed (or unreadable meta): prepare again
     prepare_corpus(data_cfg.corpus, target, tokenizer=data_cfg.tokenizer,
                    vocab_size=data_cfg.bpe_vocab_size, val_fraction=data_cfg.val_fraction,
+                   text_field=getattr(data_cfg, "text_field", "text"),
                    overwrite=overwrite, log=log)
     return target

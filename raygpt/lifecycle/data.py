@@ -4,21 +4,15 @@ default held-out data a model is evaluated on.
 `raygpt prepare` trains a new tokenizer on its corpus; a fine-tuning or evaluation corpus
 must instead be encoded with the tokenizer the model was trained with (a char model
 trained on Shakespeare maps 'a' to id 39; a tokenizer trained on new text would not).
-`prepare_with_tokenizer` writes the same layout as `raygpt prepare` (train/val Arrow
-shards + meta.json + tokenizer.json) with a given tokenizer.json.
+`prepare_with_tokenizer` is `raygpt prepare --tokenizer MODEL_DIR/tokenizer.json`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Callable
-
-import numpy as np
 
 from raygpt.errors import UserError
 
@@ -72,79 +66,15 @@ def prepare_with_tokenizer(corpus: str | os.PathLike | None, out: str | os.PathL
                            tokenizer_path: str | os.PathLike, val_fraction: float = 0.1,
                            unknown: str = "error", shard_tokens: int = 50_000_000,
                            log: Callable[[str], None] | None = None) -> dict:
-    """Encode `corpus` (None = the bundled tinyshakespeare; a file; or a directory of text
-    files) with an existing tokenizer.json into `out` (atomic, like `raygpt prepare`).
+    """`raygpt prepare --tokenizer MODEL_DIR/tokenizer.json`: encode `corpus` with an
+    existing tokenizer.json (one code path with prepare). unknown: what to do with
+    characters a char tokenizer does not know: "error" (a UserError naming the character)
+    or "drop" (removed; their count lands in meta.json). Byte-level BPE encodes any text."""
+    from raygpt.data.prepare import prepare_corpus
 
-    unknown: what to do with characters a char tokenizer does not know: "error" (a
-    UserError naming the character) or "drop" (removed; their count lands in meta.json).
-    Byte-level BPE encodes any text."""
-    from raygpt.data import prepare as prep
-    from raygpt.data.tokenizer import load_tokenizer
-
-    if unknown not in ("error", "drop"):
-        raise UserError(f"unknown={unknown!r}: use 'error' or 'drop'")
-    if not 0.0 < val_fraction < 1.0:
-        raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
-    log = log or (lambda _m: None)
-    t0 = time.time()
-    tok_file = _tokenizer_file(tokenizer_path)
-    tok = load_tokenizer(tok_file)
-    files, label, is_dir = prep._resolve_corpus(corpus)
-    out = Path(out).expanduser().absolute()
-    prep._check_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        dtype = prep.dtype_for_vocab(tok.vocab_size)
-        writers = {s: prep._ShardWriter(tmp / s, dtype, shard_tokens) for s in prep.SPLITS}
-        known = set(getattr(tok, "chars", []))
-        eos = (np.asarray([tok.eos_id], dtype=dtype)
-               if (tok.eos_id is not None and len(files) > 1) else None)
-        dropped, total_bytes, docs = 0, 0, 0
-        digest = hashlib.sha256()
-        for f in files:
-            data = f.read_bytes()
-            total_bytes += len(data)
-            digest.update(hashlib.sha256(data).hexdigest().encode())
-            text = prep._read_text(f)
-            if not text:
-                continue
-            if tok.kind == "char" and unknown == "drop":
-                bad = set(text) - known
-                if bad:
-                    before = len(text)
-                    text = text.translate({ord(c): None for c in bad})
-                    dropped += before - len(text)
-            ids = tok.encode_np(text).astype(dtype)
-            if eos is not None:
-                ids = np.concatenate([ids, eos])
-            cut = int(len(ids) * (1.0 - val_fraction))
-            writers["train"].add(ids[:cut])
-            writers["val"].add(ids[cut:])
-            docs += 1
-        for w in writers.values():
-            w.close()
-        n_train, n_val = writers["train"].num_tokens, writers["val"].num_tokens
-        if docs == 0:
-            raise UserError(f"corpus {label} has no text")
-        if n_train < prep.MIN_SPLIT_TOKENS or n_val < prep.MIN_SPLIT_TOKENS:
-            raise UserError(f"corpus {label} is too small for val_fraction={val_fraction}: "
-                            f"train gets {n_train} and val {n_val} tokens")
-        shutil.copyfile(tok_file, tmp / TOKENIZER)
-        meta = prep.build_meta(tok, n_train, n_val, {s: writers[s].num_shards for s in prep.SPLITS},
-                               dtype, shard_tokens, val_fraction, label, files, total_bytes,
-                               digest.hexdigest(), tokenizer_from=str(tok_file),
-                               tokenizer_fingerprint=tokenizer_fingerprint(tok_file),
-                               dropped_chars=dropped)
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        prep._install(tmp, out, True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log(f"encoded {label} with {tok_file} -> {out}: train {n_train:,} / val {n_val:,} tokens"
-        + (f", {dropped} unknown characters dropped" if dropped else "")
-        + f" ({time.time() - t0:.1f}s)")
-    return meta
+    return prepare_corpus(corpus, out, tokenizer=str(_tokenizer_file(tokenizer_path)),
+                          val_fraction=val_fraction, shard_tokens=shard_tokens,
+                          unknown=unknown, log=log)
 
 
 # ----------------------------------------------------------------------------- model data
@@ -159,7 +89,7 @@ def _cached_encoding(corpus: str | None, model_dir: Path, val_fraction: float,
     """`corpus` encoded with the model's tokenizer, cached (re-encoded when it changed)."""
     from raygpt.data import prepare as prep
 
-    files, label, _ = prep._resolve_corpus(corpus)
+    c = prep.resolve_corpus(corpus)
     if corpus is None:
         name = prep.BUNDLED_NAME
     else:
@@ -173,7 +103,7 @@ def _cached_encoding(corpus: str | None, model_dir: Path, val_fraction: float,
             meta = json.loads((target / META).read_text())
         except ValueError:
             meta = {}
-        if meta.get("corpus_stat") == prep._corpus_stat(files, label):
+        if meta.get("corpus_stat") == prep._corpus_stat(c):
             return target
     prepare_with_tokenizer(corpus, target, model_dir / TOKENIZER, val_fraction=val_fraction,
                            unknown="drop", log=log)

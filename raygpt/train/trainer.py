@@ -261,8 +261,10 @@ class Trainer:
     def _loader(self, split: str):
         from raygpt.data.loader import BatchLoader
 
+        # Val always samples at random (a fixed, seeded set of windows per eval).
         return BatchLoader(self.data_dir, split, self.gcfg.block_size, self.cfg.train.global_batch,
-                           self.cfg.train.seed, self.dp_rank, self.plan.dp)
+                           self.cfg.train.seed, self.dp_rank, self.plan.dp,
+                           sampling=self.cfg.data.sampling if split == "train" else "random")
 
     # ---------------------------------------------------------------- state
     def _rng_meta(self) -> dict:
@@ -274,7 +276,7 @@ class Trainer:
                 "best_val_loss": self.best_val if self.best_val < float("inf") else None,
                 "val_loss": self.last_val, "train_seconds": self.train_seconds_prev + self.train_time,
                 "decay_steps": self.horizon, "model": dict(self.gcfg.__dict__),
-                "config": self.cfg.to_dict()}
+                "config": self.cfg.to_dict(), "data_position": self.train_loader.position(self.step)}
 
     def restore(self, path: str | Path) -> int:
         """Every rank: load model/optimizer state (resharded to this plan), RNG and

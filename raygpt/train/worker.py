@@ -149,7 +149,7 @@ def train_func(loop_config: dict) -> None:
     are written straight into run_dir (local storage), "run_id", "run_uri", "inject"}."""
     import ray.train
 
-    from raygpt.data.prepare import ensure_data
+    from raygpt.data.loader import worker_data_dir
 
     cfg = validate(loop_config["config"])
     _quiet_ray_train_reports()
@@ -162,9 +162,8 @@ def train_func(loop_config: dict) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     # Data: a shared path from the driver, or the bundled corpus prepared on this node.
-    data_dir = Path(loop_config.get("data_dir") or ensure_data(cfg.data))
-    if not (data_dir / "meta.json").is_file():
-        data_dir = ensure_data(cfg.data)
+    # (a URI or a path this node cannot see: fetched into the node-local cache).
+    data_dir = worker_data_dir(cfg.data, loop_config.get("data_dir"))
 
     run_dir = loop_config.get("run_dir")
     inject = loop_config.get("inject") or {}

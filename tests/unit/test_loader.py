@@ -84,7 +84,7 @@ def test_multi_shard_reads_match_single_shard(char_data, multi_shard_data):
 def test_memory_mapped_zero_copy(char_data):
     ts = TokenSplit(char_data, "train")
     assert ts.num_tokens == 1_003_854 and ts.dtype == np.uint16
-    arr = ts._arrays[0]
+    arr = ts._shard(0)[0][0]
     assert not arr.flags.owndata and not arr.flags.writeable  # a view of the mapped file
     view = ts.read(1000, 50)
     assert np.shares_memory(view, arr)  # no copy inside a shard
@@ -119,3 +119,57 @@ def test_errors(char_data, tmp_path):
     BatchLoader(small, "val", 19, 4, seed=0).get(0)  # 19 + 1 tokens fit exactly
     with pytest.raises(UserError, match=r"model.block_size=20 is larger than the data split 'val' .*\(20 tokens\)"):
         BatchLoader(small, "val", 20, 4, seed=0)
+
+
+# ---------------------------------------------------------------- epoch sampling
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("epoch")
+    (d / "c.txt").write_text("".join(chr(97 + (i * 7) % 26) for i in range(4_000)))
+    prepare_corpus(d / "c.txt", d / "out", tokenizer="char", shard_tokens=700)  # 6 shards
+    return d / "out"
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_epoch_sampling_visits_every_window_once_per_epoch(small_data, world):
+    g, block = 12, 16
+    loaders = [BatchLoader(small_data, "train", block, g, seed=5, dp_rank=r, dp_size=world,
+                           sampling="epoch") for r in range(world)]
+    w = loaders[0].epoch_windows
+    assert w == (loaders[0].num_tokens - 1) // block and w % g != 0  # epochs end mid-step
+    steps = -(-3 * w // g)
+    seen = np.concatenate([np.concatenate([ld.local_starts(s) for ld in loaders]) for s in range(steps)])
+    for e in range(3):
+        epoch = seen[e * w:(e + 1) * w]
+        assert sorted(epoch.tolist()) == [i * block for i in range(w)]  # each window once
+    assert not np.array_equal(seen[:w], seen[w:2 * w])  # a new permutation each epoch
+    # the rows a rank gets are its slice of the same global batch as at world size 1
+    ref = BatchLoader(small_data, "train", block, g, seed=5, sampling="epoch")
+    for s in (0, 3, steps - 1):
+        x = torch.cat([ld.get(s)[0] for ld in loaders])
+        assert torch.equal(x, ref.get(s)[0])
+        assert ref.position(s) == {"sampling": "epoch", "epoch": s * g // w, "window": s * g % w,
+                                   "windows_per_epoch": w}
+
+
+def test_epoch_sampling_resumes_mid_epoch_exactly(small_data):
+    run = BatchLoader(small_data, "train", 16, 12, seed=7, sampling="epoch")
+    first = [run.get(s) for s in range(40)]
+    resumed = BatchLoader(small_data, "train", 16, 12, seed=7, sampling="epoch")  # a restart at 25
+    assert resumed.position(25)["epoch"] == 1 and resumed.position(25)["window"] > 0
+    for s in range(25, 40):
+        x, y = resumed.get(s)
+        assert torch.equal(x, first[s][0]) and torch.equal(y, first[s][1])
+        assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_prefetch_gives_the_same_batches(small_data):
+    a = BatchLoader(small_data, "train", 16, 8, seed=1, prefetch=True)
+    b = BatchLoader(small_data, "train", 16, 8, seed=1, prefetch=False)
+    for s in (0, 1, 2, 5, 6, 2):  # in order, a jump, and back
+        assert torch.equal(a.get(s)[0], b.get(s)[0])
+    assert not a.pin_memory or torch.cuda.is_available()
+    with pytest.raises(UserError, match="data.sampling='shuffle'"):
+        BatchLoader(small_data, "train", 16, 8, seed=1, sampling="shuffle")

@@ -45,7 +45,6 @@ def test_default_bundled_corpus(char_data):
     assert meta["tokenizer"] == "char" and meta["vocab_size"] == 65
     assert meta["dtype"] == "uint16"
     assert meta["corpus"] == "bundled:tinyshakespeare"
-    assert meta["corpus_sha256"] == hashlib.sha256(bundled_corpus_path().read_bytes()).hexdigest()
     assert meta["num_shards"] == {"train": 1, "val": 1}
     for key in ("train_tokens", "val_tokens", "created"):
         assert key in meta
@@ -70,12 +69,14 @@ def test_small_shards_and_bpe(tmp_path):
     out = tmp_path / "out"
     tok = load_tokenizer(out)
     assert tok.kind == "bpe" and meta["vocab_size"] == tok.vocab_size == 300
-    ids = np.asarray(tok.encode(text))  # single document: no <|endoftext|> added
+    # one document cut at 90% of its bytes; each part ends with <|endoftext|>
+    cut = int(len(text.encode()) * 0.9)
+    head, tail = text.encode()[:cut].decode(), text.encode()[cut:].decode()
     train, tshards = split_tokens(out, "train")
     val, vshards = split_tokens(out, "val")
-    assert meta["train_tokens"] == len(train) == int(len(ids) * 0.9)
-    assert meta["val_tokens"] == len(val)
-    assert np.array_equal(np.concatenate([train, val]), ids)
+    assert train.tolist() == tok.encode(head) + [tok.eos_id]
+    assert val.tolist() == tok.encode(tail) + [tok.eos_id]
+    assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(val)
     assert meta["num_shards"] == {"train": len(tshards), "val": len(vshards)}
     assert len(tshards) == -(-len(train) // 4_000) > 1
     assert meta["corpus"] == str(corpus)
@@ -104,11 +105,11 @@ def test_directory_corpus_with_ray_data(tmp_path, ray_session):
     assert meta["corpus_files"] == 5 and meta["vocab_size"] == len(set("".join(t for _, t in docs)))
     tok = load_tokenizer(tmp_path / "ray")
     heads, tails = [], []
-    for _, text in docs:
-        ids = tok.encode_np(text)
-        cut = int(len(ids) * 0.9)
-        heads.append(ids[:cut])
-        tails.append(ids[cut:])
+    for _, text in docs:  # each document cut at 90% of its bytes
+        b = text.encode()
+        cut = int(len(b) * 0.9)
+        heads.append(tok.encode_np(b[:cut].decode()))
+        tails.append(tok.encode_np(b[cut:].decode()))
     train, _ = split_tokens(tmp_path / "ray", "train")
     val, _ = split_tokens(tmp_path / "ray", "val")
     assert np.array_equal(train, np.concatenate(heads))
@@ -118,7 +119,7 @@ def test_directory_corpus_with_ray_data(tmp_path, ray_session):
     meta2 = prepare_corpus(tmp_path / "corpus", tmp_path / "local", tokenizer="char", use_ray=False)
     assert snapshot(tmp_path / "ray" / "train") == snapshot(tmp_path / "local" / "train")
     assert snapshot(tmp_path / "ray" / "val") == snapshot(tmp_path / "local" / "val")
-    assert meta2["corpus_sha256"] == meta["corpus_sha256"]
+    assert meta2["corpus_stat"] == meta["corpus_stat"]
 
 
 def test_directory_corpus_bpe_with_ray_adds_eos(tmp_path, ray_session):
@@ -130,9 +131,9 @@ def test_directory_corpus_bpe_with_ray_adds_eos(tmp_path, ray_session):
     assert meta["eos_id"] == tok.eos_id is not None
     train, _ = split_tokens(tmp_path / "out", "train")
     val, _ = split_tokens(tmp_path / "out", "val")
-    expected = [tok.encode(t) + [tok.eos_id] for _, t in docs]
-    assert len(train) + len(val) == sum(len(e) for e in expected)
-    assert int((np.concatenate([train, val]) == tok.eos_id).sum()) == len(docs)
+    # every document's head (train) and tail (val) ends with <|endoftext|>
+    assert int((train == tok.eos_id).sum()) == int((val == tok.eos_id).sum()) == len(docs)
+    assert train[-1] == val[-1] == tok.eos_id
     assert tok.decode(tok.encode(docs[1][1])) == docs[1][1]
 
 
