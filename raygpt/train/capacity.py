@@ -289,19 +289,23 @@ def request_workers(bundles: list[dict]) -> None:
 
 def ensure_capacity(what: str, min_workers: int, max_workers: int, per_worker: dict, *,
                     timeout_s: float, read: Callable[[], Capacity] = read_capacity,
-                    log: Callable[[str], None] = print, poll_s: float = 1.0) -> Capacity:
+                    log: Callable[[str], None] = print, poll_s: float = 1.0,
+                    request: Callable[[list], None] = request_workers) -> Capacity:
     """Return once at least `min_workers` can be placed on live nodes. Refuses at once
-    what can never fit; asks the autoscaler for `max_workers` when the live nodes are
-    not enough (an elastic run grows into what arrives later); fails after timeout_s."""
+    what can never fit (and asks the autoscaler for nothing then); asks it for
+    `max_workers` when the live nodes are not enough (an elastic run grows into what
+    arrives later); fails after timeout_s, withdrawing the request."""
     cap = read()
     now = cap.placeable_now(per_worker)
+    if now < min_workers and (not cap.autoscaling or (
+            not cap.unknown_types() and cap.placeable_eventually(per_worker) < min_workers)):
+        raise UserError(cap.never_fits_message(what, min_workers, per_worker))
     if cap.autoscaling and now < max_workers:
-        request_workers([dict(per_worker)] * max_workers)
+        # The request outlives this process (it is cluster state): the driver withdraws
+        # it when the run ends; a refused or timed-out start withdraws it here.
+        request([dict(per_worker)] * max_workers)
     if now >= min_workers:
         return cap
-    if not cap.autoscaling or (not cap.unknown_types()
-                               and cap.placeable_eventually(per_worker) < min_workers):
-        raise UserError(cap.never_fits_message(what, min_workers, per_worker))
     adds = [(t.name, room) for t, room, _ in cap.additions(per_worker) if room]
     log(f"raygpt: waiting for the autoscaler: {now}/{min_workers} workers of {_fmt(per_worker)} "
         f"placeable now; node types that can add them: "
@@ -318,6 +322,7 @@ def ensure_capacity(what: str, min_workers: int, max_workers: int, per_worker: d
             log(f"raygpt: {now} workers placeable after {elapsed:.0f} s")
             return cap
         if elapsed > timeout_s:
+            request([])
             raise UserError(
                 f"{what}={min_workers}: only {now} workers of {_fmt(per_worker)} could be placed after "
                 f"waiting {timeout_s:g} s for the autoscaler (run.placement_timeout_s); check `ray status` "

@@ -52,12 +52,16 @@ def test_cluster_wide_cap_limits_additions():
     assert cap(HEAD, cfg=cfg).placeable_eventually(PER) == 1
 
 
-def test_never_fits_names_the_node_type_and_its_limit():
+def test_never_fits_names_the_node_type_and_its_limit_and_requests_nothing():
     c = cap(HEAD)
+    asked: list = []
     with pytest.raises(UserError) as e:
-        ensure_capacity("run.num_workers", 3, 3, PER, timeout_s=5, read=lambda: c, log=lambda m: None)
+        ensure_capacity("run.num_workers", 3, 3, PER, timeout_s=5, read=lambda: c, log=lambda m: None,
+                        request=asked.append)
     msg = str(e.value)
     assert "gpu_worker" in msg and "max_workers 2" in msg and "\n" not in msg
+    # A refused run must leave no demand behind: the autoscaler would add nodes for it.
+    assert asked == []
 
 
 def test_fixed_cluster_refuses_what_is_not_there():
@@ -73,7 +77,7 @@ def test_waits_until_the_autoscaler_brings_the_minimum():
     states = iter([cap(HEAD), cap(HEAD), cap(HEAD, gpu_node(1)), cap(HEAD, gpu_node(1), gpu_node(2))])
     lines: list[str] = []
     got = ensure_capacity("run.num_workers", 2, 2, PER, timeout_s=60, read=lambda: next(states),
-                          log=lines.append, poll_s=0)
+                          log=lines.append, poll_s=0, request=lambda b: None)
     assert got.placeable_now(PER) == 2
     assert "waiting for the autoscaler" in lines[0] and "gpu_worker" in lines[0]
     assert "placeable after" in lines[-1]
@@ -81,16 +85,20 @@ def test_waits_until_the_autoscaler_brings_the_minimum():
 
 def test_elastic_starts_with_the_minimum():
     states = iter([cap(HEAD), cap(HEAD, gpu_node(1))])
+    asked: list = []
     got = ensure_capacity("run.num_workers", 1, 2, PER, timeout_s=60, read=lambda: next(states),
-                          log=lambda m: None, poll_s=0)
+                          log=lambda m: None, poll_s=0, request=asked.append)
+    assert asked == [[PER, PER]]  # the autoscaler is asked for the maximum
     assert got.placeable_now(PER) == 1
 
 
-def test_gives_up_after_the_timeout_with_a_one_line_error():
+def test_gives_up_after_the_timeout_with_a_one_line_error_and_withdraws():
+    asked: list = []
     with pytest.raises(UserError) as e:
         ensure_capacity("run.num_workers", 2, 2, PER, timeout_s=0.05, read=lambda: cap(HEAD),
-                        log=lambda m: None, poll_s=0.01)
+                        log=lambda m: None, poll_s=0.01, request=asked.append)
     assert "run.placement_timeout_s" in str(e.value) and "\n" not in str(e.value)
+    assert asked == [[PER, PER], []]
 
 
 @pytest.mark.parametrize("name", ["aws-gpu.yaml", "gcp-gpu.yaml"])
