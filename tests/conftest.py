@@ -44,6 +44,22 @@ def ray_session():
     ray.shutdown()
 
 
+def wait_for(predicate, timeout: float, what, interval: float = 0.2):
+    """Poll `predicate` until it returns something truthy (returned) or `timeout`
+    seconds pass (AssertionError naming `what`: a string, or a callable for a message
+    built at failure time). The one place tests wait on a condition."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        got = predicate()
+        if got:
+            return got
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {timeout:g}s: {what() if callable(what) else what}")
+        time.sleep(interval)
+
+
 def wait_serve_apps(names, timeout: float = 180) -> None:
     """Poll Serve until every named application is RUNNING; fail fast on
     DEPLOY_FAILED/UNHEALTHY, and after `timeout` seconds."""

@@ -23,14 +23,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from raygpt.model.gpt import GPT, GPTConfig
-from raygpt.model.io import ModelDirError
+from raygpt.model.io import ModelDirError, atomic_dir
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -311,19 +309,11 @@ def save_hf_dir(model: GPT, out: str | os.PathLike, tokenizer_path: str | os.Pat
     tok_text, tok_cfg, vocab, eos = _tokenizer_files(Path(tokenizer_path), cfg.block_size)
     if vocab > cfg.n_real_vocab:
         raise HFDirError(f"the tokenizer has {vocab} tokens but the model only {cfg.n_real_vocab}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_file(raygpt_to_hf_state(model, vocab), str(tmp / WEIGHTS), metadata={"format": "pt"})
         files = {CONFIG: hf_config(cfg, vocab, eos, extra), TOKENIZER_CONFIG: tok_cfg,
                  GENERATION_CONFIG: {"bos_token_id": eos, "eos_token_id": eos}}
         for name, obj in files.items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         (tmp / TOKENIZER).write_text(tok_text + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -10,6 +10,7 @@ renamed into place, so a reader never sees a half-written model.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -35,13 +36,27 @@ class ModelDirError(UserError, ValueError):
     """A model directory that is missing, incomplete or inconsistent."""
 
 
-def save_model_dir(model: GPT, out: str | os.PathLike, tokenizer_path: str | os.PathLike | None,
-                   extra: dict | None = None) -> Path:
-    """Write the model (full, unsharded state dict on this process) atomically."""
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike):
+    """Yield a temp dir beside `out`; on success it replaces `out` whole, on an error it
+    is removed: a reader never sees a half-written model directory."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
     try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_model_dir(model: GPT, out: str | os.PathLike, tokenizer_path: str | os.PathLike | None,
+                   extra: dict | None = None) -> Path:
+    """Write the model (full, unsharded state dict on this process) atomically."""
+    with atomic_dir(out) as tmp:
         sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
               if k != _TIED}
         save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -50,13 +65,7 @@ def save_model_dir(model: GPT, out: str | os.PathLike, tokenizer_path: str | os.
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def read_model_config(path: str | os.PathLike) -> dict:

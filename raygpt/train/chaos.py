@@ -150,26 +150,23 @@ class Chaos:
                 self._do(a)
 
     # ---------------------------------------------------------------- actions
+    # kill-worker: SIGKILL, as the OOM killer or a crashed CUDA context would;
+    # sigterm-worker: a spot reclaim / node drain, which checkpoints first.
+    _SIGNALS = {"kill-worker": (signal.SIGKILL, "failure injected: worker killed"),
+                "sigterm-worker": (signal.SIGTERM, "SIGTERM sent to a worker")}
+
     def _do(self, a: Action) -> None:
         a.done = True
         workers = read_workers(self.run_dir)
         old_pids = [w["pid"] for w in workers.values()]
-        if a.kind == "kill-worker":
+        if a.kind in self._SIGNALS:
+            sig, what = self._SIGNALS[a.kind]
             w = workers.get(a.rank) or workers.get(max(workers)) if workers else None
             if w is None:
-                self.timeline.add("kill-worker skipped: no worker pids known", step=self._step)
+                self.timeline.add(f"{a.kind} skipped: no worker pids known", step=self._step)
                 return
-            os.kill(w["pid"], signal.SIGKILL)
-            rec = self.timeline.add("failure injected: worker killed", step=self._step,
-                                    rank=w["rank"], pid=w["pid"])
-            self._pending.append({**rec, "t": time.time(), "step": self._step, "old_pids": old_pids})
-        elif a.kind == "sigterm-worker":
-            w = workers.get(a.rank) or workers.get(max(workers)) if workers else None
-            if w is None:
-                self.timeline.add("sigterm-worker skipped: no worker pids known", step=self._step)
-                return
-            os.kill(w["pid"], signal.SIGTERM)
-            rec = self.timeline.add("SIGTERM sent to a worker", step=self._step, rank=w["rank"], pid=w["pid"])
+            os.kill(w["pid"], sig)
+            rec = self.timeline.add(what, step=self._step, rank=w["rank"], pid=w["pid"])
             self._pending.append({**rec, "t": time.time(), "step": self._step, "old_pids": old_pids})
         elif a.kind == "remove-node":
             node = self._node_of(workers.get(a.rank))

@@ -8,6 +8,7 @@ our private --temp-dir, and nothing else.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -114,6 +115,16 @@ def stop_cluster(proc: subprocess.Popen, marker: str, grace_s: float = 15.0) -> 
         # Processes started meanwhile (e.g. a worker respawned during shutdown).
         pids |= {p for p in _naming(marker) if p != os.getpid()}
     return len(pids)
+
+
+@contextlib.contextmanager
+def started(cluster: "Cluster"):
+    """Start the cluster; always tear it down after (for module-scoped fixtures)."""
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 class Cluster:

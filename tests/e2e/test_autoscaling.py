@@ -29,7 +29,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from raycluster import BIN, RAY, TERMINAL, Cluster, job_status, run, wait_status
+from conftest import wait_for
+from raycluster import BIN, RAY, TERMINAL, Cluster, job_status, run, started, wait_status
 
 from raygpt.config import load_config
 from raygpt.train.launch import run_training
@@ -95,22 +96,17 @@ class AutoscalingCluster(Cluster):
         return sum(1 for n in rows if n["state"] == "ALIVE" and (n.get("resources_total") or {}).get(RESOURCE))
 
     def wait_gpu_nodes(self, want: int, timeout: float) -> float:
+        """Seconds until exactly `want` such nodes are alive."""
         t0 = time.time()
-        while time.time() - t0 < timeout:
-            if self.gpu_nodes() == want:
-                return time.time() - t0
-            time.sleep(1)
-        raise AssertionError(f"{want} {RESOURCE} nodes expected within {timeout}s, have {self.gpu_nodes()}")
+        wait_for(lambda: self.gpu_nodes() == want, timeout,
+                 lambda: f"{want} {RESOURCE} nodes (have {self.gpu_nodes()})", interval=1)
+        return time.time() - t0
 
 
 @pytest.fixture(scope="module")
 def acluster(tmp_path_factory):
-    c = AutoscalingCluster(tmp_path_factory.mktemp("autoscaling"))
-    try:
-        c.start()
+    with started(AutoscalingCluster(tmp_path_factory.mktemp("autoscaling"))) as c:
         yield c
-    finally:
-        c.stop()
 
 
 class NodeWatch:
@@ -137,18 +133,19 @@ class NodeWatch:
         self._th.join(timeout=30)
 
 
-def first_step_time(metrics: Path, timeout: float, cluster=None, job: str | None = None) -> float:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
+def first_step_time(metrics: Path, timeout: float, cluster, job: str) -> float:
+    """When the job's first step is logged (fails at once if the job ends first)."""
+    def stepped() -> bool:
         if metrics.is_file() and any("loss" in r for r in read_metrics(metrics.parent)):
-            return time.time()
-        if job is not None:
-            status = job_status(cluster, job)
-            if status in TERMINAL:
-                logs = run([RAY, "job", "logs", "--address", cluster.dashboard, job], cluster.env, timeout=60).stdout
-                raise AssertionError(f"job {job} ended {status} before its first step:\n{logs[-3000:]}")
-        time.sleep(1)
-    raise AssertionError(f"no step logged in {metrics} within {timeout}s")
+            return True
+        status = job_status(cluster, job)
+        if status in TERMINAL:
+            logs = run([RAY, "job", "logs", "--address", cluster.dashboard, job], cluster.env, timeout=60).stdout
+            raise AssertionError(f"job {job} ended {status} before its first step:\n{logs[-3000:]}")
+        return False
+
+    wait_for(stepped, timeout, f"a step logged in {metrics}", interval=1)
+    return time.time()
 
 
 def losses(run_dir: Path) -> dict[int, list[float]]:
@@ -227,14 +224,12 @@ def test_elastic_run_starts_on_one_node_and_grows_to_two(acluster, char_data, tm
         assert [s["world_size"] for s in starts] == [1], starts
         acluster.set_max_gpu_nodes(2)  # the autoscaler re-reads its config: a second node may come
         t0 = time.time()
-        while time.time() - t0 < 600:
-            recs = read_metrics(run_dir)
-            if any(r.get("world_size") == 2 and "loss" in r for r in recs):
-                break
+
+        def grown() -> bool:
             assert job_status(acluster, job) == "RUNNING"
-            time.sleep(2)
-        else:
-            raise AssertionError("the run never grew to 2 workers")
+            return any(r.get("world_size") == 2 and "loss" in r for r in read_metrics(run_dir))
+
+        wait_for(grown, 600, "the run grown to 2 workers", interval=2)
         print(f"FIGURES: grew to 2 workers {time.time() - t0:.1f}s after the node type's cap was raised")
     finally:
         run([RAY, "job", "stop", "--address", acluster.dashboard, job], acluster.env, timeout=120, check=False)
@@ -292,14 +287,13 @@ def test_serve_replicas_scale_gpu_nodes_with_load(acluster, tmp_path):
         r = httpx.post(url, json={"prompt": "ROMEO:", "max_tokens": 48, "temperature": 0}, timeout=300)
         return r.status_code
 
-    t0 = time.time()
-    while time.time() - t0 < 600:  # first replica: one node comes up for it
+    def answers() -> bool:
         try:
-            if ask(0) == 200:
-                break
+            return ask(0) == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(2)
+            return False
+
+    wait_for(answers, 600, "the first replica answering (one node comes up for it)", interval=2)
     acluster.wait_gpu_nodes(1, timeout=300)  # idle with min_replicas 1: one node
     codes: list[int] = []
     with NodeWatch(acluster) as watch, ThreadPoolExecutor(8) as pool:

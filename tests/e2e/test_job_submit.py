@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from raycluster import BIN, RAY, REPO, TERMINAL, Cluster, free_ports, job_status, run, wait_status
+from raycluster import BIN, RAY, REPO, TERMINAL, Cluster, free_ports, job_status, run, started, wait_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -34,12 +34,8 @@ MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("cluster"))
-    try:
-        c.start()
+    with started(Cluster(tmp_path_factory.mktemp("cluster"))) as c:
         yield c
-    finally:
-        c.stop()
 
 
 def upload_size() -> tuple[int, str, int]:

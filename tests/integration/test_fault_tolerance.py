@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 import torch
 
 from raygpt.config import load_config
@@ -116,7 +117,6 @@ def test_ctrl_c_checkpoints_and_prints_the_resume_command(char_data, tmp_path):
     command continues from the step where the run stopped (no periodic checkpoint)."""
     import shlex
     import signal
-    import time
 
     env = {**os.environ, "RAY_TRAIN_V2_ENABLED": "1"}
     env.pop("RAY_ADDRESS", None)
@@ -128,11 +128,8 @@ def test_ctrl_c_checkpoints_and_prints_the_resume_command(char_data, tmp_path):
            "--set", "model.n_embd=64", "--set", "model.block_size=64", "--set", "train.global_batch=16"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     metrics = tmp_path / "ctrlc" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and p.poll() is None:
-        if metrics.exists() and any(r.get("step", 0) >= 20 and "loss" in r for r in read_metrics(tmp_path / "ctrlc")):
-            break
-        time.sleep(0.2)
+    wait_for(lambda: p.poll() is not None or (metrics.exists() and any(
+        r.get("step", 0) >= 20 and "loss" in r for r in read_metrics(tmp_path / "ctrlc"))), 300, "step 20 logged")
     assert p.poll() is None, "the run ended before it could be interrupted"
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=300)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import wait_for
 import torch
 
 from raygpt.errors import UserError
@@ -183,14 +184,10 @@ def test_promote_refuse_swap_under_load_rollback(serve_apps, models, char_data, 
 
     # 2. the better one is swapped in under load, no request fails
     with Load(f"{base}/lm") as load:
-        t0 = time.time()
-        while len(load.ok) < 8 and time.time() - t0 < 60:
-            time.sleep(0.1)
+        wait_for(lambda: len(load.ok) >= 8, 60, "8 answers before the swap", interval=0.1)
         rec = promote(models["b"], "lm", **kw)
         n_at_swap = len(load.ok)
-        t0 = time.time()
-        while len(load.ok) < n_at_swap + 8 and time.time() - t0 < 60:
-            time.sleep(0.1)
+        wait_for(lambda: len(load.ok) >= n_at_swap + 8, 60, "8 answers after the swap", interval=0.1)
     assert rec["decision"] == "promoted", rec
     assert rec["candidate"]["val_loss"] < rec["served"]["val_loss"]
     assert rec["previous"] == models["a"] and rec["serving_version"] == version(models["b"])

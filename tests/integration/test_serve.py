@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import wait_for
 import torch
 
 
@@ -407,9 +408,11 @@ def test_auth_rate_limit_body_limit(cluster):
         err = assert_error(limited[0], 429)
         assert err["code"] == "rate_limit_exceeded" and int(limited[0].headers["retry-after"]) >= 1
         # the bucket refills: within Retry-After (plus slack), a request passes again
-        deadline = time.monotonic() + int(limited[0].headers["retry-after"]) + 5
-        while (code := h.get("/v1/models").status_code) == 429 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        def not_limited() -> int:
+            code = h.get("/v1/models").status_code
+            return 0 if code == 429 else code
+
+        code = wait_for(not_limited, int(limited[0].headers["retry-after"]) + 5, "the bucket refilled")
         assert code == 200
 
 
@@ -730,16 +733,15 @@ def test_failing_engine_steps_replace_the_replica(cluster, tmp_path_factory):
         codes = [h.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code
                  for _ in range(3)]
         assert all(c >= 500 for c in codes), codes  # a device fault, not the client's
-        deadline = time.monotonic() + 120
-        new = rid
-        while new == rid and time.monotonic() < deadline:
-            time.sleep(1)
+        def replaced() -> str | None:
             try:
                 r = h.get("/v1/stats")
-                new = r.json()["replica"] if r.status_code == 200 else rid
             except httpx.HTTPError:
-                pass
-        assert new != rid, "the broken replica was never replaced"
+                return None
+            new = r.json()["replica"] if r.status_code == 200 else rid
+            return new if new != rid else None
+
+        wait_for(replaced, 120, "the broken replica replaced", interval=1)
         r = h.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
         assert r.status_code == 200, r.text
 

@@ -8,11 +8,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import wait_for
 import torch
 
 pytestmark = pytest.mark.slow
@@ -44,17 +44,14 @@ def test_sigterm_drains_and_exits_0(tmp_path):
     reader.start()
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+        def healthy() -> bool:
             assert proc.poll() is None, "".join(out)
-            time.sleep(0.5)
-        else:
-            pytest.fail("raygpt serve never became healthy:\n" + "".join(out))
+            try:
+                return httpx.get(f"{base}/healthz", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, 240, lambda: "raygpt serve healthy:\n" + "".join(out), interval=0.5)
         body = {"prompt": "First", "max_tokens": 50, "temperature": 0, "stream": True}
         chunks = []
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:

@@ -9,13 +9,15 @@ from __future__ import annotations
 import ast
 import re
 import shlex
+import textwrap
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+# Fences may be indented (inside a list item); their bodies are dedented.
+FENCE = re.compile(r"^([ \t]*)```(\w*)\n(.*?)^\1```", re.S | re.M)
 SPAN = re.compile(r"`([^`\n]+)`")
 
 
@@ -24,7 +26,7 @@ def _text(p: Path) -> str:
 
 
 def _blocks(text: str, langs=("", "bash", "sh", "shell", "console", "cron")):
-    return [body for lang, body in FENCE.findall(text) if lang in langs]
+    return [textwrap.dedent(body) for _indent, lang, body in FENCE.findall(text) if lang in langs]
 
 
 def _outside_fences(text: str) -> str:
@@ -93,11 +95,13 @@ def test_docs_have_commands():
 @pytest.mark.parametrize("doc,line", COMMANDS, ids=[f"{d}:{l[:60]}" for d, l in COMMANDS])
 def test_command_line_parses(doc, line):
     argv = shlex.split(line)[1:]
+    assert argv, f"{doc}: `{line}` names no command"
+    error = None
     try:
         _parse(argv)
     except Exception as e:  # a usage error of typer's click (vendored or not)
-        msg = e.format_message() if hasattr(e, "format_message") else str(e)
-        pytest.fail(f"{doc}: `{line}`: {msg}")
+        error = e.format_message() if hasattr(e, "format_message") else str(e)
+    assert error is None, f"{doc}: `{line}`: {error}"
 
 
 SYNOPSES = _synopses()
@@ -188,15 +192,23 @@ def test_every_env_var_is_in_the_readme_table():
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_python_snippets_are_valid_scripts(doc):
     """No top-level `await`/`async with` (a syntax error in a script)."""
+    errors = []
     for body in _blocks(_text(doc), ("python",)):
-        ast.parse(body)
+        try:
+            ast.parse(body)
+        except SyntaxError as e:
+            errors.append(f"line {e.lineno} of a block: {e.msg}: {body.splitlines()[0]!r}")
+    assert errors == [], f"{doc.name}: {errors}"
 
 
 def test_job_configs_load():
     from raygpt.config import load_config
 
-    for p in sorted((REPO / "jobs" / "configs").glob("*.yaml")):
-        load_config(path=p)
+    paths = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
+    assert paths
+    for p in paths:
+        cfg = load_config(path=p)
+        assert cfg.train.max_steps > 0 and cfg.model.n_layer > 0, p
 
 
 def test_tune_debug_rungs_are_the_documented_ones():

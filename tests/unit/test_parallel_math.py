@@ -29,6 +29,8 @@ def _entry(rank, world, port, scenario, errfile):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         globals()[scenario](rank, world)
+        with open(f"{errfile}.done.{rank}", "w") as f:  # this rank's checks all passed
+            f.write("ok")
     except BaseException:
         with open(f"{errfile}.{rank}", "w") as f:
             f.write(traceback.format_exc())
@@ -37,15 +39,20 @@ def _entry(rank, world, port, scenario, errfile):
         dist.destroy_process_group()
 
 
-def _spawn(world, scenario, tmp_path):
+def _spawn(world, scenario, tmp_path) -> int:
+    """Run `scenario` (its asserts) on `world` gloo ranks; -> how many ranks passed."""
     from conftest import free_port
 
     err = str(tmp_path / "err")
+    failure = None
     try:
         mp.spawn(_entry, args=(world, free_port(), scenario, err), nprocs=world, join=True)
-    except Exception:
-        msgs = [open(os.path.join(tmp_path, f)).read() for f in sorted(os.listdir(tmp_path)) if f.startswith("err")]
-        pytest.fail("\n".join(msgs) or "a rank failed")
+    except Exception as e:
+        msgs = [open(os.path.join(tmp_path, f)).read() for f in sorted(os.listdir(tmp_path))
+                if f.startswith("err.") and not f.startswith("err.done.")]
+        failure = "\n".join(msgs) or f"a rank failed: {e}"
+    assert failure is None, failure
+    return sum(1 for f in os.listdir(tmp_path) if f.startswith("err.done."))
 
 
 def _model(n_layer=2, bias=True):
@@ -208,17 +215,17 @@ def pipeline_fsdp_gathers_once(rank, world):
 
 @pytest.mark.timeout(300)
 def test_clip_equals_torch_and_fused_adamw_under_fsdp_and_tp(tmp_path):
-    _spawn(2, "fsdp_tp_clip_and_fused", tmp_path)
+    assert _spawn(2, "fsdp_tp_clip_and_fused", tmp_path) == 2
 
 
 @pytest.mark.timeout(300)
 def test_pipeline_autocast_and_clip_over_stages(tmp_path):
-    _spawn(2, "pipeline_autocast_and_clip", tmp_path)
+    assert _spawn(2, "pipeline_autocast_and_clip", tmp_path) == 2
 
 
 @pytest.mark.timeout(300)
 def test_fsdp_under_pipeline_gathers_weights_once_per_step(tmp_path):
-    _spawn(4, "pipeline_fsdp_gathers_once", tmp_path)
+    assert _spawn(4, "pipeline_fsdp_gathers_once", tmp_path) == 4
 
 
 if __name__ == "__main__":  # pragma: no cover
