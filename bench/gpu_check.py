@@ -13,13 +13,13 @@ Stages (each timed, each failure recorded and the next stage run; the report is
 rewritten after every stage, so a run cut short still leaves what it measured):
 
 - env          torch / CUDA / device name, the MFU peak used for it (or why none)
-- tests        pytest tests/gpu (NCCL, bf16, async DCP saves; multi-GPU ones skip on one GPU)
 - throughput   gpt2-124m, compile + bf16: the plain loop vs the same loop under Ray Train
                (tokens/s, MFU, peak memory, ratio)
-- shakespeare  the shakespeare-char recipe below to its target: first eval with val <= 1.47,
-               and the training seconds (evals excluded) it took
 - checkpoint   gpt2-124m under Ray Train with an async save every few steps: seconds each
                save blocks training, as a fraction of the training time between saves
+- shakespeare  the shakespeare-char recipe below to its target: first eval with val <= 1.47,
+               and the training seconds (evals excluded) it took
+- tests        pytest tests/gpu (NCCL, bf16, async DCP saves; multi-GPU ones skip on one GPU)
 - plans        with >= 2 GPUs: ddp / fsdp / tp / pp (and hsdp with 4) on gpt2-124m, a few
                steps each (tokens/s, loss)
 
@@ -239,7 +239,8 @@ def checks(data: dict) -> dict:
     }
 
 
-STAGES = ("env", "tests", "throughput", "shakespeare", "checkpoint", "plans")
+# The figures first, the tests after them: on a short lease a cut-off run still has them.
+STAGES = ("env", "throughput", "checkpoint", "shakespeare", "tests", "plans")
 
 
 def main(argv=None) -> int:
@@ -274,6 +275,11 @@ def main(argv=None) -> int:
         print(f"[gpu_check] {name} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         try:
+            if name == "tests" and ray_started:
+                import ray
+
+                ray.shutdown()  # pytest starts its own instance, with the GPU free
+                ray_started = False
             if name in ("throughput", "shakespeare", "checkpoint", "plans"):
                 import ray
 

@@ -136,6 +136,13 @@ def main():
 def compare(cfg, steps: int, warmup: int, skip_plain: bool = False, skip_ray: bool = False) -> dict:
     """Plain loop then Ray Train, same config: {plain, ray_train, ratio}."""
     plain = None if skip_plain else plain_loop(cfg, steps, warmup)
+    import gc
+
+    import torch
+
+    gc.collect()  # the plain loop's model, optimizer and cached blocks leave the GPU first
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     ray_r = None if skip_ray else ray_loop(cfg, steps, warmup)
     ratio = ray_r["tokens_per_s"] / plain["tokens_per_s"] if plain and ray_r else None
     return {"plain": plain, "ray_train": ray_r, "ratio": ratio}

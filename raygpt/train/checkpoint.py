@@ -295,13 +295,12 @@ class CheckpointManager:
         self.before_write = before_write or (lambda step: None)
         self.pending = None  # (future, path, step, metrics)
         self._stager = None
-        if use_async and device is not None and device.type == "cuda":
-            # Pinned host buffers, allocated once and reused by every save (DCP caches
-            # the staging storages per stager).
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+        if use_async:
+            # Host buffers (pinned on GPU) allocated at the first save, reused by every
+            # later one; the same code on CPU (forced async) and GPU.
+            from raygpt.train.staging import PinnedStager
 
-            self._stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
-                                                        use_async_staging=False, use_non_blocking_copy=True))
+            self._stager = PinnedStager(pin=device is not None and device.type == "cuda")
 
     def due(self, step: int, max_steps: int) -> bool:
         return bool(self.cfg.every and step % self.cfg.every == 0) or step == max_steps

@@ -439,10 +439,13 @@ class Trainer:
         from raygpt.train.profiling import StepProfiler
 
         prof = StepProfiler(self.run_dir, self.rank, getattr(t, "profile", None), self.device)
+        # A step's time runs from the end of the previous one's (after its log, eval or
+        # save) to the sync that ends it: the per-step agreement, hooks and profiler count,
+        # so tokens/s is wall clock (on a GPU, unsynced steps only queue work).
+        t_free = time.perf_counter()
         while self.step < t.max_steps:
             lr = self.lr(self.step)
             prof.step(self.step)
-            t0 = time.perf_counter()
             loss, gnorm = self.train_step()
             win.loss += loss
             win.steps += 1
@@ -452,7 +455,8 @@ class Trainer:
             is_ckpt = self.ckpt.due(step, t.max_steps)
             if (is_log or is_eval or is_ckpt) and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            dt = time.perf_counter() - t0
+            now = time.perf_counter()
+            dt, t_free = now - t_free, now
             self.train_time += dt
             win.seconds += dt
             if is_log or is_eval or is_ckpt:
@@ -470,6 +474,7 @@ class Trainer:
                         self.save(report, final=step == t.max_steps)
                     else:
                         self.hooks.report_metrics(report)
+                t_free = time.perf_counter()  # logging, evals and save blocking are not step time
             code, saves_done = self._agree()
             if saves_done:
                 self.ckpt.complete_pending()
@@ -485,7 +490,10 @@ class Trainer:
                     log(self.rank, f"preemption notice for ranks {info.preempted_ranks}: checkpointing step {step}")
                     self.writer.event("preemption", step=step, ranks=info.preempted_ranks)
                     self.save({"step": step, "preempted": True})
-            self.hooks.after_step(self, step)
+                t_free = time.perf_counter()
+            t_hook = time.perf_counter()
+            self.hooks.after_step(self, step)  # chaos hooks may hold here: not step time
+            t_free += time.perf_counter() - t_hook
         prof.close()
         return self._finish(stopped)
 

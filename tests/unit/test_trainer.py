@@ -125,10 +125,13 @@ def test_async_save_is_reported_when_it_finishes(one_rank, char_data, tmp_path):
     on disk, complete, where the restore choice looks. The test waits for each write
     to finish at the step after the save, which bounds the step of the report."""
 
+    allocations = []
+
     def wait_for_write(tr, step):
         if step % 5 == 1 and tr.ckpt.pending is not None:
             tr.ckpt.pending[0].result()
             assert ckpt_lib.latest_checkpoint(tmp_path).name == f"checkpoint_{step - 1:07d}"
+            allocations.append(tr.ckpt._stager.allocations)
 
     tr = _run(char_data, tmp_path, "train.max_steps=15", "checkpoint.every=5", use_async=True,
               after_step=wait_for_write)
@@ -137,6 +140,8 @@ def test_async_save_is_reported_when_it_finishes(one_rank, char_data, tmp_path):
     assert [s for s, _ in tr.reports.ckpts] == [5, 10, 15]
     assert all(saved <= when <= saved + 2 for saved, when in tr.reports.ckpts), tr.reports.ckpts
     assert [ckpt_lib.read_state(c)["step"] for c in ckpt_lib.list_checkpoints(tmp_path)] == [5, 10, 15]
+    # One stager for every async save: the second staged into the first's buffers.
+    assert len(allocations) == 2 and allocations[0] == allocations[1] > 0, allocations
 
 
 def test_dropout_streams_differ_across_dp_and_agree_across_tp():

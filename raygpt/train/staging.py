@@ -1,0 +1,79 @@
+"""Host staging for async checkpoints: one set of (pinned) buffers, reused by every save.
+
+DCP's DefaultStager is not usable across the torch versions we meet: in torch 2.11 (the
+GPU image's) its stage() ends with close(), which drops the cached buffers and clears the
+copy dispatch table, so the *second* save through the same stager raises
+``KeyError: <class 'type'>``; in 2.13 it keeps them. This stager is ours: it walks the
+state dict, copies every tensor into a buffer it keeps per key path (pinned when CUDA is
+there), with non-blocking copies and one synchronize at the end, so training may change
+the weights as soon as stage() returns. The next save starts only after the previous
+write finished (CheckpointManager.save waits first), so a buffer is never reused while
+the writer thread still reads it.
+"""
+from __future__ import annotations
+
+import torch
+from torch.distributed.checkpoint.staging import AsyncStager
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import DTensor
+    return DTensor
+
+
+class PinnedStager(AsyncStager):
+    """AsyncStager for dcp.async_save: stage() returns a host copy of the state dict whose
+    tensors live in buffers allocated at the first save and reused after."""
+
+    _synchronize_after_execute = False
+
+    def __init__(self, pin: bool | None = None):
+        self.pin = torch.cuda.is_available() if pin is None else pin
+        self._bufs: dict[tuple, torch.Tensor] = {}
+        self.allocations = 0  # buffers allocated so far (a second save adds none)
+        self._dtensor = _dtensor_type()
+
+    @property
+    def should_synchronize_after_execute(self) -> bool:
+        return False
+
+    def stage(self, state_dict):
+        out = self._copy(state_dict, ())
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking device->host copies have landed
+        return out
+
+    def synchronize_staging(self) -> None:  # stage() is synchronous
+        pass
+
+    def close(self) -> None:
+        self._bufs.clear()
+
+    # ---------------------------------------------------------------- walk
+    def _copy(self, x, path: tuple):
+        if isinstance(x, self._dtensor):
+            local = self._tensor(x._local_tensor, path)
+            # Same sharding spec, host-resident local shard: what DCP's planner writes.
+            return self._dtensor(local, x._spec, requires_grad=False)
+        if isinstance(x, torch.Tensor):
+            return self._tensor(x, path)
+        if isinstance(x, dict):
+            return {k: self._copy(v, (*path, k)) for k, v in x.items()}
+        if isinstance(x, list):
+            return [self._copy(v, (*path, i)) for i, v in enumerate(x)]
+        if isinstance(x, tuple):
+            return tuple(self._copy(v, (*path, i)) for i, v in enumerate(x))
+        return x  # ints, floats, strings: immutable
+
+    def _tensor(self, t: torch.Tensor, path: tuple) -> torch.Tensor:
+        t = t.detach()
+        buf = self._bufs.get(path)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin and t.device.type == "cuda")
+            self._bufs[path] = buf
+            self.allocations += 1
+        buf.copy_(t, non_blocking=t.device.type == "cuda")
+        return buf
