@@ -36,18 +36,27 @@ def _params(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_killed_worker_resumes_to_identical_parameters(ray_session, char_data, tmp_path):
+def test_killed_worker_resumes_to_identical_parameters_with_async_saves(ray_session, char_data, tmp_path):
+    """A worker killed after the step-10 async save was reported (dcp.async_save, the GPU
+    default, forced on CPU through the same CPU process group and stager) resumes from
+    step 10 and ends with the parameters of an uninterrupted run."""
     run_training(_cfg(char_data, tmp_path, "straight"), progress=False)
     cfg = _cfg(char_data, tmp_path, "killed", "run.max_failures=2")
-    summary, chaos, err = run_with_chaos(cfg, [Action("kill-worker", at_step=15, rank=1)])
+    kill = Action("kill-worker", at_step=12, rank=1, after_event="checkpoint_reported")
+    summary, chaos, err = run_with_chaos(cfg, [kill], inject={"async_save_on_cpu": True})
     assert err is None, err
     assert summary["steps"] == 40
     events = [e["event"] for e in chaos.timeline.events]
     assert "failure injected: worker killed" in events and "worker group restarted" in events
+    killed_at = next(e["step"] for e in chaos.timeline.events if e["event"] == "failure injected: worker killed")
+    assert 12 <= killed_at < 20
     (rec,) = chaos.recoveries()
     assert rec["steps_lost"] >= 1 and rec["recovery_s"] > 0
-    starts = [r for r in read_metrics(tmp_path / "killed") if r.get("event") == "start"]
-    assert starts[0]["step"] == 0 and starts[1]["step"] in (10, 20) and starts[1]["restored"]
+    recs = read_metrics(tmp_path / "killed")
+    starts = [r for r in recs if r.get("event") == "start"]
+    assert [s["step"] for s in starts] == [0, 10] and starts[1]["restored"]
+    saves = [(r["step"], r["asynchronous"]) for r in recs if r.get("event") == "checkpoint"]
+    assert saves == [(10, True), (20, True), (30, True), (40, False)]  # the final save is synchronous
     a = _params(tmp_path / "straight", tmp_path / "a")
     b = _params(tmp_path / "killed", tmp_path / "b")
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -71,27 +80,6 @@ def test_crash_during_checkpoint_save_keeps_previous_checkpoint(ray_session, cha
     starts = [r for r in read_metrics(run_dir) if r.get("event") == "start"]
     assert [s["step"] for s in starts] == [0, 10]
     assert is_complete(latest_checkpoint(run_dir)) and read_state(latest_checkpoint(run_dir))["step"] == 20
-
-
-@pytest.mark.slow
-def test_async_checkpoint_save_path(ray_session, char_data, tmp_path):
-    """dcp.async_save (the GPU default) exercised on CPU through the CPU process group:
-    a worker killed after the step-10 async save finished (and before the next save)
-    resumes from step 10, not from the start."""
-    cfg = _cfg(char_data, tmp_path, "async", "train.max_steps=20", "optim.decay_steps=20",
-               "run.max_failures=1")
-    kill = Action("kill-worker", at_step=12, rank=1, after_event="checkpoint_reported")
-    summary, chaos, err = run_with_chaos(cfg, [kill], inject={"async_save_on_cpu": True})
-    assert err is None, err
-    assert summary["steps"] == 20
-    recs = read_metrics(tmp_path / "async")
-    killed_at = next(e["step"] for e in chaos.timeline.events if e["event"] == "failure injected: worker killed")
-    assert 12 <= killed_at < 20
-    assert [s["step"] for s in recs if s.get("event") == "start"] == [0, 10]
-    cks = list_checkpoints(tmp_path / "async")
-    assert [read_state(c)["step"] for c in cks] == [10, 20]
-    saves = [r for r in recs if r.get("event") == "checkpoint"]
-    assert [(r["step"], r["asynchronous"]) for r in saves] == [(10, True), (20, False)]  # the final save is synchronous
 
 
 @pytest.mark.slow
