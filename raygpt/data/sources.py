@@ -110,10 +110,22 @@ class Corpus:
 
 
 def _uri_for(base_uri: str, fs_path: str, local: bool) -> str:
+    """The URI of one listed file, keeping what the corpus URI carried besides its path:
+    credentials (s3://key:secret@bucket) and options (?endpoint_override=...&region=...),
+    without which the file reopened on a worker resolved against the default endpoint
+    (AWS) instead of the user's S3-compatible store."""
     if local:
         return fs_path
-    scheme = base_uri.split("://", 1)[0]
-    return f"{scheme}://{fs_path}" if scheme != "file" else f"file://{fs_path}"
+    from urllib.parse import urlsplit
+
+    u = urlsplit(base_uri)
+    if u.scheme == "file":
+        return f"file://{fs_path}"
+    if fs_path.startswith("/"):  # host-based filesystems (hdfs://host:port/path)
+        head = u.netloc
+    else:  # bucket-based (s3, gs): the path starts with the bucket; keep the credentials
+        head = u.netloc.rsplit("@", 1)[0] + "@" if "@" in u.netloc else ""
+    return f"{u.scheme}://{head}{fs_path}" + (f"?{u.query}" if u.query else "")
 
 
 def resolve_corpus(corpus: str, label: str | None = None) -> Corpus:

@@ -5,35 +5,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, moto_server
 
-pytestmark = [
-    pytest.mark.slow,
-    # Seen on 2026-11-23 and again on 2026-11-29 with moto 5.2.5 and pyarrow 26.0.1
-    # (`pip install "moto[server]"`): under pytest, pyarrow's S3 client in Ray Train's
-    # TrainController retries moto's CompleteMultipartUpload answers (HTTP 200) for the
-    # empty `.validate_storage_marker` until INTERNAL_FAILURE (4 of 4 runs, also with a
-    # clean server environment and -p no:faulthandler). The same `raygpt train --storage
-    # s3://...` against moto from a plain script (same env vars, cwd, cache) passed 6 of 6,
-    # and the empty write from a Ray task, async actor or threaded actor passes. Not found
-    # why; README therefore makes no S3 claim. Kept for a later session (another S3 server).
-    pytest.mark.skip(reason="local S3 server (moto) multipart completion fails under Ray's "
-                            "controller when run from pytest; see the comment above"),
-]
+pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture
 def s3(tmp_path):
-    if shutil.which("moto_server") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "moto_server")):
-        pytest.skip("moto[server] is not installed (pip install -e '.[dev]')")
-    exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
+    exe = moto_server()
     port = free_port()
     log = open(tmp_path / "moto.log", "w")
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
