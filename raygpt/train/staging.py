@@ -41,6 +41,7 @@ class PinnedStager(AsyncStager):
         return False
 
     def stage(self, state_dict):
+        self._memo: dict[tuple, torch.Tensor] = {}  # views of one storage (tied weights): one copy
         out = self._copy(state_dict, ())
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the non-blocking device->host copies have landed
@@ -70,10 +71,15 @@ class PinnedStager(AsyncStager):
 
     def _tensor(self, t: torch.Tensor, path: tuple) -> torch.Tensor:
         t = t.detach()
+        alias = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                 tuple(t.stride()), t.dtype)
+        if alias in self._memo:
+            return self._memo[alias]
         buf = self._bufs.get(path)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
             buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin and t.device.type == "cuda")
             self._bufs[path] = buf
             self.allocations += 1
         buf.copy_(t, non_blocking=t.device.type == "cuda")
+        self._memo[alias] = buf
         return buf

@@ -35,6 +35,14 @@ def test_second_stage_reuses_buffers_and_snapshots_the_values():
     assert torch.equal(second["optim"]["state"][0]["exp_avg"], sd["optim"]["state"][0]["exp_avg"])
 
 
+def test_tied_weights_are_staged_once():
+    w = torch.randn(6, 4)
+    s = PinnedStager(pin=False)
+    out = s.stage({"wte.weight": w, "lm_head.weight": w.detach(), "other": torch.randn(3)})
+    assert out["wte.weight"] is out["lm_head.weight"] and s.allocations == 2
+    assert torch.equal(out["lm_head.weight"], w)
+
+
 def test_a_changed_shape_gets_a_new_buffer():
     s = PinnedStager(pin=False)
     s.stage({"w": torch.zeros(2)})
