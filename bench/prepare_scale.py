@@ -228,6 +228,17 @@ def hf_baseline(tok_file: Path, texts: list[str]) -> dict:
     return {"mb_s": nbytes / dt / 1e6, "tokens_s": ntok / dt, "bytes": nbytes, "seconds": dt}
 
 
+def _setup_seconds(log: list[str]) -> float | None:
+    """Seconds from prepare's start to 'bpe tokenizer: vocab': Ray start-up, planning, BPE."""
+    import re
+
+    for line in log:
+        m = re.match(r"\s*([0-9.]+)s bpe tokenizer: vocab", line)
+        if m:
+            return float(m.group(1))
+    return None
+
+
 def _encode_seconds(log: list[str]) -> float | None:
     """Seconds from 'bpe tokenizer: vocab' to 'wrote' in prepare's progress lines."""
     import re
@@ -247,7 +258,9 @@ def main() -> None:
     ap.add_argument("--gb", type=float, required=True)
     ap.add_argument("--format", choices=["txt", "jsonl", "parquet"], default="jsonl")
     ap.add_argument("--vocab-size", type=int, default=4096)
-    ap.add_argument("--bpe-sample-mb", type=int, default=256)
+    ap.add_argument("--bpe-sample-mb", type=int, default=None,
+                    help="--bpe-sample-bytes for prepare (default: prepare's own, 1/16 of the "
+                         "corpus within 32..256 MiB).")
     ap.add_argument("--baseline-mb", type=int, default=48,
                     help="MB of documents encode_batch is timed on (before and after prepare).")
     ap.add_argument("--dir", default=None, help="Work directory (default: a temp dir under /work or /tmp).")
@@ -268,8 +281,9 @@ def main() -> None:
         base_before = hf_baseline(tok_file, texts)
         print(f"encode_batch before: {base_before['mb_s']:.2f} MB/s", flush=True)
         cmd = [sys.executable, "-m", "raygpt.cli", "prepare", "--corpus", str(corpus), "--out", str(out),
-               "--tokenizer", "bpe", "--vocab-size", str(args.vocab_size),
-               "--bpe-sample-bytes", str(args.bpe_sample_mb << 20)]
+               "--tokenizer", "bpe", "--vocab-size", str(args.vocab_size)]
+        if args.bpe_sample_mb:
+            cmd += ["--bpe-sample-bytes", str(args.bpe_sample_mb << 20)]
         t = time.time()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         sampler = RssSampler(proc.pid)
@@ -311,6 +325,7 @@ def main() -> None:
             "hf_encode_batch_mb_s_before_after": [round(base_before["mb_s"], 2), round(base_after["mb_s"], 2)], "hf_encode_batch_tokens_s": round(base["tokens_s"]),
             "ratio_vs_encode_batch": round(mbs / base["mb_s"], 3),
             # the encode phase alone (after the tokenizer is trained, to meta.json)
+            "setup_s (ray start, plan, bpe training)": _setup_seconds(log),
             "encode_phase_s": enc_s, "encode_phase_mb_s": round(nbytes / enc_s / 1e6, 2) if enc_s else None,
             "encode_phase_ratio": round(nbytes / enc_s / 1e6 / base["mb_s"], 3) if enc_s else None,
             "cpus": os.cpu_count(),
