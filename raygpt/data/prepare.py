@@ -45,7 +45,10 @@ import json
 import logging
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -364,19 +367,71 @@ def _chars_row(row: dict, opts: dict) -> dict:
             "bad_files": json.dumps(bad)}
 
 
+class _RayStart:
+    """ray.init on a thread: Ray starts up (5-15 s here) while the driver plans the corpus
+    and trains BPE, which need no Ray. `get()` waits for it. Ray then cannot install its
+    SIGTERM handler (main thread only), so the same one (exit, which disconnects and stops
+    the embedded Ray) is installed here first. The thread lives until `close()`: Ray's
+    processes die with the thread that started them (PR_SET_PDEATHSIG is per thread)."""
+
+    def __init__(self):
+        import ray
+
+        self.mod, self.started, self.error = ray, False, None
+        self.thread = None
+        self.ready, self.done = threading.Event(), threading.Event()
+        if ray.is_initialized():
+            return
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+            signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(signum))
+        self.thread = threading.Thread(target=self._init, name="raygpt-ray-init", daemon=True)
+        self.thread.start()
+
+    def _init(self) -> None:
+        worker_log = logging.getLogger("ray._private.worker")  # "SIGTERM handler is not set"
+        level = worker_log.level
+        worker_log.setLevel(logging.ERROR)
+        try:
+            # RAY_ADDRESS joins a cluster; else a fresh embedded instance ("local"), never
+            # a cluster that some `ray start` on this machine happens to have recorded.
+            self.mod.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+                          configure_logging=False)
+            self.started = True
+        except BaseException as e:  # noqa: BLE001 - re-raised by get() on the main thread
+            self.error = e
+        finally:
+            worker_log.setLevel(level)
+            self.ready.set()
+        self.done.wait()
+
+    def get(self):
+        self.ready.wait() if self.thread is not None else None
+        if self.error is not None:
+            raise self.error
+        return self.mod
+
+    def close(self) -> None:
+        """Waits for a start still running, stops the Ray started here, ends the thread."""
+        if self.thread is None:
+            return
+        self.ready.wait()
+        try:
+            if self.started:
+                self.mod.shutdown()
+        finally:
+            self.done.set()
+            self.thread.join()
+            self.thread = None
+
+
 @contextmanager
 def _ray_data():
-    """A running Ray (started here only if needed) and a quiet Ray Data context."""
-    import ray
+    """A Ray being started (only if none is running) and a quiet Ray Data context; yields
+    a _RayStart whose get() waits for Ray."""
     from ray.data import DataContext
 
-    started = False
-    if not ray.is_initialized():
-        # RAY_ADDRESS joins a cluster; else a fresh embedded instance ("local"), never a
-        # cluster that some `ray start` on this machine happens to have recorded in /tmp/ray.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-                 configure_logging=False)
-        started = True
+    start = _RayStart()
     ctx = DataContext.get_current()
     saved = ctx.enable_progress_bars
     ctx.enable_progress_bars = False
@@ -384,12 +439,11 @@ def _ray_data():
     saved_level = data_logger.level
     data_logger.setLevel(max(logging.ERROR, saved_level))
     try:
-        yield ray
+        yield start
     finally:
         ctx.enable_progress_bars = saved
         data_logger.setLevel(saved_level)
-        if started:
-            ray.shutdown()
+        start.close()
 
 
 def _run_pieces(fn, rows: list[dict], opts: dict, ray, log: Log, what: str):
@@ -422,6 +476,15 @@ class _Build:
     def __init__(self, corpus: Corpus, target: str, run: str, opts: dict, ray, log: Log):
         self.corpus, self.target, self.run, self.o, self.ray, self.log = corpus, target, run, opts, ray, log
         self.bad_files: set[str] = set()
+
+    @property
+    def ray(self):
+        """The ray module (waits for a Ray still starting), or None: inline."""
+        return self._ray.get() if isinstance(self._ray, _RayStart) else self._ray
+
+    @ray.setter
+    def ray(self, value) -> None:
+        self._ray = value
 
     def _on_bad(self, e: BadInput) -> None:
         self.bad_files.add(e.file)
@@ -526,7 +589,7 @@ class _Build:
         c = self.corpus
         self.log(f"reading {len(c.files)} file{'s' * (len(c.files) != 1)} "
                  f"({c.total_bytes / 1e6:.1f} MB) from {c.label}"
-                 + (" with Ray Data" if self.ray is not None else ""))
+                 + (" with Ray Data" if self._ray is not None else ""))
         pieces = self.plan()
         if not pieces:
             raise self._empty()
@@ -640,8 +703,8 @@ def prepare_corpus(
         b = _Build(c, target, run, opts, None, log)
         pieces_guess = c.total_bytes > segment_bytes * 1.5 or len(c.files) > 1
         if use_ray or (use_ray is None and pieces_guess):
-            with _ray_data() as ray:
-                b.ray = ray
+            with _ray_data() as start:
+                b.ray = start
                 return b.build()
         return b.build()
 
