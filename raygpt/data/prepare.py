@@ -406,7 +406,8 @@ class _RayStart:
         self.done.wait()
 
     def get(self):
-        self.ready.wait() if self.thread is not None else None
+        if self.thread is not None:
+            self.ready.wait()
         if self.error is not None:
             raise self.error
         return self.mod

@@ -379,7 +379,10 @@ def test_prepare_does_not_join_a_cluster_recorded_on_this_machine(tmp_path):
     """`ray start` records its address in <ray temp dir>/ray_current_cluster, and a bare
     ray.init() joins that cluster: prepare's Ray Data tasks then ran on someone else's
     cluster (seen: another test's `ray start` on this machine). Prepare starts its own
-    embedded Ray unless RAY_ADDRESS says otherwise."""
+    embedded Ray unless RAY_ADDRESS says otherwise. With BPE it starts that Ray on a thread
+    while the driver trains: Ray's processes die with the thread that started them
+    (PR_SET_PDEATHSIG), so that thread must outlive the encode (it once did not: GCS
+    died as soon as ray.init returned)."""
     import subprocess
     import sys
     import tempfile
@@ -397,7 +400,8 @@ def test_prepare_does_not_join_a_cluster_recorded_on_this_machine(tmp_path):
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env["RAY_TMPDIR"] = str(raytmp)
         code = ("from raygpt.data.prepare import prepare_corpus; import sys; "
-                "m = prepare_corpus(sys.argv[1], sys.argv[2], use_ray=True); print(m['train_tokens'])")
+                "m = prepare_corpus(sys.argv[1], sys.argv[2], tokenizer='bpe', vocab_size=300, use_ray=True); "
+                "print(m['train_tokens'])")
         p = subprocess.run([sys.executable, "-c", code, str(d), str(tmp_path / "out")], env=env,
                            capture_output=True, text=True, timeout=240)
         assert p.returncode == 0, p.stderr[-3000:]
