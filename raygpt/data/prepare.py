@@ -30,7 +30,7 @@ tokenizer.json (or a directory holding one), used unchanged.
 
 Speed: on N CPUs Ray Data runs N encode tasks at once; each encodes on one thread
 (tokenizers' own pool would put N threads in each task, N*N on N cores) when there are
-at least 2 pieces per CPU. JSON parsing, the split choice and shard writes are ~10% of a
+at least 2 pieces per CPU. JSON parsing, the split choice and shard writes are ~6% of a
 task's time, beside `encode_batch`.
 
 Atomic: a local `out` is built in a temp dir beside it and renamed into place; a URI `out`
