@@ -40,8 +40,10 @@ def prepare_cmd(
              "the tail of each document for a few text files."),
     text_field: str = typer.Option("text", "--text-field",
                                    help="JSON field / parquet column holding the text."),
-    bpe_sample_bytes: int = typer.Option(256 << 20, "--bpe-sample-bytes",
-                                         help="Bytes of text the BPE tokenizer is trained on."),
+    bpe_sample_bytes: Optional[int] = typer.Option(
+        None, "--bpe-sample-bytes",
+        help="Bytes of text the BPE tokenizer is trained on (default: 1/16 of the corpus, "
+             "at least 32 MiB, at most 256 MiB)."),
     skip_bad_files: bool = typer.Option(False, "--skip-bad-files",
                                         help="Skip unreadable files (and say how many) "
                                              "instead of stopping at the first."),

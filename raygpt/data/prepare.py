@@ -28,6 +28,11 @@ Tokenizer: "char" (the corpus's characters: one scan pass), "bpe" (byte-level BP
 on a bounded sample of the corpus, `bpe_sample_bytes`), or the path of a Hugging Face
 tokenizer.json (or a directory holding one), used unchanged.
 
+Speed: on N CPUs Ray Data runs N encode tasks at once; each encodes on one thread
+(tokenizers' own pool would put N threads in each task, N*N on N cores) when there are
+at least 2 pieces per CPU. JSON parsing, the split choice and shard writes are ~6% of a
+task's time, beside `encode_batch`.
+
 Atomic: a local `out` is built in a temp dir beside it and renamed into place; a URI `out`
 gets shards named after this run and meta.json last (one PUT), older shards removed after.
 Either way a crashed prepare never looks finished and a failed one leaves `out` as it was.
@@ -40,7 +45,10 @@ import json
 import logging
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -74,7 +82,11 @@ FORMAT_VERSION = 2
 MIN_SPLIT_TOKENS = 2
 # A corpus of this many text files or more (or any jsonl/parquet) gets whole-document val.
 MANY_TEXT_FILES = 100
+# BPE training sample by default: 1/16 of the corpus, within [32 MiB, 256 MiB], so that
+# training stays a small fraction of the encode time at every corpus size.
 BPE_SAMPLE_BYTES = 256 << 20
+BPE_MIN_SAMPLE_BYTES = 32 << 20
+BPE_SAMPLE_FRACTION = 16
 TEXT_SUFFIXES = src_lib.TEXT_SUFFIXES
 
 # Test hook: called with the path of every shard right after it is written (inline runs).
@@ -217,10 +229,16 @@ class _PieceEncoder:
         # Long texts cut at pre-token boundaries so encode_batch spreads them over threads.
         chunks, owner = [], []
         for i, t in enumerate(texts):
+            if len(t) <= 1 << 20:
+                chunks.append(t)
+                owner.append(i)
+                continue
             for c in split_at_pretoken_boundaries(t, 1 << 20):
                 chunks.append(c)
                 owner.append(i)
-        encs = tok.tok.encode_batch(chunks, add_special_tokens=False) if chunks else []
+        encs = _encode_batch(tok.tok, chunks) if chunks else []
+        if len(owner) == len(texts):  # no text was cut: one encoding per text
+            return [np.asarray(e.ids, dtype=self.dtype) for e in encs]
         parts: list[list[np.ndarray]] = [[] for _ in texts]
         for i, e in zip(owner, encs):
             parts[i].append(np.asarray(e.ids, dtype=self.dtype))
@@ -231,19 +249,19 @@ class _PieceEncoder:
         hold = self.o["skip_bad_files"]
         held: dict[str, list] = {s: [] for s in SPLITS}
         docs = {s: 0 for s in SPLITS}
-        eos = self.tok.eos_id
-        for batch in src_lib.read_segment(src, seg, self.o["text_field"],
-                                          val_fraction=self.o["val_fraction"]):
+        eos = None if self.tok.eos_id is None else np.asarray([self.tok.eos_id], dtype=self.dtype)
+        seed, vf = self.o["seed"], self.o["val_fraction"]
+        for batch in src_lib.read_segment(src, seg, self.o["text_field"], val_fraction=vf):
             ids_list = self._encode_texts([d.text for d in batch])
             out: dict[str, list] = {s: [] for s in SPLITS}
             for d, ids in zip(batch, ids_list):
-                split = d.split or ("val" if _val_choice(d.key, self.o["seed"], self.o["val_fraction"])
-                                    else "train")
+                split = d.split or ("val" if _val_choice(d.key, seed, vf) else "train")
+                part = out[split]
                 if len(ids):
-                    out[split].append(ids)
+                    part.append(ids)
                 if d.end:
                     if eos is not None:
-                        out[split].append(np.asarray([eos], dtype=self.dtype))
+                        part.append(eos)
                     docs[split] += 1
             for s in SPLITS:
                 if out[s]:
@@ -284,7 +302,9 @@ def _piece_rows(pieces: list[list[Segment]], corpus: Corpus) -> list[dict]:
     rows = []
     for k, segs in enumerate(pieces):
         files = sorted({s.file for s in segs})
-        rows.append({"piece": k, "segs": src_lib.segments_to_json(segs),
+        nbytes = sum(s.end - s.start if corpus.files[s.file].fmt != "parquet" and s.end >= 0
+                     else corpus.files[s.file].size for s in segs)
+        rows.append({"piece": k, "segs": src_lib.segments_to_json(segs), "bytes": nbytes,
                      "srcs": json.dumps({str(i): asdict(corpus.files[i]) for i in files})})
     return rows
 
@@ -293,9 +313,38 @@ def _srcs(row) -> dict:
     return {int(i): src_lib.Source(**d) for i, d in json.loads(row["srcs"]).items()}
 
 
+def _encode_batch(hf_tok, texts: list[str]):
+    """Encodings of `texts` (ids only: encode_batch_fast skips the char offsets that
+    prepare does not use, where this tokenizers version has it)."""
+    fast = getattr(hf_tok, "encode_batch_fast", None)
+    return (fast or hf_tok.encode_batch)(texts, add_special_tokens=False)
+
+
+@contextmanager
+def _one_tokenizer_thread(on: bool):
+    """Ray Data runs one encode task per CPU (num_cpus=1), so each task encodes on its own
+    thread: left alone, tokenizers would run a rayon pool over all cores in every task
+    (2 tasks x 2 threads on 2 cores measured slower than 2 x 1). tokenizers reads
+    TOKENIZERS_PARALLELISM at every encode_batch call; restored after, as Ray reuses
+    the worker process."""
+    if not on:
+        yield
+        return
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+
+
 def _encode_row(row: dict, opts: dict) -> dict:
-    res = _PieceEncoder(opts, int(row["piece"]), _srcs(row)).run(
-        src_lib.segments_from_json(row["segs"]))
+    with _one_tokenizer_thread(opts.get("one_thread", False)):
+        res = _PieceEncoder(opts, int(row["piece"]), _srcs(row)).run(
+            src_lib.segments_from_json(row["segs"]))
     return {"piece": row["piece"], **res}
 
 
@@ -318,19 +367,72 @@ def _chars_row(row: dict, opts: dict) -> dict:
             "bad_files": json.dumps(bad)}
 
 
+class _RayStart:
+    """ray.init on a thread: Ray starts up (5-15 s here) while the driver plans the corpus
+    and trains BPE, which need no Ray. `get()` waits for it. Ray then cannot install its
+    SIGTERM handler (main thread only), so the same one (exit, which disconnects and stops
+    the embedded Ray) is installed here first. The thread lives until `close()`: Ray's
+    processes die with the thread that started them (PR_SET_PDEATHSIG is per thread)."""
+
+    def __init__(self):
+        import ray
+
+        self.mod, self.started, self.error = ray, False, None
+        self.thread = None
+        self.ready, self.done = threading.Event(), threading.Event()
+        if ray.is_initialized():
+            return
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+            signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(signum))
+        self.thread = threading.Thread(target=self._init, name="raygpt-ray-init", daemon=True)
+        self.thread.start()
+
+    def _init(self) -> None:
+        worker_log = logging.getLogger("ray._private.worker")  # "SIGTERM handler is not set"
+        level = worker_log.level
+        worker_log.setLevel(logging.ERROR)
+        try:
+            # RAY_ADDRESS joins a cluster; else a fresh embedded instance ("local"), never
+            # a cluster that some `ray start` on this machine happens to have recorded.
+            self.mod.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+                          configure_logging=False)
+            self.started = True
+        except BaseException as e:  # noqa: BLE001 - re-raised by get() on the main thread
+            self.error = e
+        finally:
+            worker_log.setLevel(level)
+            self.ready.set()
+        self.done.wait()
+
+    def get(self):
+        if self.thread is not None:
+            self.ready.wait()
+        if self.error is not None:
+            raise self.error
+        return self.mod
+
+    def close(self) -> None:
+        """Waits for a start still running, stops the Ray started here, ends the thread."""
+        if self.thread is None:
+            return
+        self.ready.wait()
+        try:
+            if self.started:
+                self.mod.shutdown()
+        finally:
+            self.done.set()
+            self.thread.join()
+            self.thread = None
+
+
 @contextmanager
 def _ray_data():
-    """A running Ray (started here only if needed) and a quiet Ray Data context."""
-    import ray
+    """A Ray being started (only if none is running) and a quiet Ray Data context; yields
+    a _RayStart whose get() waits for Ray."""
     from ray.data import DataContext
 
-    started = False
-    if not ray.is_initialized():
-        # RAY_ADDRESS joins a cluster; else a fresh embedded instance ("local"), never a
-        # cluster that some `ray start` on this machine happens to have recorded in /tmp/ray.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-                 configure_logging=False)
-        started = True
+    start = _RayStart()
     ctx = DataContext.get_current()
     saved = ctx.enable_progress_bars
     ctx.enable_progress_bars = False
@@ -338,12 +440,11 @@ def _ray_data():
     saved_level = data_logger.level
     data_logger.setLevel(max(logging.ERROR, saved_level))
     try:
-        yield ray
+        yield start
     finally:
         ctx.enable_progress_bars = saved
         data_logger.setLevel(saved_level)
-        if started:
-            ray.shutdown()
+        start.close()
 
 
 def _run_pieces(fn, rows: list[dict], opts: dict, ray, log: Log, what: str):
@@ -353,6 +454,9 @@ def _run_pieces(fn, rows: list[dict], opts: dict, ray, log: Log, what: str):
         for r in rows:
             yield fn(r, opts)
         return
+    # Biggest pieces first (pieces are numbered in corpus order, so the output is the same):
+    # the small remainders of files come last, where fewer tasks than CPUs are left.
+    rows = sorted(rows, key=lambda r: -r.get("bytes", 0))
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map(fn, fn_kwargs={"opts": opts}, num_cpus=1)
     done, t_last = 0, time.time()
@@ -373,6 +477,15 @@ class _Build:
     def __init__(self, corpus: Corpus, target: str, run: str, opts: dict, ray, log: Log):
         self.corpus, self.target, self.run, self.o, self.ray, self.log = corpus, target, run, opts, ray, log
         self.bad_files: set[str] = set()
+
+    @property
+    def ray(self):
+        """The ray module (waits for a Ray still starting), or None: inline."""
+        return self._ray.get() if isinstance(self._ray, _RayStart) else self._ray
+
+    @ray.setter
+    def ray(self, value) -> None:
+        self._ray = value
 
     def _on_bad(self, e: BadInput) -> None:
         self.bad_files.add(e.file)
@@ -396,7 +509,7 @@ class _Build:
                 raise self._empty()
             return train_char_tokenizer("".join(chars))
         if kind == "bpe":
-            sample = self.o["bpe_sample_bytes"]
+            sample = self.o["bpe_sample_bytes"] or default_bpe_sample_bytes(self.corpus.total_bytes)
             self.log(f"training byte-level BPE (vocab {self.o['vocab_size']}) on up to "
                      f"{sample / 1e6:.0f} MB of {self.corpus.total_bytes / 1e6:.1f} MB")
             tok = train_bpe_tokenizer(self._sample(pieces, sample), self.o["vocab_size"])
@@ -445,9 +558,17 @@ class _Build:
             raise UserError(r["error"])
         self.bad_files.update(json.loads(r["bad_files"]))
 
+    def _one_thread(self, pieces: int) -> bool:
+        """One tokenizer thread per task when there are pieces enough to keep every CPU
+        busy (>= 2 per CPU); with fewer, each task's rayon pool uses the idle cores."""
+        if self.ray is None:
+            return False
+        cpus = int(self.ray.cluster_resources().get("CPU", 1))
+        return pieces >= 2 * cpus
+
     def encode(self, rows, tok: Tokenizer) -> dict:
         opts = {**self.o, "tok_json": _tokenizer_to_str(tok), "dtype": dtype_for_vocab(tok.vocab_size),
-                "out": self.target, "run": self.run}
+                "out": self.target, "run": self.run, "one_thread": self._one_thread(len(rows))}
         results = []
         for r in _run_pieces(_encode_row, rows, opts, self.ray, self.log, "encode"):
             self._check(r)
@@ -469,7 +590,7 @@ class _Build:
         c = self.corpus
         self.log(f"reading {len(c.files)} file{'s' * (len(c.files) != 1)} "
                  f"({c.total_bytes / 1e6:.1f} MB) from {c.label}"
-                 + (" with Ray Data" if self.ray is not None else ""))
+                 + (" with Ray Data" if self._ray is not None else ""))
         pieces = self.plan()
         if not pieces:
             raise self._empty()
@@ -517,6 +638,10 @@ def _fingerprint(path: Path) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def default_bpe_sample_bytes(corpus_bytes: int) -> int:
+    return min(BPE_SAMPLE_BYTES, max(BPE_MIN_SAMPLE_BYTES, corpus_bytes // BPE_SAMPLE_FRACTION))
+
+
 def _check_options(tokenizer: str, vocab_size: int, val_fraction: float, shard_tokens: int,
                    unknown: str) -> None:
     if tokenizer == "bpe" and vocab_size < MIN_BPE_VOCAB:
@@ -546,7 +671,7 @@ def prepare_corpus(
     use_ray: bool | None = None,
     *,
     text_field: str = "text",
-    bpe_sample_bytes: int = BPE_SAMPLE_BYTES,
+    bpe_sample_bytes: int | None = None,
     skip_bad_files: bool = False,
     seed: int = 0,
     unknown: str = "error",
@@ -556,7 +681,7 @@ def prepare_corpus(
 ) -> dict:
     """Tokenize `corpus` (None = bundled tinyshakespeare; a file, directory, glob or URI)
     into `out` (a path or URI) and return its meta dict. tokenizer: "char", "bpe" (trained
-    on up to bpe_sample_bytes; vocab_size) or a tokenizer.json path. use_ray None = Ray Data
+    on up to bpe_sample_bytes, None = default_bpe_sample_bytes; vocab_size) or a tokenizer.json path. use_ray None = Ray Data
     when the corpus makes more than one piece. unknown="drop" removes characters a given
     char tokenizer lacks (counted in meta). overwrite=False keeps an `out` that exists
     meanwhile (another process prepared it) and returns its meta."""
@@ -579,8 +704,8 @@ def prepare_corpus(
         b = _Build(c, target, run, opts, None, log)
         pieces_guess = c.total_bytes > segment_bytes * 1.5 or len(c.files) > 1
         if use_ray or (use_ray is None and pieces_guess):
-            with _ray_data() as ray:
-                b.ray = ray
+            with _ray_data() as start:
+                b.ray = start
                 return b.build()
         return b.build()
 

@@ -197,6 +197,57 @@ def test_bpe_trains_on_a_bounded_sample(tmp_path, monkeypatch):
     assert meta["train_tokens"] > 0
 
 
+def test_default_bpe_sample_is_a_sixteenth_of_the_corpus_within_bounds():
+    mib = 1 << 20
+    assert prep.default_bpe_sample_bytes(10 * mib) == 32 * mib
+    assert prep.default_bpe_sample_bytes(500_000_000) == 32 * mib
+    assert prep.default_bpe_sample_bytes(2 << 30) == 128 * mib
+    assert prep.default_bpe_sample_bytes(100 << 30) == 256 * mib
+
+
+def test_encode_tasks_run_tokenizers_on_one_thread(tmp_path, monkeypatch, ray_session):
+    """One Ray Data encode task per CPU, each with tokenizers' own pool over all cores, put
+    N*N threads on N cores (measured: 2 tasks x 2 threads on 2 cores encoded at ~60% of
+    2 x 1). A task with one_thread encodes with TOKENIZERS_PARALLELISM=false, restores
+    the worker's setting after, and writes the same tokens."""
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in make_docs(200, 3)))
+    ref = prepare_corpus(d, tmp_path / "ref", tokenizer="bpe", vocab_size=300, use_ray=False)
+    b = prep._Build(prep.resolve_corpus(str(d)), str(tmp_path / "o1"), "",
+                    {"val_fraction": 0.1, "text_field": "text", "segment_bytes": 1 << 20,
+                     "skip_bad_files": False}, ray_session, lambda _m: None)
+    cpus = int(ray_session.cluster_resources()["CPU"])
+    assert b._one_thread(2 * cpus) and not b._one_thread(2 * cpus - 1)
+    b.ray = None
+    assert not b._one_thread(1000)  # inline: one task, tokenizers uses every core
+    seen = []
+    real = prep._encode_batch
+
+    def spy(tok, texts):
+        seen.append(os.environ.get("TOKENIZERS_PARALLELISM"))
+        return real(tok, texts)
+
+    monkeypatch.setattr(prep, "_encode_batch", spy)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    rows = prep._piece_rows(b.plan(), b.corpus)
+    assert len(rows) == 1
+    tok = load_tokenizer(tmp_path / "ref")
+    opts = {**b.o, "tok_json": tok.to_str(), "dtype": "uint16", "shard_tokens": 10**9, "seed": 0,
+            "unknown": "error", "run": "", "tokenizer": "bpe"}
+    for one, out in ((True, "o1"), (False, "o2")):
+        seen.clear()
+        r = prep._encode_row(rows[0], {**opts, "out": str(tmp_path / out), "one_thread": one})
+        assert not r["error"]
+        assert seen and set(seen) == {"false" if one else "true"}
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "true"  # restored
+    for s in ("train", "val"):
+        f = json.loads(r["shards"])[s][0][0]
+        a1 = pa.ipc.open_file(str(tmp_path / "o1" / f)).read_all().column(0).to_numpy()
+        a2 = pa.ipc.open_file(str(tmp_path / "o2" / f)).read_all().column(0).to_numpy()
+        assert np.array_equal(a1, a2) and np.array_equal(a1, split_stream(tmp_path / "ref", s))
+
+
 def test_uri_output_and_training_reads_through_the_node_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("RAYGPT_CACHE_DIR", str(tmp_path / "cache"))
     src = tmp_path / "c.txt"
@@ -328,7 +379,10 @@ def test_prepare_does_not_join_a_cluster_recorded_on_this_machine(tmp_path):
     """`ray start` records its address in <ray temp dir>/ray_current_cluster, and a bare
     ray.init() joins that cluster: prepare's Ray Data tasks then ran on someone else's
     cluster (seen: another test's `ray start` on this machine). Prepare starts its own
-    embedded Ray unless RAY_ADDRESS says otherwise."""
+    embedded Ray unless RAY_ADDRESS says otherwise. With BPE it starts that Ray on a thread
+    while the driver trains: Ray's processes die with the thread that started them
+    (PR_SET_PDEATHSIG), so that thread must outlive the encode (it once did not: GCS
+    died as soon as ray.init returned)."""
     import subprocess
     import sys
     import tempfile
@@ -346,7 +400,8 @@ def test_prepare_does_not_join_a_cluster_recorded_on_this_machine(tmp_path):
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env["RAY_TMPDIR"] = str(raytmp)
         code = ("from raygpt.data.prepare import prepare_corpus; import sys; "
-                "m = prepare_corpus(sys.argv[1], sys.argv[2], use_ray=True); print(m['train_tokens'])")
+                "m = prepare_corpus(sys.argv[1], sys.argv[2], tokenizer='bpe', vocab_size=300, use_ray=True); "
+                "print(m['train_tokens'])")
         p = subprocess.run([sys.executable, "-c", code, str(d), str(tmp_path / "out")], env=env,
                            capture_output=True, text=True, timeout=240)
         assert p.returncode == 0, p.stderr[-3000:]
