@@ -128,7 +128,7 @@ def stage_tests(args) -> dict:
 def _tput_cfg(args):
     if args.cpu_smoke:
         return _load("debug", [*TINY, "run.num_workers=1"]), 6, 2
-    return _load("gpt2-124m", [*GPT2, "run.num_workers=1"]), args.tput_steps, args.tput_warmup
+    return _load("gpt2-124m", [*GPT2, *args.set, "run.num_workers=1"]), args.tput_steps, args.tput_warmup
 
 
 def stage_throughput(args) -> dict:
@@ -251,6 +251,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     ap.add_argument("--tput-steps", type=int, default=60)
     ap.add_argument("--tput-warmup", type=int, default=15)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for the throughput stage's gpt2-124m (repeatable)")
     ap.add_argument("--tests-timeout", type=int, default=240)
     ap.add_argument("--storage", default=None, help="run storage (default: a temp dir)")
     ap.add_argument("--budget-s", type=float, default=540, help="stages not started by then are skipped")
