@@ -234,11 +234,7 @@ class _PieceEncoder:
         # encodes short strings faster per byte.
         chunks, owner = [], []
         for i, t in enumerate(texts):
-            if len(t) <= ENCODE_CHUNK_CHARS:
-                chunks.append(t)
-                owner.append(i)
-                continue
-            for c in split_at_pretoken_boundaries(t, ENCODE_CHUNK_CHARS):
+            for c in split_at_pretoken_boundaries(t, ENCODE_CHUNK_CHARS):  # [t] when short
                 chunks.append(c)
                 owner.append(i)
         encs = _encode_batch(tok.tok, chunks) if chunks else []
