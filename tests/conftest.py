@@ -4,6 +4,7 @@ run it in a subprocess instead.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -100,6 +101,39 @@ def char_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "shakespeare-char"
     prepare_corpus(None, out, tokenizer="char")
     return out
+
+
+@contextlib.contextmanager
+def local_s3(tmp_path, bucket: str):
+    """A local S3 API (this environment's moto_server on a free port) with `bucket`
+    created: yields (pyarrow S3FileSystem, "host:port"); the server stops after."""
+    import subprocess
+
+    import pyarrow.fs as pafs
+
+    exe = moto_server()
+    port = free_port()
+    with open(tmp_path / "moto.log", "w") as log:
+        proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+            fs = pafs.S3FileSystem(access_key="test", secret_key="test", endpoint_override=f"127.0.0.1:{port}",
+                                   scheme="http", region="us-east-1", allow_bucket_creation=True)
+
+            def created() -> bool:
+                assert proc.poll() is None, (tmp_path / "moto.log").read_text()[-500:]
+                try:
+                    fs.create_dir(bucket)
+                    return True
+                except OSError:
+                    return False
+
+            wait_for(created, 20, lambda: f"local S3 server on port {port}: "
+                                          f"{(tmp_path / 'moto.log').read_text()[-500:]}", interval=0.1)
+            yield fs, f"127.0.0.1:{port}"
+        finally:
+            proc.kill()
+            proc.wait()
 
 
 def moto_server() -> str:

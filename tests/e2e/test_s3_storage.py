@@ -7,37 +7,18 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import free_port, moto_server
+from conftest import local_s3
 
 pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture
 def s3(tmp_path):
-    exe = moto_server()
-    port = free_port()
-    log = open(tmp_path / "moto.log", "w")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    import pyarrow.fs as pafs
-
-    fs = pafs.S3FileSystem(access_key="test", secret_key="test", endpoint_override=f"127.0.0.1:{port}",
-                           scheme="http", region="us-east-1", allow_bucket_creation=True)
-    for _ in range(100):
-        try:
-            fs.create_dir("raygpt-test")
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("local S3 server did not start")
-    yield fs, f"s3://test:test@raygpt-test/runs?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-    proc.kill()
-    proc.wait()
+    with local_s3(tmp_path, "raygpt-test") as (fs, endpoint):
+        yield fs, f"s3://test:test@raygpt-test/runs?endpoint_override={endpoint}&scheme=http&region=us-east-1"
 
 
 def _train(uri, tmp_path, steps):

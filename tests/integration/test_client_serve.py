@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import wait_serve_apps
 
 from raygpt.client import (AsyncClient, BadRequestError, Client, Completion, NotFoundError,
                            OverloadedError)
@@ -82,13 +82,7 @@ def endpoint(ray_session, model):
     ]}
     try:
         serve_start(http_options=http).deploy_apps(ServeDeploySchema.model_validate(cfg))
-        t0 = time.time()
-        while True:
-            apps = serve.status().applications
-            if all(n in apps and apps[n].status == "RUNNING" for n in ("main", "over", "doc")):
-                break
-            assert time.time() - t0 < 240, {n: a.status for n, a in apps.items()}
-            time.sleep(0.5)
+        wait_serve_apps(("main", "over", "doc"), timeout=240)
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()

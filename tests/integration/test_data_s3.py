@@ -5,43 +5,20 @@ run through the node cache."""
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 
 import numpy as np
 import pytest
 
-from conftest import free_port, moto_server
+from conftest import local_s3
 from raygpt.data.loader import BatchLoader
 from raygpt.data.prepare import prepare_corpus, read_meta
 
 
 @pytest.fixture
-def s3(tmp_path, monkeypatch):
-    exe = moto_server()
-    port = free_port()
-    log = open(tmp_path / "moto.log", "w")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    import pyarrow.fs as pafs
-
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    fs = pafs.S3FileSystem(access_key="test", secret_key="test", endpoint_override=f"127.0.0.1:{port}",
-                           scheme="http", region="us-east-1", allow_bucket_creation=True)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            fs.create_dir("bucket")
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail(f"local S3 server did not start: {(tmp_path / 'moto.log').read_text()[-500:]}")
-            time.sleep(0.1)
-    q = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-    yield fs, (lambda key: f"s3://test:test@bucket/{key}?{q}")
-    proc.kill()
-    proc.wait()
-    log.close()
+def s3(tmp_path):
+    with local_s3(tmp_path, "bucket") as (fs, endpoint):
+        q = f"endpoint_override={endpoint}&scheme=http&region=us-east-1"
+        yield fs, (lambda key: f"s3://test:test@bucket/{key}?{q}")
 
 
 def test_prepare_reads_and_writes_s3_and_the_loader_reads_it_back(s3, tmp_path, monkeypatch):

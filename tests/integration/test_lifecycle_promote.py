@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -271,13 +270,11 @@ def test_refused_update_is_reported(serve_apps, models, tmp_path):
         cfg["deployments"][0]["num_replicas"] = n
         client.deploy_apps(ServeDeploySchema.model_validate(
             {"http_options": details["http_options"], "applications": [cfg]}))
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
+        def running():
             states = replica_states("lm")
-            if len(states) == n and all(states.values()):
-                return states
-            time.sleep(0.5)
-        raise AssertionError(f"lm never ran {n} replicas: {replica_states('lm')}")
+            return states if len(states) == n and all(states.values()) else None
+
+        return wait_for(running, 180, lambda: f"lm running {n} replicas: {replica_states('lm')}", interval=0.5)
 
     states = scale(2)
     assert {s["version"] for s in states.values()} == {version(models["a"])}, states

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import wait_for
 
 from raygpt.config import load_config
 from raygpt.tune.commands import build_spec
@@ -45,16 +46,15 @@ def _placement_groups() -> dict[str, dict]:
     return placement_group_table()
 
 
-def _wait_released(before: dict, timeout=30.0) -> list[dict]:
-    """Placement groups created since `before` that still hold resources (Tune's own
-    trial groups go away as the trial actors exit, a moment after the sweep returns)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        live = [pg for pid, pg in _placement_groups().items()
-                if pid not in before and pg.get("state") == "CREATED"]
-        if not live or time.monotonic() > deadline:
-            return live
-        time.sleep(0.5)
+def _assert_released(before: dict, timeout=30.0) -> None:
+    """Every placement group created since `before` releases its resources within
+    `timeout` s (Tune's own trial groups go away as the trial actors exit, a moment after
+    the sweep returns)."""
+    def live():
+        return [pg for pid, pg in _placement_groups().items() if pid not in before and pg.get("state") == "CREATED"]
+
+    wait_for(lambda: not live(), timeout, lambda: f"placement groups still holding resources: {live()}",
+             interval=0.5)
 
 
 @pytest.mark.timeout(900)
@@ -102,7 +102,7 @@ def test_quality_sweep_asha_best_yaml_trains(char_data, tmp_path):
     assert rows[0]["rank"] == 1 and rows[0]["optim.lr"] == 3.0e-3
 
     # every stopped trial's worker group was released (ray-project/ray#54305)
-    assert _wait_released(before) == []
+    _assert_released(before)
 
     # outputs
     for name in ("results.csv", "results.parquet", "sweep.png", "best.yaml", "sweep.json"):
@@ -157,7 +157,7 @@ def test_throughput_planner_ranks_and_marks_infeasible(char_data, tmp_path):
     assert fastest.run.num_workers == winner["run.num_workers"]
     assert fastest.train.max_steps == 20  # the user's run length, not the measurement's
     assert (out / "sweep.png").stat().st_size > 1000
-    assert _wait_released(before) == []
+    _assert_released(before)
 
 
 DRIVER = textwrap.dedent("""
@@ -200,14 +200,15 @@ def test_restore_after_killed_driver(char_data, tmp_path):
     with open(tmp_path / "first.log", "w") as log:
         p = _driver(tmp_path, str(out), "new", json.dumps(args), log=log)
         # kill as soon as Train has registered the first trial's first checkpoint
-        deadline = time.monotonic() + 480
-        killed_trial = None
-        while killed_trial is None and time.monotonic() < deadline and p.poll() is None:
+        def first_checkpoint():
             for f in (out / "trials").glob("*/checkpoint_manager_snapshot.json"):
                 if "checkpoint_00000" in f.read_text():
-                    killed_trial = f.parent.name
-            time.sleep(0.1)
-        assert killed_trial, (tmp_path / "first.log").read_text()[-3000:]
+                    return f.parent.name
+            assert p.poll() is None, (tmp_path / "first.log").read_text()[-3000:]  # the driver died first
+            return None
+
+        killed_trial = wait_for(first_checkpoint, 480,
+                                lambda: (tmp_path / "first.log").read_text()[-3000:], interval=0.1)
         os.killpg(p.pid, signal.SIGKILL)
         p.wait(timeout=60)
     summary = out / "trials" / killed_trial / "summary.json"
