@@ -13,6 +13,9 @@ Stages (each timed, each failure recorded and the next stage run; the report is
 rewritten after every stage, so a run cut short still leaves what it measured):
 
 - env          torch / CUDA / device name, the MFU peak used for it (or why none)
+- sweep        (only when asked: --stages env,sweep,throughput) the plain loop under each
+               variant of SWEEP (attention kernel, fused q/k/v, autotuned compile), each in
+               its own process; the fastest one's overrides go to the throughput stage
 - throughput   gpt2-124m, compile + bf16: the plain loop vs the same loop under Ray Train
                (tokens/s, MFU, peak memory, ratio)
 - checkpoint   gpt2-124m under Ray Train with an async save every few steps: seconds each
@@ -54,9 +57,22 @@ SHAKESPEARE_SECONDS = 60.0
 
 # The throughput model: gpt2-124m's shape on the bundled corpus (tokens are ids; the text
 # does not matter for speed, and a char vocabulary prepares in a second).
-# Micro batch 32 (the preset's 16 was sized for fp32 logits that whole-model compile no
-# longer keeps; plain PyTorch measured 39% MFU at 16 and 41% at 32 on an H100).
-GPT2 = ["data.tokenizer=char", "parallel.compile=true", "train.global_batch=64", "train.micro_batch=32"]
+# Micro batch 64, no accumulation: on the H200 (2026-11-30) Ray Train gave 43.4% MFU at
+# 32 x 2 and 45.2% at 64 x 1 (29 GB peak, fits an 80 GB H100). The preset's 16 was sized
+# for fp32 logits that whole-model compile no longer keeps.
+GPT2 = ["data.tokenizer=char", "parallel.compile=true", "train.global_batch=64", "train.micro_batch=64"]
+
+# The `sweep` stage: plain-loop variants of GPT2, each in its own process (a compile that
+# runs long is cut off by its timeout, and SDPA's process-wide kernel choice cannot leak
+# into the next). The fastest one's overrides then feed the `throughput` stage. Ordered by
+# what each is expected to be worth; `separate-qkv` measures the fused q/k/v matmul.
+SWEEP = {
+    "base": [],
+    "cudnn": ["parallel.attention=cudnn"],
+    "cudnn-separate-qkv": ["parallel.attention=cudnn", "parallel.fuse_qkv=false"],
+    "cudnn-autotune": ["parallel.attention=cudnn", "parallel.inductor_mode=max-autotune-no-cudagraphs"],
+}
+SWEEP_SMOKE = {"base": [], "math": ["parallel.attention=math", "parallel.fuse_qkv=false"]}
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
         "train.global_batch=8", "train.micro_batch=4", "parallel.compile=false", "run.cpus_per_worker=1"]
@@ -125,22 +141,67 @@ def stage_tests(args) -> dict:
             "tail": lines[-15:] if r.returncode not in (0, 5) else None}
 
 
-def _tput_cfg(args):
+def _tput_cfg(args, extra=()):
     if args.cpu_smoke:
-        return _load("debug", [*TINY, "run.num_workers=1"]), 6, 2
-    return _load("gpt2-124m", [*GPT2, *args.set, "run.num_workers=1"]), args.tput_steps, args.tput_warmup
+        return _load("debug", [*TINY, *extra, "run.num_workers=1"]), 6, 2
+    return _load("gpt2-124m", [*GPT2, *args.set, *extra, "run.num_workers=1"]), args.tput_steps, args.tput_warmup
 
 
-def stage_throughput(args) -> dict:
+def stage_throughput(args, best: list[str] | None = None) -> dict:
+    """Plain loop vs Ray Train; with the sweep's fastest variant when the sweep ran."""
     import torch
 
     from bench.train_throughput import compare
 
-    cfg, steps, warmup = _tput_cfg(args)
+    cfg, steps, warmup = _tput_cfg(args, best or ())
     out = compare(cfg, steps, warmup)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    out["steps"], out["warmup"] = steps, warmup
+    out["steps"], out["warmup"], out["variant_sets"] = steps, warmup, list(best or [])
+    return out
+
+
+def _sweep_one(args, sets: list[str], timeout: float) -> dict:
+    """One plain-loop variant in a child process -> its figures, or why there are none."""
+    preset, base = ("debug", TINY) if args.cpu_smoke else ("gpt2-124m", [*GPT2, *args.set])
+    steps, warmup = (4, 1) if args.cpu_smoke else (args.sweep_steps, args.sweep_warmup)
+    cmd = [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--preset", preset, "--skip-ray",
+           "--steps", str(steps), "--warmup", str(warmup)]
+    for kv in [*base, *sets]:
+        cmd += ["--set", kv]
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"cut off after {timeout:.0f} s", "seconds": round(time.perf_counter() - t0, 1)}
+    res = {"seconds": round(time.perf_counter() - t0, 1)}
+    if r.returncode != 0:
+        return {**res, "error": f"exit {r.returncode}", "tail": (r.stdout + r.stderr).strip().splitlines()[-12:]}
+    plain = json.loads(r.stdout)["plain"]
+    return {**res, **{k: plain.get(k) for k in ("tokens_per_s", "mfu", "step_ms", "peak_mem_mb", "loss")}}
+
+
+def stage_sweep(args) -> dict:
+    """Plain-loop variants (SWEEP), each in its own process within the sweep's budget;
+    `best` is the fastest one that ran."""
+    table = SWEEP_SMOKE if args.cpu_smoke else SWEEP
+    names = [n.strip() for n in args.sweep.split(",") if n.strip()] if args.sweep else list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"--sweep: unknown variants {unknown}; known: {', '.join(table)}")
+    t0, out = time.perf_counter(), {"variants": {}}
+    for name in names:
+        left = args.sweep_budget_s - (time.perf_counter() - t0)
+        if left < 30:
+            out["variants"][name] = {"skipped": f"sweep budget of {args.sweep_budget_s:.0f} s spent"}
+            continue
+        res = _sweep_one(args, table[name], min(left, args.sweep_variant_timeout))
+        out["variants"][name] = {"sets": table[name], **res}
+        print(f"[gpu_check] sweep {name}: {json.dumps(res)[:300]}", file=sys.stderr, flush=True)
+    ran = {n: v for n, v in out["variants"].items() if v.get("tokens_per_s")}
+    if ran:
+        best = max(ran, key=lambda n: ran[n]["tokens_per_s"])
+        out.update(best=best, best_sets=ran[best]["sets"], best_mfu=ran[best]["mfu"])
     return out
 
 
@@ -228,6 +289,7 @@ def stage_plans(args, storage: str) -> dict:
 def checks(data: dict) -> dict:
     st = data["stages"]
     tp, sh, ck = st.get("throughput", {}), st.get("shakespeare", {}), st.get("checkpoint", {})
+
     ray_mfu = (tp.get("ray_train") or {}).get("mfu")
     t = sh.get("reached_after_train_s")
     return {
@@ -240,7 +302,8 @@ def checks(data: dict) -> dict:
 
 
 # The figures first, the tests after them: on a short lease a cut-off run still has them.
-STAGES = ("env", "throughput", "checkpoint", "shakespeare", "tests", "plans")
+STAGES = ("env", "sweep", "throughput", "checkpoint", "shakespeare", "tests", "plans")
+DEFAULT_STAGES = ("env", "throughput", "checkpoint", "shakespeare", "tests", "plans")
 
 
 def main(argv=None) -> int:
@@ -248,9 +311,15 @@ def main(argv=None) -> int:
     default_out = Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else Path("gpu_check.json")
     ap.add_argument("--out", type=Path, default=default_out, help="JSON report path")
     ap.add_argument("--cpu-smoke", action="store_true", help="every stage, tiny, on CPU (checks the script)")
-    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    ap.add_argument("--stages", default=",".join(DEFAULT_STAGES),
+                    help=f"comma-separated subset of {','.join(STAGES)} (default: all but sweep)")
     ap.add_argument("--tput-steps", type=int, default=60)
     ap.add_argument("--tput-warmup", type=int, default=15)
+    ap.add_argument("--sweep", default="", help=f"variants of the sweep stage (default all: {','.join(SWEEP)})")
+    ap.add_argument("--sweep-steps", type=int, default=30)
+    ap.add_argument("--sweep-warmup", type=int, default=10)
+    ap.add_argument("--sweep-budget-s", type=float, default=330)
+    ap.add_argument("--sweep-variant-timeout", type=float, default=150)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for the throughput stage's gpt2-124m (repeatable)")
     ap.add_argument("--tests-timeout", type=int, default=240)
@@ -290,7 +359,12 @@ def main(argv=None) -> int:
 
                     ray_started = init_ray(None) or ray_started
             fn = globals()[f"stage_{name}"]
-            res = fn(args, storage) if name in ("shakespeare", "checkpoint", "plans") else fn(args)
+            if name in ("shakespeare", "checkpoint", "plans"):
+                res = fn(args, storage)
+            elif name == "throughput":
+                res = fn(args, report.data["stages"].get("sweep", {}).get("best_sets"))
+            else:
+                res = fn(args)
         except Exception as e:
             res = {"error": f"{type(e).__name__}: {e}"[:1000], "traceback": traceback.format_exc()[-3000:]}
         res["stage_seconds"] = round(time.perf_counter() - t0, 1)

@@ -164,6 +164,15 @@ class ParallelConfig(_Section):
     # "blocks" (each block, plus the head with its loss), "auto" (model on one rank,
     # blocks with several: gradient communication then overlaps backward).
     compile_mode: Literal["auto", "model", "blocks"] = "auto"
+    # torch.compile's own mode: "max-autotune-no-cudagraphs" benchmarks GEMM and Triton
+    # configurations at compile time (minutes longer to start, faster steps on GPU).
+    inductor_mode: Literal["default", "max-autotune-no-cudagraphs", "max-autotune"] = "default"
+    # Which attention kernel scaled_dot_product_attention tries first (the others stay as
+    # fallbacks for shapes it cannot take). "auto": torch's order (flash first);
+    # "cudnn": cuDNN's fused attention, the faster one on Hopper GPUs.
+    attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    # q/k/v projections as one matmul (off under tensor parallelism, which shards them).
+    fuse_qkv: bool = True
     # Pipeline parallelism: stages of consecutive blocks (embeddings with the first,
     # head and loss with the last); combinable with fsdp/hsdp and tp.
     pp_degree: int = Field(1, ge=1)

@@ -3,7 +3,8 @@
 - pre-LN blocks, causal self-attention through scaled_dot_product_attention (flash /
   cuDNN kernels on GPU), GELU MLP, tied input/output embeddings, GPT-2 init.
 - q, k and v are separate Linear layers so tensor parallelism can shard them by heads
-  column-wise (a fused qkv weight would split across q/k/v boundaries).
+  column-wise (a fused qkv weight would split across q/k/v boundaries); without tensor
+  parallelism they still run as one matmul (`fuse_qkv`).
 - Attention infers the local head count from the tensor it gets, so the same code runs
   unsharded and under tensor parallelism (each rank holding n_head / tp heads).
 - A KV cache with slots (`KVCache`) serves generation: `forward_cached` writes the new
@@ -97,9 +98,19 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.dropout = cfg.dropout
+        # One (C, 3C) matmul instead of three (C, C) ones: the weights are concatenated
+        # per call (a few MB; under compile fused into the bf16 cast), and backward gets
+        # one GEMM for the input's gradient. Tensor parallelism turns this off: its q/k/v
+        # weights are DTensors sharded by heads, which a concatenation would regather.
+        self.fuse_qkv = True
 
     def _qkv(self, x):
         B, T, _ = x.shape
+        if self.fuse_qkv:
+            w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
+            b = None if self.wq.bias is None else torch.cat([self.wq.bias, self.wk.bias, self.wv.bias])
+            q, k, v = F.linear(x, w, b).view(B, T, 3, -1, self.head_dim).unbind(2)
+            return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         # -1 heads: under tensor parallelism each rank holds n_head / tp of them.
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)

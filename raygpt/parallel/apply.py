@@ -33,6 +33,7 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
         "mlp.c_proj": RowwiseParallel(),
     }
     for block in model.blocks.values():
+        block.attn.fuse_qkv = False  # the sharded q/k/v weights must stay separate
         parallelize_module(block, tp_mesh, plan)
 
 
@@ -44,7 +45,34 @@ def apply_ac(model: nn.Module) -> None:
         model.blocks[name] = checkpoint_wrapper(block, preserve_rng_state=True)
 
 
-def apply_compile(model: nn.Module, whole: bool = False) -> None:
+# parallel.attention -> torch's SDPBackend name.
+ATTENTION_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                      "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+_attention_ctx = None  # the sdpa_kernel context this process keeps entered
+
+
+def set_attention_backend(name: str) -> None:
+    """Try SDPA backend `name` first in this process, every other one after it.
+
+    A process-wide choice (torch keeps it in global flags), made before the first forward:
+    torch.compile picks the kernel when it traces. Entering torch's own sdpa_kernel context
+    and leaving it entered keeps to its public API; a later call restores the previous
+    order first. "auto" restores torch's order."""
+    global _attention_ctx
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if _attention_ctx is not None:
+        _attention_ctx.__exit__(None, None, None)
+        _attention_ctx = None
+    if name == "auto":
+        return
+    first = getattr(SDPBackend, ATTENTION_BACKENDS[name])
+    rest = [getattr(SDPBackend, b) for b in ATTENTION_BACKENDS.values() if getattr(SDPBackend, b) != first]
+    _attention_ctx = sdpa_kernel([first, *rest], set_priority=True)
+    _attention_ctx.__enter__()
+
+
+def apply_compile(model: nn.Module, whole: bool = False, mode: str = "default") -> None:
     """Compile in place (module.compile keeps parameter names unchanged, so checkpoints
     stay loadable by an uncompiled model).
 
@@ -53,13 +81,14 @@ def apply_compile(model: nn.Module, whole: bool = False) -> None:
     Otherwise each block, plus the head with its loss as a second graph (DDP/FSDP/TP/
     pipeline stages: their gradient hooks fire per block, so communication overlaps the
     rest of backward), so the fp32 logits and the cross-entropy never run eagerly."""
+    kw = {} if mode == "default" else {"mode": mode}
     if whole:
-        model.compile()
+        model.compile(**kw)
         return
     for block in model.blocks.values():
-        block.compile()
+        block.compile(**kw)
     if getattr(model, "lm_head", None) is not None and hasattr(model, "head_loss"):
-        model.head_loss = torch.compile(model.head_loss)
+        model.head_loss = torch.compile(model.head_loss, **kw)
 
 
 def compile_whole(plan: ParallelPlan, pcfg) -> bool:
@@ -103,12 +132,15 @@ def parallelize(model: nn.Module, plan: ParallelPlan, mesh, pcfg, device: torch.
     reshard_after_forward=False keeps FSDP's gathered weights from forward to backward
     (pipeline stages: otherwise every microbatch gathers them twice)."""
     model.to(device)
+    set_attention_backend(getattr(pcfg, "attention", "auto"))
+    for block in model.blocks.values():
+        block.attn.fuse_qkv = getattr(pcfg, "fuse_qkv", True)
     if plan.tp > 1:
         apply_tp(model, mesh["tp"])
     if pcfg.activation_checkpointing:
         apply_ac(model)
     if pcfg.compile:
-        apply_compile(model, whole=compile_whole(plan, pcfg))
+        apply_compile(model, whole=compile_whole(plan, pcfg), mode=getattr(pcfg, "inductor_mode", "default"))
     if plan.strategy == "ddp":
         return apply_ddp(model, device)
     if plan.shard > 1:  # fsdp, hsdp, tp+fsdp, pp+fsdp/hsdp (mesh here has no pp dim)

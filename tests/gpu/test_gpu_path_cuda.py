@@ -79,3 +79,30 @@ def test_profiler_writes_trace_and_memory_snapshot(tmp_path):
     trace = json.loads((tmp_path / "profile" / "rank0.pt.trace.json").read_text())
     assert any(e.get("cat") == "kernel" for e in trace["traceEvents"])  # GPU kernels recorded
     assert (tmp_path / "profile" / "rank0.memory.pickle").stat().st_size > 0
+
+
+@pytest.mark.parametrize("backend,op", [("cudnn", "cudnn_attention"), ("flash", "flash_attention")])
+def test_attention_backend_runs_its_kernel_with_the_same_loss(backend, op):
+    """parallel.attention puts its SDPA kernel first: the profiler sees that aten op in
+    forward and backward, and the bf16 loss matches the math kernel's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from raygpt.parallel.apply import set_attention_backend
+
+    x, y = _batch()
+    model = _model()
+    try:
+        set_attention_backend("math")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ref = model(x, y)[1].item()
+        set_attention_backend(backend)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(x, y)[1]
+            loss.backward()
+    finally:
+        set_attention_backend("auto")
+    names = {e.key for e in prof.key_averages()}
+    assert any(op in n and "backward" not in n for n in names), sorted(n for n in names if "attention" in n)
+    assert any(op in n and "backward" in n for n in names), sorted(n for n in names if "attention" in n)
+    assert abs(loss.item() - ref) < 2e-2

@@ -128,6 +128,68 @@ def test_compile_mode_auto_picks_whole_model_on_one_rank_only():
     assert not compile_whole(ParallelPlan(1, "none"), ParallelConfig(compile=True, compile_mode="blocks"))
 
 
+# ---------------------------------------------------------------- attention kernels
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_qkv_gives_the_separate_projections(bias):
+    """fuse_qkv (one matmul over the concatenated weights) = three Linear layers: the same
+    loss, the same gradients on wq/wk/wv, the same keys and values in the KV cache."""
+    x, y = _batch()
+    fused, separate = _tiny(bias=bias), _tiny(bias=bias)
+    for b in separate.blocks.values():
+        b.attn.fuse_qkv = False
+    assert all(b.attn.fuse_qkv for b in fused.blocks.values())  # the default
+    _, lf = fused(x, y)
+    _, ls = separate(x, y)
+    lf.backward()
+    ls.backward()
+    assert abs(lf.item() - ls.item()) < 1e-6
+    for (n, p), q in zip(fused.named_parameters(), separate.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
+    attn_f, attn_s = fused.blocks["0"].attn, separate.blocks["0"].attn
+    h = torch.randn(2, 5, 32)
+    for a, b in zip(attn_f._qkv(h), attn_s._qkv(h)):
+        assert a.shape == b.shape == (2, 2, 5, 16)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_backend_is_tried_first_and_the_others_stay_as_fallbacks():
+    from torch.nn.attention import SDPBackend
+
+    from raygpt.parallel.apply import parallelize, set_attention_backend
+    from raygpt.parallel.plan import ParallelPlan
+
+    default = torch._C._get_sdp_priority_order()
+    x, y = _batch()
+    _, ref = _tiny()(x, y)
+    try:
+        set_attention_backend("cudnn")
+        order = torch._C._get_sdp_priority_order()
+        assert order[0] == int(SDPBackend.CUDNN_ATTENTION) and sorted(order) == sorted(default)
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+        set_attention_backend("efficient")  # a second choice replaces the first
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.EFFICIENT_ATTENTION)
+        # Through parallelize (both training paths call it), on CPU: the loss is unchanged.
+        model = parallelize(_tiny(), ParallelPlan(1, "none"), None, ParallelConfig(attention="math"),
+                            torch.device("cpu"))
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.MATH)
+        _, loss = model(x, y)
+        assert abs(loss.item() - ref.item()) < 1e-5
+    finally:
+        set_attention_backend("auto")
+    assert torch._C._get_sdp_priority_order() == default
+
+
+def test_attention_and_inductor_mode_are_validated():
+    from raygpt.config import load_config
+
+    cfg = load_config("debug", overrides=["parallel.attention=cudnn", "parallel.inductor_mode=max-autotune-no-cudagraphs"])
+    assert (cfg.parallel.attention, cfg.parallel.inductor_mode) == ("cudnn", "max-autotune-no-cudagraphs")
+    for bad in ("parallel.attention=fa3", "parallel.inductor_mode=fast"):
+        with pytest.raises(Exception, match=bad.split("=")[0].split(".")[1]):
+            load_config("debug", overrides=[bad])
+
+
 # ---------------------------------------------------------------- MFU peaks
 
 def test_mfu_peak_by_exact_device_name(monkeypatch):
@@ -195,3 +257,22 @@ def test_ray_throughput_is_taken_over_the_windows_after_warmup():
     r = tput.timed_windows(recs, warmup=10, tokens_per_step=10)
     assert r["timed_steps"] == 15 and r["tokens_per_s"] == pytest.approx(150 / 1.25)
     assert r["mfu"] == pytest.approx(0.2 * 120 / 200) and r["step_ms"] == pytest.approx(1250 / 15)
+
+
+def test_gpu_check_sweep_runs_each_variant_in_its_own_process_and_picks_the_fastest(tmp_path, monkeypatch):
+    """The sweep stage (CPU smoke: two tiny variants): every variant measured by a child
+    process of the plain loop; `best` is the fastest; an unknown variant is an error."""
+    gc = _bench("gpu_check")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    out = tmp_path / "r.json"
+    assert gc.main(["--cpu-smoke", "--stages", "env,sweep", "--out", str(out)]) == 0
+    sw = json.loads(out.read_text())["stages"]["sweep"]
+    assert set(sw["variants"]) == set(gc.SWEEP_SMOKE)
+    tps = {n: v["tokens_per_s"] for n, v in sw["variants"].items()}
+    assert all(t > 0 for t in tps.values()) and sw["best"] == max(tps, key=tps.get)
+    assert sw["best_sets"] == gc.SWEEP_SMOKE[sw["best"]]
+    # The same tiny model and data under either kernel and q/k/v layout: the same loss.
+    losses = [v["loss"] for v in sw["variants"].values()]
+    assert max(losses) - min(losses) < 1e-4
+    assert gc.main(["--cpu-smoke", "--stages", "sweep", "--sweep", "nope", "--out", str(out)]) == 1
+    assert "unknown variants" in json.loads(out.read_text())["stages"]["sweep"]["error"]

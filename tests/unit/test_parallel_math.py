@@ -117,9 +117,14 @@ def fsdp_tp_clip_and_fused(rank, world):
         pcfg = _pcfg(strategy=strategy)
         plan = resolve_plan(pcfg, world, n_heads=4)
         model = parallelize(_model(), plan, plan.build_mesh("cpu"), pcfg, torch.device("cpu"))
+        # q/k/v run as one matmul except under TP, whose sharded weights stay separate.
+        assert all(b.attn.fuse_qkv == (strategy != "tp") for b in model.blocks.values()), strategy
         dp = plan.dp_rank(rank)
         xs, ys = (x, y) if plan.dp == 1 else (x.chunk(plan.dp)[dp], y.chunk(plan.dp)[dp])
         _, loss = model(xs, ys)
+        if strategy == "tp":  # every rank sees the whole batch: the unsharded model's loss
+            _, ref = _model()(xs, ys)
+            assert abs(loss.item() - ref.item()) < 1e-5, (loss.item(), ref.item())
         loss.backward()
         n = _check_clip(list(model.parameters()), max_norm=0.05)
         assert n == 1, f"{strategy}: {n} collectives in clip_grad_norm, expected one all-reduce"
