@@ -183,6 +183,11 @@ class CheckpointConfig(_Section):
     every: int = Field(500, ge=0)  # 0 = only at the end
     keep: int = Field(2, ge=1)
     async_save: bool = True  # dcp.async_save on GPU; CPU always saves synchronously
+    # Where an async save is written: "thread" (a thread of the training process; its
+    # serialization holds the GIL the training loop needs to launch kernels) or "process"
+    # (one checkpoint process per rank, started at the first save; staging buffers then
+    # live in shared memory, so a save hands it handles, not copies).
+    async_mode: Literal["thread", "process"] = "thread"
 
 
 class RunConfig(_Section):

@@ -60,7 +60,7 @@ def state_dicts(model, optimizer):
 
 def save_checkpoint(path: str | os.PathLike, model, optimizer, trainer_state: dict, rank: int,
                     tokenizer_path: str | os.PathLike | None = None, use_async: bool = False,
-                    async_pg=None, async_stager=None):
+                    async_pg=None, async_stager=None, async_mode: str = "thread"):
     """Every rank calls this. With use_async, returns a Future (dcp.async_save: the state
     is staged to host memory now, written in the background); else None once written."""
     dcp = _dcp()
@@ -74,8 +74,11 @@ def save_checkpoint(path: str | os.PathLike, model, optimizer, trainer_state: di
         if tokenizer_path and Path(tokenizer_path).is_file():
             shutil.copyfile(tokenizer_path, path / "tokenizer.json")
     if use_async:
+        from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+        kind = AsyncCheckpointerType.PROCESS if async_mode == "process" else AsyncCheckpointerType.THREAD
         return dcp.async_save(state, checkpoint_id=str(path), process_group=async_pg,
-                              async_stager=async_stager)
+                              async_stager=async_stager, async_checkpointer_type=kind)
     dcp.save(state, checkpoint_id=str(path))
     return None
 
@@ -289,6 +292,7 @@ class CheckpointManager:
         self.root = Path(ckpt_root) if ckpt_root is not None else None
         self.report = report
         self.use_async = use_async
+        self.async_mode = getattr(ckpt_cfg, "async_mode", "thread")
         self.cpu_group = cpu_group
         self.tokenizer_path = tokenizer_path
         self.on_event = on_event or (lambda name, **kw: None)
@@ -300,7 +304,8 @@ class CheckpointManager:
             # later one; the same code on CPU (forced async) and GPU.
             from raygpt.train.staging import PinnedStager
 
-            self._stager = PinnedStager(pin=device is not None and device.type == "cuda")
+            self._stager = PinnedStager(pin=device is not None and device.type == "cuda",
+                                        shared=self.async_mode == "process")
 
     def due(self, step: int, max_steps: int) -> bool:
         return bool(self.cfg.every and step % self.cfg.every == 0) or step == max_steps
@@ -324,7 +329,7 @@ class CheckpointManager:
         save_rng(path, self.rank, rng_meta)
         fut = save_checkpoint(path, parts, optimizers, trainer_state, self.rank, self.tokenizer_path,
                               use_async=self.use_async and not final, async_pg=self.cpu_group,
-                              async_stager=self._stager)
+                              async_stager=self._stager, async_mode=self.async_mode)
         blocked = time.perf_counter() - t0
         metrics = dict(metrics, checkpoint_blocked_s=round(blocked, 4))
         self.on_event("checkpoint", step=step, blocked_s=round(blocked, 4), asynchronous=fut is not None)

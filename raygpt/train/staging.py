@@ -9,6 +9,11 @@ there), with non-blocking copies and one synchronize at the end, so training may
 the weights as soon as stage() returns. The next save starts only after the previous
 write finished (CheckpointManager.save waits first), so a buffer is never reused while
 the writer thread still reads it.
+
+With shared=True (checkpoint.async_mode=process) the buffers are allocated in shared
+memory (and registered as pinned with CUDA), so handing the staged dict to the checkpoint
+process sends handles: pickling a private buffer would copy it into shared memory at every
+save, and a pinned one would lose its pinning.
 """
 from __future__ import annotations
 
@@ -30,9 +35,11 @@ class PinnedStager(AsyncStager):
 
     _synchronize_after_execute = False
 
-    def __init__(self, pin: bool | None = None):
+    def __init__(self, pin: bool | None = None, shared: bool = False):
         self.pin = torch.cuda.is_available() if pin is None else pin
+        self.shared = shared
         self._bufs: dict[tuple, torch.Tensor] = {}
+        self._registered: list[int] = []  # cudaHostRegister'ed shared buffers
         self.allocations = 0  # buffers allocated so far (a second save adds none)
         self._dtensor = _dtensor_type()
 
@@ -51,7 +58,26 @@ class PinnedStager(AsyncStager):
         pass
 
     def close(self) -> None:
+        if self._registered:
+            torch.cuda.synchronize()
+            cudart = torch.cuda.cudart()
+            for ptr in self._registered:
+                cudart.cudaHostUnregister(ptr)
+            self._registered.clear()
         self._bufs.clear()
+
+    def _alloc(self, t: torch.Tensor) -> torch.Tensor:
+        pin = self.pin and t.device.type == "cuda"
+        if not self.shared:
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+        buf = torch.empty(t.shape, dtype=t.dtype).share_memory_()
+        if pin and buf.numel():
+            # cudaHostRegisterPortable: pinned for every CUDA context, like pin_memory.
+            err = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 1))
+            if err != 0:
+                raise RuntimeError(f"cudaHostRegister of a {tuple(buf.shape)} staging buffer failed: cudaError {err}")
+            self._registered.append(buf.data_ptr())
+        return buf
 
     # ---------------------------------------------------------------- walk
     def _copy(self, x, path: tuple):
@@ -77,7 +103,7 @@ class PinnedStager(AsyncStager):
             return self._memo[alias]
         buf = self._bufs.get(path)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin and t.device.type == "cuda")
+            buf = self._alloc(t)
             self._bufs[path] = buf
             self.allocations += 1
         buf.copy_(t, non_blocking=t.device.type == "cuda")

@@ -276,3 +276,25 @@ def test_gpu_check_sweep_runs_each_variant_in_its_own_process_and_picks_the_fast
     assert max(losses) - min(losses) < 1e-4
     assert gc.main(["--cpu-smoke", "--stages", "sweep", "--sweep", "nope", "--out", str(out)]) == 1
     assert "unknown variants" in json.loads(out.read_text())["stages"]["sweep"]["error"]
+
+
+def test_checkpoint_stage_counts_what_the_background_write_costs():
+    """gpu_check's save_costs: blocked time per save, and the steps a write overlapped
+    (save to report event, plus one) charged their time above the clean median."""
+    gc = _bench("gpu_check")
+    recs = []
+    for i in range(1, 31):
+        recs.append({"step": i, "step_ms": 300.0 if i in (12, 13, 22) else 100.0})
+        if i in (10, 20):
+            recs.append({"event": "checkpoint", "step": i, "blocked_s": 0.05 if i == 20 else 0.5, "asynchronous": True})
+        if i == 13:
+            recs.append({"event": "checkpoint_reported", "step": 10})
+        if i == 21:
+            recs.append({"event": "checkpoint_reported", "step": 20})
+    recs.append({"event": "checkpoint", "step": 30, "blocked_s": 1.0, "asynchronous": False})
+    c = gc.save_costs(recs, every=10, steps=30)
+    assert c["blocked_s"] == [0.05] and c["step_ms_median"] == 100.0  # the first save warms up
+    assert c["blocked_fraction"] == pytest.approx(0.05 / 1.0)
+    assert c["write_steps"] == {10: 4, 20: 2}  # 11..14 and 21..22
+    assert c["lost_s"] == [pytest.approx(0.2)]  # the step-20 save: step 22 ran 200 ms over
+    assert c["lost_fraction"] == pytest.approx(0.2)

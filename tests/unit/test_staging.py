@@ -62,19 +62,26 @@ def gloo_world_1(tmp_path):
     dist.destroy_process_group()
 
 
-def test_async_saves_through_one_stager_round_trip_with_dtensors(gloo_world_1, tmp_path):
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_async_saves_through_one_stager_round_trip_with_dtensors(gloo_world_1, tmp_path, mode):
+    """Three saves through one stager, written by a thread or by the checkpoint process
+    (checkpoint.async_mode=process: buffers in shared memory, handed over as handles)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (1,))
     w = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
-    s, group = PinnedStager(pin=False), dist.new_group(backend="gloo")
+    s, group = PinnedStager(pin=False, shared=mode == "process"), dist.new_group(backend="gloo")
+    kind = AsyncCheckpointerType.PROCESS if mode == "process" else AsyncCheckpointerType.THREAD
     for step in range(3):  # three saves through one stager
         sd = {"model": {"w": w, "plain": torch.full((3,), float(step))}}
         staged = s.stage(sd)
         assert isinstance(staged["model"]["w"], DTensor) and staged["model"]["w"].to_local().device.type == "cpu"
-        fut = dcp.async_save(sd, checkpoint_id=str(tmp_path / f"c{step}"), process_group=group, async_stager=s)
+        assert staged["model"]["plain"].is_shared() == (mode == "process")
+        fut = dcp.async_save(sd, checkpoint_id=str(tmp_path / f"c{step}"), process_group=group, async_stager=s,
+                             async_checkpointer_type=kind)
         fut.result()
         back = {"model": {"w": distribute_tensor(torch.zeros(8, 4), mesh, [Shard(0)]), "plain": torch.zeros(3)}}
         dcp.load(back, checkpoint_id=str(tmp_path / f"c{step}"))

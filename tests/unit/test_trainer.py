@@ -120,7 +120,8 @@ def test_schedule_horizon_is_kept_from_the_first_start(one_rank, char_data, tmp_
     assert longer.lr(15) == pytest.approx(longer.cfg.optim.min_lr)
 
 
-def test_async_save_is_reported_when_it_finishes(one_rank, char_data, tmp_path):
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_async_save_is_reported_when_it_finishes(one_rank, char_data, tmp_path, mode):
     """A finished async save is reported at the next step (not at the next save), and is
     on disk, complete, where the restore choice looks. The test waits for each write
     to finish at the step after the save, which bounds the step of the report."""
@@ -134,8 +135,8 @@ def test_async_save_is_reported_when_it_finishes(one_rank, char_data, tmp_path):
         if step in (6, 11):  # staging is done when save() returns, reported or not
             allocations.append(tr.ckpt._stager.allocations)
 
-    tr = _run(char_data, tmp_path, "train.max_steps=15", "checkpoint.every=5", use_async=True,
-              after_step=wait_for_write)
+    tr = _run(char_data, tmp_path, "train.max_steps=15", "checkpoint.every=5", f"checkpoint.async_mode={mode}",
+              use_async=True, after_step=wait_for_write)
     # Reported at the save's own step or the next (write already done) or, at the latest,
     # at the step after the wait above; the last save is synchronous.
     assert [s for s, _ in tr.reports.ckpts] == [5, 10, 15]
@@ -182,3 +183,44 @@ def test_two_rank_dropout_resume_is_exact(char_data, tmp_path):
     for strategy, r in res.items():
         assert r["start"] == 10
         assert r["diff"] < 1e-5, f"{strategy}, dropout 0.1: resume differs from the straight run by {r['diff']:.2e}"
+
+
+def _two_rank_process_saves(rank: int, port: int, data: str, out: str) -> None:
+    import os
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"  # as Ray Train's env:// setup leaves it
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=300))
+    torch.set_num_threads(1)
+    try:
+        sets = ("parallel.strategy=fsdp", "checkpoint.async_mode=process", "train.max_steps=10",
+                "checkpoint.every=5", "model.dropout=0.0")
+        root = Path(out)
+        straight = _run(Path(data), root, *sets, rank=rank, world=2, use_async=True)
+        saves = [(c.name, ckpt_lib.is_complete(c)) for c in ckpt_lib.list_checkpoints(root)]
+        dist.barrier()
+        if rank == 0:  # resume from the step-5 save, the one the checkpoint processes wrote
+            import shutil
+
+            shutil.rmtree(root / "checkpoint_0000010")
+        dist.barrier()
+        resumed = _run(Path(data), root, *sets, rank=rank, world=2, use_async=True)
+        from torch.distributed.checkpoint._async_process_executor import _CHECKPOINT_PROCESS
+
+        res = {"saves": saves, "start": resumed.start_step, "writer_process": _CHECKPOINT_PROCESS is not None,
+               "diff": _max_diff(_params(straight), _params(resumed))}
+        torch.save(res, Path(out) / f"result{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_rank_fsdp_async_saves_written_by_checkpoint_processes_resume_exactly(char_data, tmp_path):
+    """checkpoint.async_mode=process at world 2 under FSDP: each rank's checkpoint process
+    (its own gloo group) writes the sharded step-5 save; resuming from it reaches the
+    straight run's parameters."""
+    mp.spawn(_two_rank_process_saves, args=(_free_port(), str(char_data), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        r = torch.load(tmp_path / f"result{rank}.pt")
+        assert r["saves"] == [("checkpoint_0000005", True), ("checkpoint_0000010", True)], r
+        assert r["writer_process"] and r["start"] == 5, r
+        assert r["diff"] < 1e-5, f"rank {rank}: resume differs from the straight run by {r['diff']:.2e}"
