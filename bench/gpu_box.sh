@@ -14,4 +14,4 @@ if [ -f .gpu/setup.sh ] && [ "${GPU_BUNDLE:-1}" != 0 ]; then source .gpu/setup.s
   python3 -c 'import sys, torch, triton; print(sys.version, torch.__version__, torch.version.cuda, triton.__version__)'
 } >"$out/machine.txt" 2>&1
 timeout -s INT "${GPU_CHECK_TIMEOUT:-555}" python3 bench/gpu_check.py --out "$out/gpu_check.json" \
-  --budget-s "${GPU_CHECK_BUDGET:-420}" --tests-timeout 140 "${args[@]}" 2>&1 | tee "$out/log.txt"
+  --budget-s "${GPU_CHECK_BUDGET:-420}" --tests-timeout "${GPU_TESTS_TIMEOUT:-170}" "${args[@]}" 2>&1 | tee "$out/log.txt"

@@ -349,12 +349,12 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
         import signal
 
         main = threading.current_thread() is threading.main_thread()
-        old_sigint = signal.getsignal(signal.SIGINT) if main else None
+        old_handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
         try:
             result = trainer.fit()
         finally:
-            if main:  # Ray Train leaves its SIGINT handler installed
-                signal.signal(signal.SIGINT, old_sigint)
+            for sig, h in old_handlers.items():  # the trainer's handlers stay installed otherwise
+                signal.signal(sig, h)
             if prog:
                 prog.stop()
                 th.join(timeout=2)

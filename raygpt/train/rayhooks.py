@@ -5,7 +5,10 @@
   function runs on another thread, where `signal.signal` is refused), through the torch
   backend's training-start hook;
 - Ctrl-C on the driver asks the workers (through Ray's KV store) to checkpoint at the
-  next step and stop, instead of Ray Train's abort; a second Ctrl-C aborts.
+  next step and stop, instead of Ray Train's abort; a second Ctrl-C aborts. SIGTERM to
+  the driver (`ray job stop`, a pod's termination) does the same: the run then ends
+  through Ray Train's normal shutdown, which also withdraws its standing autoscaler
+  request; a driver killed outright leaves that request to hold the nodes ~180 s.
 """
 from __future__ import annotations
 
@@ -67,10 +70,11 @@ class RaygptTorchTrainer(TorchTrainer):
         def handler(signum, frame):
             nonlocal count
             count += 1
+            what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             if count == 1:
                 self.interrupted = True
                 internal_kv._internal_kv_put(stop_key(run_id), b"interrupt", namespace=STOP_NAMESPACE)
-                sys.stderr.write("\nraygpt: Ctrl-C: writing a checkpoint at the next step, then stopping "
+                sys.stderr.write(f"\nraygpt: {what}: writing a checkpoint at the next step, then stopping "
                                  "(Ctrl-C again aborts without it)\n")
                 sys.stderr.flush()
             elif count == 2:
@@ -83,3 +87,4 @@ class RaygptTorchTrainer(TorchTrainer):
                 sys.exit(130)
 
         signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)

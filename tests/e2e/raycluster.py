@@ -173,27 +173,26 @@ class Cluster:
         """For CLI calls against this cluster: RAY_ADDRESS only in the subprocess env."""
         return {**self.base_env, "RAY_ADDRESS": self.dashboard}
 
+    def _up(self) -> bool:
+        """`ray start` finished starting the node (it then blocks) and the dashboard
+        answers; the dashboard alone can answer before the raylet is up."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"ray start exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+        if "block forever" not in self.log.read_text(errors="replace"):
+            return False
+        try:
+            return httpx.get(f"{self.dashboard}/api/jobs/", headers=self.headers, timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def start(self, timeout: float = 240):
+        from conftest import wait_for
+
         t0 = time.time()
         self.proc = subprocess.Popen(self.cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
                                      env=self.base_env, cwd=REPO, start_new_session=True)
-        while time.time() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            # Up = `ray start` finished starting the node (it then blocks) and the
-            # dashboard answers; the dashboard alone can answer before the raylet is up.
-            if "block forever" not in self.log.read_text(errors="replace"):
-                time.sleep(1)
-                continue
-            try:
-                r = httpx.get(f"{self.dashboard}/api/jobs/", headers=self.headers, timeout=5)
-                if r.status_code == 200:
-                    print(f"cluster up in {time.time() - t0:.1f}s (dashboard {self.dashboard})")
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"dashboard not up after {timeout}s:\n{self.log.read_text()[-3000:]}")
+        wait_for(self._up, timeout, lambda: f"dashboard up:\n{self.log.read_text()[-3000:]}", interval=1)
+        print(f"cluster up in {time.time() - t0:.1f}s (dashboard {self.dashboard})")
 
     def stop(self):
         if self.proc is not None:
@@ -219,12 +218,20 @@ def job_status(cluster: Cluster, job_id: str) -> str:
 
 
 def wait_status(cluster, job_id, want: tuple[str, ...], timeout: float) -> str:
-    t0, status = time.time(), None
-    while time.time() - t0 < timeout:
-        status = job_status(cluster, job_id)
-        if status in want or status in TERMINAL:
-            return status
-        time.sleep(1)
-    return status
+    """The job's status once it is one of `want` or terminal; after `timeout` seconds,
+    whatever it is then (the caller's assert names it)."""
+    from conftest import wait_for
+
+    last = []
+
+    def settled():
+        last.append(job_status(cluster, job_id))
+        return last[-1] in want or last[-1] in TERMINAL
+
+    try:
+        wait_for(settled, timeout, "job status", interval=1)
+    except AssertionError:
+        pass
+    return last[-1]
 
 

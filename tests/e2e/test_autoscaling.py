@@ -214,8 +214,13 @@ def test_elastic_run_starts_on_one_node_and_grows_to_two(acluster, char_data, tm
     args = [a if a != "train.max_steps=20" else "train.max_steps=100000" for a in args]
     args += ["--set", "checkpoint.every=5", "--set", "run.elastic_resize_interval_s=2",
              "--set", f"data.path={char_data}"]
+    # `ray job stop` sends SIGTERM and, given the time, the driver stops the run the way
+    # Ctrl-C does (a checkpoint, then Ray Train's normal shutdown, which withdraws its
+    # autoscaler request: killed outright, the request would hold both nodes ~180 s).
+    graceful = json.dumps({"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "120"}})
     try:
         run([RAY, "job", "submit", "--address", acluster.dashboard, "--working-dir", ".",
+             "--runtime-env-json", graceful,
              "--submission-id", job, "--no-wait", "--", "python", "jobs/train.py", *args,
              "--storage", str(storage), "--name", "el"], acluster.env, timeout=120)
         run_dir = storage / "el"
@@ -234,6 +239,15 @@ def test_elastic_run_starts_on_one_node_and_grows_to_two(acluster, char_data, tm
     finally:
         run([RAY, "job", "stop", "--address", acluster.dashboard, job], acluster.env, timeout=120, check=False)
         acluster.set_max_gpu_nodes(2)
+    assert wait_status(acluster, job, ("STOPPED",), timeout=150) == "STOPPED"
+    events = [r for r in read_metrics(run_dir) if r.get("event") in ("stop", "start")]
+    # The regrouping for the grow stops the old group with SIGTERM ("sigterm"); the job
+    # stop ends the run ("interrupt": the driver's SIGTERM), with a checkpoint: not killed.
+    stop = [r for r in events if r["event"] == "stop"][-1]
+    assert stop["reason"] == "interrupt" and events[-1] is stop, events
+    from raygpt.train.checkpoint import latest_checkpoint, read_state
+
+    assert read_state(latest_checkpoint(run_dir))["step"] == stop["step"]
     starts = [r for r in read_metrics(run_dir) if r.get("event") == "start"]
     worlds = [s["world_size"] for s in starts]
     assert worlds[0] == 1 and worlds[-1] == 2, worlds
@@ -264,7 +278,8 @@ def test_serve_replicas_scale_gpu_nodes_with_load(acluster, tmp_path):
 
     from raycluster import free_ports
 
-    acluster.wait_gpu_nodes(0, timeout=240)
+    drained = acluster.wait_gpu_nodes(0, timeout=240)
+    t_start = time.time()
     model = _tiny_model_dir(tmp_path)
     (port,) = free_ports(1)
     cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
@@ -294,6 +309,7 @@ def test_serve_replicas_scale_gpu_nodes_with_load(acluster, tmp_path):
             return False
 
     wait_for(answers, 600, "the first replica answering (one node comes up for it)", interval=2)
+    first = time.time() - t_start
     acluster.wait_gpu_nodes(1, timeout=300)  # idle with min_replicas 1: one node
     codes: list[int] = []
     with NodeWatch(acluster) as watch, ThreadPoolExecutor(8) as pool:
@@ -305,7 +321,8 @@ def test_serve_replicas_scale_gpu_nodes_with_load(acluster, tmp_path):
     assert max(n for _, n in watch.samples) == 2, watch.samples
     assert set(codes) == {200}, sorted(set(codes))
     down = acluster.wait_gpu_nodes(1, timeout=300)  # idle: back to min_replicas, one node
-    print(f"FIGURES: serve scaled to 2 nodes {peak_t:.1f}s into the load; back to 1 node {down:.1f}s after; "
+    print(f"FIGURES: earlier nodes gone in {drained:.1f}s; first answer {first:.1f}s after deploy; "
+          f"serve scaled to 2 nodes {peak_t:.1f}s into the load; back to 1 node {down:.1f}s after; "
           f"{len(codes)} requests, all 200")
     run([str(BIN / "serve"), "shutdown", "-y", "--address", acluster.dashboard], acluster.env, timeout=120,
         check=False)

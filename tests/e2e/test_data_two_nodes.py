@@ -12,12 +12,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, wait_for
 from raycluster import RAY, Cluster, stop_cluster
 
 pytestmark = [
@@ -51,17 +50,14 @@ def _second_node(cluster: Cluster, hidden: list[Path], log: Path) -> subprocess.
 def _wait_nodes(cluster: Cluster, n: int, timeout: float = 180) -> None:
     import httpx
 
-    t0 = time.time()
-    while time.time() - t0 < timeout:
+    def alive() -> bool:
         try:
             r = httpx.get(f"{cluster.dashboard}/nodes?view=summary", headers=cluster.headers, timeout=5)
-            alive = [x for x in r.json()["data"]["summary"] if x["raylet"]["state"] == "ALIVE"]
-            if len(alive) >= n:
-                return
+            return sum(1 for x in r.json()["data"]["summary"] if x["raylet"]["state"] == "ALIVE") >= n
         except Exception:  # noqa: BLE001 - the dashboard is still starting
-            pass
-        time.sleep(1)
-    raise AssertionError(f"only {n - 1} node(s) after {timeout}s")
+            return False
+
+    wait_for(alive, timeout, f"{n} alive nodes", interval=1)
 
 
 def _train(args: list[str], cwd: Path, env: dict, timeout: float = 600) -> dict:

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from conftest import wait_for
 from raycluster import BIN, RAY, REPO, TERMINAL, Cluster, free_ports, job_status, run, started, wait_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -97,16 +98,15 @@ def test_job_submit_stop_export_serve(cluster, tmp_path):
          "--storage", str(storage), "--name", "e2e-stopped",
          "--set", "train.max_steps=100000", "--set", "checkpoint.every=0"], env, timeout=120)
     # Wait until it trains (a step line in its logs), so the stop hits a live run.
-    t0, trained = time.time(), False
-    while time.time() - t0 < 300 and not trained:
+    def trained() -> bool:
         status = job_status(cluster, job2)
         assert status not in TERMINAL, f"job 2 ended {status} before it was stopped"
-        if status == "RUNNING":
-            logs2 = run([RAY, "job", "logs", "--address", cluster.dashboard, job2], env, timeout=60).stdout
-            trained = bool(re.search(r"step \d+/100000", logs2))
-        if not trained:
-            time.sleep(3)
-    assert trained, "job 2 never logged a step"
+        if status != "RUNNING":
+            return False
+        logs2 = run([RAY, "job", "logs", "--address", cluster.dashboard, job2], env, timeout=60).stdout
+        return bool(re.search(r"step \d+/100000", logs2))
+
+    wait_for(trained, 300, "job 2 logging a step", interval=3)
     t0 = time.time()
     run([RAY, "job", "stop", "--address", cluster.dashboard, job2], env, timeout=120)
     status = wait_status(cluster, job2, ("STOPPED",), timeout=60)
@@ -134,25 +134,25 @@ def test_job_submit_stop_export_serve(cluster, tmp_path):
 
     route = apps[0].get("route_prefix", "/").rstrip("/")
     url = f"http://127.0.0.1:{http_port}{route}/v1/completions"
-    body, last = None, None
-    while time.time() - t0 < 300:
+    last = [None]
+
+    def completion():
         st = run([SERVE, "status", "--address", cluster.dashboard], env, timeout=60, check=False).stdout
         state = yaml.safe_load(st) or {}
         app_states = {k: v.get("status") for k, v in (state.get("applications") or {}).items()}
         if any(s in ("DEPLOY_FAILED", "UNHEALTHY") for s in app_states.values()):
             raise AssertionError(f"serve app failed:\n{st}")
-        if app_states and all(s == "RUNNING" for s in app_states.values()):
-            try:
-                r = httpx.post(url, json={"prompt": "ROMEO:", "max_tokens": 8, "temperature": 0},
-                               timeout=60)
-                last = f"{r.status_code} {r.text[:500]}"
-                if r.status_code == 200:
-                    body = r.json()
-                    break
-            except httpx.HTTPError as e:
-                last = repr(e)
-        time.sleep(2)
-    assert body is not None, f"no completion from {url} after {time.time() - t0:.0f}s: {last}"
+        if not (app_states and all(s == "RUNNING" for s in app_states.values())):
+            return None
+        try:
+            r = httpx.post(url, json={"prompt": "ROMEO:", "max_tokens": 8, "temperature": 0}, timeout=60)
+        except httpx.HTTPError as e:
+            last[0] = repr(e)
+            return None
+        last[0] = f"{r.status_code} {r.text[:500]}"
+        return r.json() if r.status_code == 200 else None
+
+    body = wait_for(completion, 300, lambda: f"a completion from {url}: {last[0]}", interval=2)
     print(f"serve: RUNNING and answered in {time.time() - t0:.1f}s: {json.dumps(body)[:300]}")
     text = body["choices"][0]["text"]
     assert isinstance(text, str) and text, body

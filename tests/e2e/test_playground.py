@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -61,19 +62,16 @@ def server(model_dir, tmp_path_factory):
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"raygpt serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            return httpx.get(url + "/healthz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     try:
-        t0 = time.time()
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"raygpt serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() - t0 > 240:
-                pytest.fail(f"raygpt serve not healthy after 240 s:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
+        wait_for(healthy, 240, lambda: f"raygpt serve healthy:\n{log.read_text()[-3000:]}", interval=1)
         yield url, log
     finally:
         if proc.poll() is None:
@@ -128,13 +126,13 @@ def browser(tmp_path):
                             start_new_session=True)
     try:
         port_file = profile / "DevToolsActivePort"
-        t0 = time.time()
-        while not (port_file.exists() and port_file.read_text().strip()):
+
+        def port_open() -> bool:
             if proc.poll() is not None:
                 pytest.fail(f"chromium exited: {proc.stderr.read().decode()[-2000:]}")
-            if time.time() - t0 > 60:
-                pytest.fail("chromium did not open its DevTools port")
-            time.sleep(0.1)
+            return port_file.exists() and bool(port_file.read_text().strip())
+
+        wait_for(port_open, 60, "chromium opening its DevTools port", interval=0.1)
         devtools_port = int(port_file.read_text().split()[0])
         targets = httpx.get(f"http://127.0.0.1:{devtools_port}/json/list", timeout=10).json()
         page = next(t for t in targets if t["type"] == "page")
@@ -153,13 +151,7 @@ def browser(tmp_path):
 
 
 def _wait(cdp: CDP, expr: str, timeout: float = 60):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        v = cdp.eval(expr)
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {expr}")
+    return wait_for(lambda: cdp.eval(expr), timeout, expr, interval=0.1)
 
 
 def test_playground_streams_a_completion(server, browser, model_dir):

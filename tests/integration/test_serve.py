@@ -460,7 +460,10 @@ def test_model_update_under_load(cluster, refs, models):
             while (await version(client))["version"] != refs["b"].version:
                 assert time.time() - t0 < 120, "model B never became current"
                 await asyncio.sleep(0.2)
-            await asyncio.sleep(1.5)  # keep the load on after the swap
+            t0 = time.time()  # keep the load on until B has answered whole requests
+            while sum(1 for fps, _, _ in results if fps == {refs["b"].version}) < 3:
+                assert time.time() - t0 < 120 and not errors, ("no requests served by B", errors[:3])
+                await asyncio.sleep(0.2)
             stop.set()
             await asyncio.gather(*loops)
             # a broken model dir: refused, B keeps serving, the error is reported
