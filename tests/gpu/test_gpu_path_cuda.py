@@ -106,3 +106,40 @@ def test_attention_backend_runs_its_kernel_with_the_same_loss(backend, op):
     assert any(op in n and "backward" not in n for n in names), sorted(n for n in names if "attention" in n)
     assert any(op in n and "backward" in n for n in names), sorted(n for n in names if "attention" in n)
     assert abs(loss.item() - ref) < 2e-2
+
+
+def test_process_mode_staging_is_pinned_shared_and_round_trips(tmp_path):
+    """checkpoint.async_mode=process on GPU: staging buffers in shared memory *and* pinned
+    (cudaHostRegister), reused by the second save; the checkpoint process writes what
+    the GPU held."""
+    import os
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    from raygpt.train.staging import PinnedStager
+
+    own = not dist.is_initialized()
+    if own:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        group = dist.new_group(backend="gloo")
+        w = torch.randn(256, 64, device="cuda")
+        stager = PinnedStager(pin=True, shared=True)
+        for i in range(2):
+            staged = stager.stage({"w": w})
+            assert staged["w"].is_pinned() and staged["w"].is_shared()
+            fut = dcp.async_save({"w": w}, checkpoint_id=str(tmp_path / f"c{i}"), process_group=group,
+                                 async_stager=stager, async_checkpointer_type=AsyncCheckpointerType.PROCESS)
+            fut.result()
+            back = {"w": torch.zeros(256, 64)}
+            dcp.load(back, checkpoint_id=str(tmp_path / f"c{i}"))
+            assert torch.equal(back["w"], w.cpu())
+            w.add_(1.0)
+        assert stager.allocations == 1  # the second save reused the first's buffer
+        stager.close()
+    finally:
+        if own:
+            dist.destroy_process_group()
