@@ -35,8 +35,7 @@ from typing import Callable
 from urllib.parse import urlparse
 
 from raygpt.errors import UserError
-
-SERVER_DEPLOYMENT = "GPTServer"
+from raygpt.serving.replicas import SERVER_DEPLOYMENT  # the deployment carrying model_dir
 
 
 class SwapError(UserError):
@@ -287,26 +286,13 @@ def replica_states(app: str, deployment: str = SERVER_DEPLOYMENT,
     """{replica_id: what it serves} for every RUNNING replica of the deployment, from the
     state each replica publishes in Ray's KV store (None: not published yet). Needs this
     process in the Ray cluster; {} through the dashboard's REST API (not readable there)."""
-    import json
-
     import ray
 
     if not ray.is_initialized():
         return {}
-    from ray.experimental.internal_kv import _internal_kv_get
+    from raygpt.serving.replicas import published_states
 
-    from raygpt.serving.server import KV_PREFIX
-
-    details = get_details(dashboard)
-    d = (((details.get("applications") or {}).get(app) or {}).get("deployments") or {}).get(
-        deployment) or {}
-    out: dict[str, dict | None] = {}
-    for r in d.get("replicas") or []:
-        if str(getattr(r.get("state"), "value", r.get("state"))) != "RUNNING":
-            continue
-        raw = _internal_kv_get(f"{KV_PREFIX}/{app}/{r['replica_id']}")
-        out[r["replica_id"]] = json.loads(raw) if raw else None
-    return out
+    return published_states(get_details(dashboard), app, deployment)
 
 
 def _apply(info: AppInfo, user_config: dict, dashboard: str | None) -> None:

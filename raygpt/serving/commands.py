@@ -38,7 +38,7 @@ def serve_cmd(
 ):
     """Serve MODEL_DIR over HTTP (OpenAI-style /v1/completions, playground at /) until Ctrl-C.
 
-    SIGTERM (or Ctrl-C) drains: no new requests are admitted, in-flight ones finish (up to
+    SIGTERM (or Ctrl-C) drains: new requests get 503 + Retry-After, in-flight ones finish (up to
     --drain-timeout seconds), then Serve and Ray shut down and the exit status is 0."""
     import os
     import signal
@@ -56,6 +56,7 @@ def serve_cmd(
     from ray import serve
 
     from raygpt.serving.app import make_app
+    from raygpt.serving.replicas import drain_app, set_drain
 
     stop = threading.Event()
     if address:
@@ -82,6 +83,7 @@ def serve_cmd(
                 opts["ray_actor_options"]["runtime_env"] = {
                     "env_vars": {api_key_env: os.environ[api_key_env]}}
         if not stop.is_set():
+            set_drain("raygpt", False)  # a drain left by an earlier run on this cluster
             serve.run(make_app(args, **opts), name="raygpt", route_prefix="/")
             deployed = True
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
@@ -95,9 +97,15 @@ def serve_cmd(
         typer.echo("draining: no new requests; in-flight ones finish "
                    f"(up to {drain_timeout:g}s)", err=True)
         if deployed:
-            # Deleting the app stops routing to it; each replica shuts down once its ongoing
-            # requests (streams included) finished or graceful_shutdown_timeout_s passed.
+            # While the app still routes, replicas answer new requests 503 + Retry-After
+            # (retryable) and finish the in-flight ones; once all are idle the app is
+            # deleted (then the proxy would answer 404). graceful_shutdown_timeout_s
+            # still bounds whatever is left.
+            d = drain_app("raygpt", drain_timeout)
+            typer.echo(f"drained {d['replicas']} replica(s) in {d['seconds']:g}s"
+                       + ("" if d["drained"] else " (timed out: in-flight requests cut)"), err=True)
             serve.delete("raygpt", _blocking=True)
+            set_drain("raygpt", False)
         typer.echo("stopped", err=True)
     finally:
         try:

@@ -46,12 +46,12 @@ from raygpt.serving import adapter
 from raygpt.serving.protocol import (ApiError, ChatCompletionRequest, CompletionRequest,
                                      DetokenizeRequest, TokenizeRequest, error_body, parse,
                                      validation_error)
+from raygpt.serving.replicas import drain_requested, state_key
 from raygpt.serving.settings import ServerSettings
 
 log = logging.getLogger("ray.serve")
 
 STATIC = Path(__file__).parent / "static"
-KV_PREFIX = "raygpt/serve"
 
 
 # --------------------------------------------------------------------------- rate limit
@@ -296,6 +296,8 @@ class GPTServer:
         self._init_model_dir = self.s.model_dir
         # Serve calls reconfigure(user_config) right after __init__ when there is one
         # (build_app always sets it). Without one, the first request loads args.model_dir.
+        if _replica_id() is not None:
+            threading.Thread(target=self._watch_drain, daemon=True).start()
 
     # ----------------------------------------------------------------- model lifecycle
 
@@ -332,20 +334,39 @@ class GPTServer:
         return eng
 
     def _publish(self) -> None:
-        """What this replica serves, in Ray's KV store (promote checks every replica)."""
+        """What this replica serves, in Ray's KV store (promote checks every replica;
+        a draining driver waits for every replica's `idle`)."""
         rid = _replica_id()
         if rid is None:
             return
         try:
             from ray.experimental.internal_kv import _internal_kv_put
 
-            _internal_kv_put(f"{KV_PREFIX}/{self.app_name}/{rid}", json.dumps(
+            _internal_kv_put(state_key(self.app_name, rid), json.dumps(
                 {"model_dir": getattr(self.engine, "model_dir", None),
                  "version": getattr(self.engine, "version", None),
-                 "last_update_error": self.last_error, "time": time.time()}).encode(),
+                 "last_update_error": self.last_error, "draining": self.draining, "idle": self._idle(),
+                 "time": time.time()}).encode(),
                 overwrite=True)
         except Exception as e:  # noqa: BLE001 - observability only
             log.warning("raygpt: cannot publish replica state: %s", e)
+
+    def _idle(self) -> bool:
+        return all(e.idle for e in [self.engine, *self.retired] if e is not None)
+
+    def _watch_drain(self) -> None:
+        """Polls the app's drain key (set by `raygpt serve` on SIGTERM, see replicas.py):
+        from then on new requests get 503, and the replica republishes whether it is idle."""
+        while True:
+            time.sleep(0.25)
+            try:
+                if self.draining or drain_requested(self.app_name):
+                    if not self.draining:
+                        log.info("raygpt: draining: new requests get 503 until this replica stops")
+                    self.draining = True
+                    self._publish()
+            except Exception:  # noqa: BLE001 - Ray shutting down: nothing left to drain
+                return
 
     def _retire(self, old):
         old.close(wait=True)  # in-flight requests finish on the old model
@@ -421,10 +442,9 @@ class GPTServer:
         self.draining = True
         limit = self.s.drain_timeout_s if timeout_s is None else timeout_s
         t0 = time.monotonic()
-        engines = [e for e in [self.engine, *self.retired] if e is not None]
-        while any(not e.idle for e in engines) and time.monotonic() - t0 < limit:
+        while not self._idle() and time.monotonic() - t0 < limit:
             await asyncio.sleep(0.05)
-        return {"drained": all(e.idle for e in engines), "seconds": time.monotonic() - t0}
+        return {"drained": self._idle(), "seconds": time.monotonic() - t0}
 
     # ----------------------------------------------------------------- request guards
 

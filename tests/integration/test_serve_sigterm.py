@@ -1,5 +1,6 @@
 """`raygpt serve` as a process: SIGTERM drains (an in-flight stream finishes, new requests
-are not admitted) and the process exits 0. Its own local Ray (what a user runs)."""
+get 503 + Retry-After, which clients retry, not the 404 of a deleted app) and the process
+exits 0. Its own local Ray (what a user runs)."""
 from __future__ import annotations
 
 import json
@@ -37,7 +38,9 @@ def test_sigterm_drains_and_exits_0(tmp_path):
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     proc = subprocess.Popen(
         [sys.executable, "-m", "raygpt.cli", "serve", str(md), "--port", str(port),
-         "--no-dashboard", "--num-cpus", "0.5", "--step-delay", "0.05", "--drain-timeout", "60"],
+         # 0.2 s a step: the stream below lasts ~11 s after the signal, the window in
+         # which the drain's 503 is checked (seen ~0.5 s after the signal here)
+         "--no-dashboard", "--num-cpus", "0.5", "--step-delay", "0.2", "--drain-timeout", "60"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
@@ -52,7 +55,7 @@ def test_sigterm_drains_and_exits_0(tmp_path):
                 return False
 
         wait_for(healthy, 240, lambda: "raygpt serve healthy:\n" + "".join(out), interval=0.5)
-        body = {"prompt": "First", "max_tokens": 50, "temperature": 0, "stream": True}
+        body = {"prompt": "First", "max_tokens": 55, "temperature": 0, "stream": True}
         chunks = []
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
             lines = r.iter_lines()
@@ -61,6 +64,16 @@ def test_sigterm_drains_and_exits_0(tmp_path):
                     chunks.append(json.loads(line[6:]))
                     break
             proc.send_signal(signal.SIGTERM)
+
+            def draining() -> bool:  # the replica took the drain (its health turns 503)
+                h = httpx.get(f"{base}/healthz", timeout=5)
+                assert h.status_code in (200, 503), f"the app is gone before the stream ended: {h.status_code}"
+                return h.status_code == 503 and h.json()["error"]["code"] == "draining"
+
+            wait_for(draining, 60, "the replica draining", interval=0.1)
+            new = httpx.post(f"{base}/v1/completions", json={"prompt": "First", "max_tokens": 5}, timeout=30)
+            assert new.status_code == 503 and new.json()["error"]["code"] == "draining", new.text
+            assert int(new.headers["retry-after"]) >= 1
             for line in lines:
                 if line.startswith("data: {"):
                     chunks.append(json.loads(line[6:]))
@@ -69,10 +82,11 @@ def test_sigterm_drains_and_exits_0(tmp_path):
         assert chunks[-1] == "DONE", chunks[-3:]
         assert chunks[-2]["choices"][0]["finish_reason"] == "length"  # finished, not cut
         text = "".join(c["choices"][0]["text"] for c in chunks[:-1])
-        assert len(text) == 50
+        assert len(text) == 55
         assert proc.wait(timeout=120) == 0, "".join(out)
         log = "".join(out)
         assert "draining" in log and "Traceback" not in log and "Aborted" not in log, log[-2000:]
+        assert "drained 1 replica(s)" in log and "timed out" not in log, log[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()

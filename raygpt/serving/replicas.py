@@ -1,0 +1,78 @@
+"""What replicas and drivers tell each other through Ray's KV store.
+
+- Each replica publishes its state under `KV_PREFIX/<app>/<replica id>`: the model it
+  serves (`raygpt promote` waits on every replica's), and while draining whether it is
+  idle.
+- A driver that shuts an app down (`raygpt serve` on SIGTERM) sets the app's drain key
+  first. Every replica polls it and answers new requests 503 + Retry-After (retryable:
+  the openai SDK and load balancers retry a 503, not the 404 Serve's proxy gives once the
+  app is deleted), and the driver deletes the app only when every running replica has
+  said it is idle (or the drain timeout passed). A Serve handle call would reach one
+  replica; the KV store reaches them all.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+KV_PREFIX = "raygpt/serve"
+DRAIN_PREFIX = "raygpt/serve-drain"
+SERVER_DEPLOYMENT = "GPTServer"
+
+
+def state_key(app: str, replica_id: str) -> str:
+    return f"{KV_PREFIX}/{app}/{replica_id}"
+
+
+def drain_key(app: str) -> str:
+    return f"{DRAIN_PREFIX}/{app}"
+
+
+def published_states(details: dict, app: str, deployment: str = SERVER_DEPLOYMENT) -> dict[str, dict | None]:
+    """{replica_id: published state} for every RUNNING replica of `deployment` in Serve's
+    instance details (None: not published yet). Needs this process in the Ray cluster."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    d = (((details.get("applications") or {}).get(app) or {}).get("deployments") or {}).get(deployment) or {}
+    out: dict[str, dict | None] = {}
+    for r in d.get("replicas") or []:
+        if str(getattr(r.get("state"), "value", r.get("state"))) != "RUNNING":
+            continue
+        raw = _internal_kv_get(state_key(app, r["replica_id"]))
+        out[r["replica_id"]] = json.loads(raw) if raw else None
+    return out
+
+
+def set_drain(app: str, on: bool) -> None:
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    if on:
+        _internal_kv_put(drain_key(app), str(time.time()).encode(), overwrite=True)
+    else:
+        _internal_kv_del(drain_key(app))
+
+
+def drain_requested(app: str) -> bool:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    return bool(_internal_kv_get(drain_key(app)))
+
+
+def drain_app(app: str, timeout_s: float, poll_s: float = 0.2) -> dict:
+    """Ask every replica of `app` to stop admitting, then wait until each running one
+    reports idle (in-flight requests, streams included, finished) or `timeout_s` passed.
+    -> {"drained": bool, "replicas": n, "seconds": s}. The caller then deletes the app."""
+    from ray.serve.context import _get_global_client
+
+    t0 = time.monotonic()
+    set_drain(app, True)
+    client = _get_global_client(raise_if_no_controller_running=False)
+    states: dict = {}
+    while client is not None:
+        states = published_states(client.get_serve_details(), app)
+        done = all(s is not None and s.get("draining") and s.get("idle") for s in states.values())
+        if done or time.monotonic() - t0 >= timeout_s:
+            break
+        time.sleep(poll_s)
+    idle = all(s is not None and s.get("idle") for s in states.values())
+    return {"drained": idle, "replicas": len(states), "seconds": round(time.monotonic() - t0, 2)}
