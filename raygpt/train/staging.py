@@ -39,7 +39,7 @@ class PinnedStager(AsyncStager):
         self.pin = torch.cuda.is_available() if pin is None else pin
         self.shared = shared
         self._bufs: dict[tuple, torch.Tensor] = {}
-        self._registered: list[int] = []  # cudaHostRegister'ed shared buffers
+        self._registered: dict[tuple, int] = {}  # path -> pointer of a cudaHostRegister'ed shared buffer
         self.allocations = 0  # buffers allocated so far (a second save adds none)
         self._dtensor = _dtensor_type()
 
@@ -58,16 +58,20 @@ class PinnedStager(AsyncStager):
         pass
 
     def close(self) -> None:
-        if self._registered:
-            torch.cuda.synchronize()
-            cudart = torch.cuda.cudart()
-            for ptr in self._registered:
-                cudart.cudaHostUnregister(ptr)
-            self._registered.clear()
+        for path in list(self._registered):
+            self._unregister(path)
         self._bufs.clear()
 
-    def _alloc(self, t: torch.Tensor) -> torch.Tensor:
+    def _unregister(self, path: tuple) -> None:
+        """Unpin a shared buffer before it is dropped (its memory is then freed)."""
+        ptr = self._registered.pop(path, None)
+        if ptr is not None:
+            torch.cuda.synchronize()  # no copy into it is still in flight
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+
+    def _alloc(self, t: torch.Tensor, path: tuple) -> torch.Tensor:
         pin = self.pin and t.device.type == "cuda"
+        self._unregister(path)  # a buffer of another shape is replaced
         if not self.shared:
             return torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
         buf = torch.empty(t.shape, dtype=t.dtype).share_memory_()
@@ -76,7 +80,7 @@ class PinnedStager(AsyncStager):
             err = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 1))
             if err != 0:
                 raise RuntimeError(f"cudaHostRegister of a {tuple(buf.shape)} staging buffer failed: cudaError {err}")
-            self._registered.append(buf.data_ptr())
+            self._registered[path] = buf.data_ptr()
         return buf
 
     # ---------------------------------------------------------------- walk
@@ -103,7 +107,7 @@ class PinnedStager(AsyncStager):
             return self._memo[alias]
         buf = self._bufs.get(path)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = self._alloc(t)
+            buf = self._alloc(t, path)
             self._bufs[path] = buf
             self.allocations += 1
         buf.copy_(t, non_blocking=t.device.type == "cuda")

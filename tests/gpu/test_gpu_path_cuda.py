@@ -139,7 +139,10 @@ def test_process_mode_staging_is_pinned_shared_and_round_trips(tmp_path):
             assert torch.equal(back["w"], w.cpu())
             w.add_(1.0)
         assert stager.allocations == 1  # the second save reused the first's buffer
+        bigger = stager.stage({"w": torch.randn(512, 64, device="cuda")})["w"]  # re-registered
+        assert stager.allocations == 2 and bigger.is_pinned() and len(stager._registered) == 1
         stager.close()
+        assert not stager._registered
     finally:
         if own:
             dist.destroy_process_group()
