@@ -358,7 +358,7 @@ class GPTServer:
         """Polls the app's drain key (set by `raygpt serve` on SIGTERM, see replicas.py):
         from then on new requests get 503, and the replica republishes whether it is idle."""
         while True:
-            time.sleep(0.25)
+            time.sleep(0.5)  # one KV read per replica per 0.5 s
             try:
                 if self.draining or drain_requested(self.app_name):
                     if not self.draining:
