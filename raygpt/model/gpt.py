@@ -104,9 +104,9 @@ class CausalSelfAttention(nn.Module):
         # weights are DTensors sharded by heads, which a concatenation would regather.
         self.fuse_qkv = True
 
-    def _qkv(self, x):
+    def _qkv(self, x, fuse: bool | None = None):
         B, T, _ = x.shape
-        if self.fuse_qkv:
+        if self.fuse_qkv if fuse is None else fuse:
             w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
             b = None if self.wq.bias is None else torch.cat([self.wq.bias, self.wk.bias, self.wv.bias])
             q, k, v = F.linear(x, w, b).view(B, T, 3, -1, self.head_dim).unbind(2)
@@ -127,15 +127,30 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
     def forward_cached(self, x, layer_cache, slots, pos, attn_mask):
-        """x: (B,T,C); rows write k/v at positions pos[b]..pos[b]+T-1 of slot slots[b]."""
+        """x: (B,T,C); rows write k/v at positions pos[b]..pos[b]+T-1 of slot slots[b].
+
+        slots: a LongTensor (B,), or a slice when row b's slot is start + b: attention
+        then reads the cache in place. Gathering the rows' slots copies every row's keys
+        and values at every layer and step (half of a CPU decode step at 32 rows)."""
         B, T, _ = x.shape
-        q, k, v = self._qkv(x)
+        # Separate projections: decoding is bound by reading weights, and the fused path
+        # would copy them (the concatenation) at every step.
+        q, k, v = self._qkv(x, fuse=False)
         kc, vc = layer_cache  # (S, H, L, D) each
+        if isinstance(slots, slice):
+            kc, vc = kc[slots], vc[slots]  # views: row b is slot start + b
+            slots = torch.arange(B, device=x.device)
+            gather = False
+        else:
+            gather = True
         idx = pos[:, None] + torch.arange(T, device=x.device)[None, :]  # (B,T)
         kc[slots[:, None], :, idx] = k.transpose(1, 2)  # index (B,T) -> (B,T,H,D)
         vc[slots[:, None], :, idx] = v.transpose(1, 2)
         L = attn_mask.shape[-1]
-        keys, values = kc[slots, :, :L], vc[slots, :, :L]  # (B,H,L,D)
+        if gather:  # index_select of a slice: a row copy, faster than kc[slots, :, :L]
+            keys, values = kc[:, :, :L].index_select(0, slots), vc[:, :, :L].index_select(0, slots)
+        else:
+            keys, values = kc[:, :, :L], vc[:, :, :L]
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask[:, None])
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.c_proj(y)
@@ -167,6 +182,17 @@ class Block(nn.Module):
     def forward_cached(self, x, layer_cache, slots, pos, attn_mask):
         x = x + self.attn.forward_cached(self.ln_1(x), layer_cache, slots, pos, attn_mask)
         return x + self.mlp(self.ln_2(x))
+
+
+def as_slots(slots, device):
+    """Cache slots of a batch's rows for forward_cached: a slice when they are
+    start, start+1, ... in row order (the cache is then read in place), else a LongTensor."""
+    if isinstance(slots, slice):
+        return slots
+    if isinstance(slots, (list, tuple, range)) and len(slots) and \
+            list(slots) == list(range(slots[0], slots[0] + len(slots))):
+        return slice(slots[0], slots[0] + len(slots))
+    return torch.as_tensor(slots, device=device, dtype=torch.long)
 
 
 class KVCache:
@@ -286,8 +312,9 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def forward_cached(self, idx, cache: KVCache, slots, pos, last_only: bool = False):
-        """Incremental forward. idx (B,T) new tokens; slots (B,) cache slot of each row;
-        pos (B,) position of each row's first new token. Returns logits (B,T,V), or
+        """Incremental forward. idx (B,T) new tokens; slots (B,) cache slot of each row
+        (or a slice: row b in slot start + b, read in place); pos (B,) position of each
+        row's first new token. Returns logits (B,T,V), or
         (B,1,V) with last_only (prefill: only the next-token logits are needed, and a
         50k-vocabulary head over every prompt position is most of the memory).
 
@@ -296,7 +323,7 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         dev = idx.device
-        slots = torch.as_tensor(slots, device=dev, dtype=torch.long)
+        slots = as_slots(slots, dev)
         pos = torch.as_tensor(pos, device=dev, dtype=torch.long)
         qpos = pos[:, None] + torch.arange(T, device=dev)[None, :]  # (B,T)
         if int(qpos.max()) >= self.config.block_size:
@@ -328,7 +355,7 @@ class GPT(nn.Module):
             raise ValueError(f"prompt of {T} tokens is longer than block_size {self.config.block_size}")
         dtype = next(self.parameters()).dtype
         cache = KVCache(self.config, B, device=idx.device, dtype=dtype)
-        slots = torch.arange(B, device=idx.device)
+        slots = slice(0, B)  # row b in slot b: attention reads the cache in place
         logits = self.forward_cached(idx, cache, slots, torch.zeros(B, dtype=torch.long), last_only=True)[:, -1]
         out = idx
         for i in range(max_new_tokens):

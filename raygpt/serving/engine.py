@@ -28,6 +28,7 @@ finish_reason "length" when prompt + generated reaches block_size, exactly like
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
 import queue
@@ -39,7 +40,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from raygpt.errors import UserError
-from raygpt.model.gpt import GPT, KVCache, sample_next
+from raygpt.model.gpt import GPT, KVCache, as_slots, sample_next
 
 log = logging.getLogger("raygpt.serving.engine")
 
@@ -313,7 +314,9 @@ class Engine:
         self._waiting: list[Request] = []
         self._prefilling: list[Request] = []   # admitted, prompt not fully in the cache yet
         self._active: list[Request] = []       # decoding
-        self._free_slots = list(range(max_slots - 1, -1, -1))
+        # A min-heap: the lowest free slot first keeps the running rows' slots packed,
+        # so a decode step's rows are often consecutive slots (read in place, no gather).
+        self._free_slots = list(range(max_slots))
         self._closing = False  # no new requests; finish what is admitted/waiting
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -467,7 +470,7 @@ class Engine:
                         break
                     while self._waiting and self._free_slots:
                         r = self._waiting.pop(0)
-                        r.slot = self._free_slots.pop()
+                        r.slot = heapq.heappop(self._free_slots)
                         self._prefilling.append(r)
                 self._step()
                 if self.step_delay_s:
@@ -488,7 +491,7 @@ class Engine:
 
     def _release(self, r: Request) -> None:
         if r.slot is not None:
-            self._free_slots.append(r.slot)
+            heapq.heappush(self._free_slots, r.slot)
             r.slot = None
 
     def _reap(self) -> None:
@@ -527,7 +530,8 @@ class Engine:
 
     def _decode(self) -> bool:
         """One decode step over all running requests. -> True when the forward failed."""
-        batch = [r for r in self._active if not r.done]
+        # In slot order: consecutive slots let forward_cached read the cache in place.
+        batch = sorted((r for r in self._active if not r.done), key=lambda r: r.slot)
         if not batch:
             return False
         try:
@@ -635,7 +639,7 @@ class Engine:
         m = self.model
         B, T = idx.shape
         dev = idx.device
-        slots = torch.as_tensor(slots, device=dev, dtype=torch.long)
+        slots = as_slots(slots, dev)
         pos = torch.as_tensor(pos, device=dev, dtype=torch.long)
         qpos = pos[:, None] + torch.arange(T, device=dev)[None, :]
         L = int(qpos.max()) + 1

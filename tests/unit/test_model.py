@@ -49,6 +49,25 @@ def test_kv_cache_matches_full_forward_at_mixed_positions():
     assert torch.allclose(out[:, 0], full[torch.arange(3), pos], atol=1e-5)
 
 
+@pytest.mark.parametrize("slots", [slice(1, 4), [1, 2, 3], torch.tensor([1, 2, 3])])
+def test_kv_cache_read_in_place_for_consecutive_slots(slots):
+    """Rows in consecutive slots (a slice, or a list forward_cached turns into one) read
+    the cache in place instead of gathering it: the same logits as the full forward."""
+    from raygpt.model.gpt import as_slots
+
+    assert isinstance(as_slots([1, 2, 3], "cpu"), slice) and not isinstance(as_slots([1, 3], "cpu"), slice)
+    m = tiny()
+    x = torch.randint(0, 50, (3, 20))
+    full = m(x)
+    cache = KVCache(m.config, n_slots=5)
+    out = m.forward_cached(x[:, :12], cache, slots, torch.zeros(3, dtype=torch.long))
+    assert torch.allclose(out, full[:, :12], atol=1e-5)
+    for p in range(12, 20):  # decode, one position per step
+        out = m.forward_cached(x[:, p:p + 1], cache, slots, torch.full((3,), p))
+        assert torch.allclose(out[:, 0], full[:, p], atol=1e-5)
+    assert cache.layers[0][0][0].abs().sum() == 0 and cache.layers[0][0][4].abs().sum() == 0  # slots 0, 4 untouched
+
+
 def test_generate_greedy_equals_argmax_loop():
     m = tiny()
     x = torch.randint(0, 50, (1, 4))
