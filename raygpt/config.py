@@ -171,7 +171,8 @@ class ParallelConfig(_Section):
     # fallbacks for shapes it cannot take). "auto": torch's order (flash first);
     # "cudnn": cuDNN's fused attention, the faster one on Hopper GPUs.
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
-    # q/k/v projections as one matmul (off under tensor parallelism, which shards them).
+    # q/k/v projections as one matmul in training (off under tensor parallelism, which
+    # shards them; KV-cached decoding always runs them apart).
     fuse_qkv: bool = True
     # Pipeline parallelism: stages of consecutive blocks (embeddings with the first,
     # head and loss with the last); combinable with fsdp/hsdp and tp.

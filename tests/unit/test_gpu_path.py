@@ -133,7 +133,7 @@ def test_compile_mode_auto_picks_whole_model_on_one_rank_only():
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_qkv_gives_the_separate_projections(bias):
     """fuse_qkv (one matmul over the concatenated weights) = three Linear layers: the same
-    loss, the same gradients on wq/wk/wv, the same keys and values in the KV cache."""
+    loss, the same gradients on wq/wk/wv, the same q, k and v."""
     x, y = _batch()
     fused, separate = _tiny(bias=bias), _tiny(bias=bias)
     for b in separate.blocks.values():
