@@ -4,7 +4,7 @@
   cuDNN kernels on GPU), GELU MLP, tied input/output embeddings, GPT-2 init.
 - q, k and v are separate Linear layers so tensor parallelism can shard them by heads
   column-wise (a fused qkv weight would split across q/k/v boundaries); without tensor
-  parallelism they still run as one matmul (`fuse_qkv`).
+  parallelism the full forward runs them as one matmul (`fuse_qkv`).
 - Attention infers the local head count from the tensor it gets, so the same code runs
   unsharded and under tensor parallelism (each rank holding n_head / tp heads).
 - A KV cache with slots (`KVCache`) serves generation: `forward_cached` writes the new
