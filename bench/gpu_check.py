@@ -146,10 +146,18 @@ def stage_tests(args) -> dict:
             "tail": lines[-15:] if r.returncode not in (0, 5) else None}
 
 
-def _tput_cfg(args, extra=()):
+def _model(args, user_sets: bool = False) -> tuple[str, list[str]]:
+    """(preset, overrides) of the stages' model: tiny on --cpu-smoke, else gpt2-124m
+    (with --set when `user_sets`: the throughput and sweep stages)."""
     if args.cpu_smoke:
-        return _load("debug", [*TINY, *extra, "run.num_workers=1"]), 6, 2
-    return _load("gpt2-124m", [*GPT2, *args.set, *extra, "run.num_workers=1"]), args.tput_steps, args.tput_warmup
+        return "debug", list(TINY)
+    return "gpt2-124m", [*GPT2, *(args.set if user_sets else ())]
+
+
+def _tput_cfg(args, extra=()):
+    preset, base = _model(args, user_sets=True)
+    steps, warmup = (6, 2) if args.cpu_smoke else (args.tput_steps, args.tput_warmup)
+    return _load(preset, [*base, *extra, "run.num_workers=1"]), steps, warmup
 
 
 def stage_throughput(args, best: list[str] | None = None) -> dict:
@@ -168,7 +176,7 @@ def stage_throughput(args, best: list[str] | None = None) -> dict:
 
 def _sweep_one(args, sets: list[str], timeout: float) -> dict:
     """One plain-loop variant in a child process -> its figures, or why there are none."""
-    preset, base = ("debug", TINY) if args.cpu_smoke else ("gpt2-124m", [*GPT2, *args.set])
+    preset, base = _model(args, user_sets=True)
     steps, warmup = (4, 1) if args.cpu_smoke else (args.sweep_steps, args.sweep_warmup)
     cmd = [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--preset", preset, "--skip-ray",
            "--steps", str(steps), "--warmup", str(warmup)]
@@ -260,7 +268,7 @@ def save_costs(recs: list[dict], every: int, steps: int) -> dict:
     blocked = [r["blocked_s"] for r in saves[1:]] or [r["blocked_s"] for r in saves]  # first save warms up
     mean_blocked = sum(blocked) / len(blocked) if blocked else None
     lost = [round(sum(max(0.0, step_ms.get(i, med) - med) for i in w) / 1000, 4)
-            for s, w in sorted(overlap.items()) if s > every - 1 and med] if med else []
+            for _, w in sorted(overlap.items())] if med else []
     lost = lost[1:] if len(lost) > 1 else lost  # like blocked: the first save warms up
     frac = mean_blocked / (every * med / 1000) if (mean_blocked is not None and med) else None
     return {"every": every, "asynchronous": [r.get("asynchronous") for r in saves], "blocked_s": blocked,
@@ -276,13 +284,13 @@ def stage_checkpoint(args, storage: str) -> dict:
     from raygpt.train.metrics import read_metrics
 
     every, steps = (5, 15) if args.cpu_smoke else (10, 40)
-    base = [*TINY] if args.cpu_smoke else [*GPT2]
+    preset, base = _model(args)
     out = {}
     for mode in [m.strip() for m in args.ckpt_modes.split(",") if m.strip()]:
         sets = [*base, f"train.max_steps={steps}", f"checkpoint.every={every}", "checkpoint.keep=1",
                 "checkpoint.async_save=true", f"checkpoint.async_mode={mode}", "train.log_every=1",
                 f"train.eval_every={steps}", "train.eval_steps=1", "run.num_workers=1"]
-        cfg = _load("debug" if args.cpu_smoke else "gpt2-124m", sets, storage, f"ckpt-{mode}")
+        cfg = _load(preset, sets, storage, f"ckpt-{mode}")
         # On CPU saves are synchronous unless forced (the smoke checks the async path).
         s = run_training(cfg, progress=False, inject={"async_save_on_cpu": True} if args.cpu_smoke else None)
         out[mode] = save_costs(read_metrics(s["run_dir"]), every, steps)

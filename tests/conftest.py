@@ -59,27 +59,25 @@ def wait_for(predicate, timeout: float, what, interval: float = 0.2):
             return got
         if time.monotonic() >= deadline:
             raise AssertionError(f"not within {timeout:g}s: {what() if callable(what) else what}")
-        time.sleep(interval)
+        time.sleep(interval)  # the poll interval of this one condition-with-deadline helper
 
 
 def wait_serve_apps(names, timeout: float = 180) -> None:
     """Poll Serve until every named application is RUNNING; fail fast on
     DEPLOY_FAILED/UNHEALTHY, and after `timeout` seconds."""
-    import time
-
     from ray import serve
 
-    deadline = time.monotonic() + timeout
     st: dict = {}
-    while time.monotonic() < deadline:
+
+    def running() -> bool:
         apps = serve.status().applications
-        st = {n: apps[n].status if n in apps else None for n in names}
-        if all(v == "RUNNING" for v in st.values()):
-            return
+        st.clear()
+        st.update({n: apps[n].status if n in apps else None for n in names})
         bad = {n: v for n, v in st.items() if v in ("DEPLOY_FAILED", "UNHEALTHY")}
         assert not bad, (bad, {n: apps[n].message for n in bad})
-        time.sleep(0.5)
-    raise AssertionError(f"Serve apps not running after {timeout}s: {st}")
+        return all(v == "RUNNING" for v in st.values())
+
+    wait_for(running, timeout, lambda: f"Serve apps running: {st}", interval=0.5)
 
 
 def free_port() -> int:

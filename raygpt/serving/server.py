@@ -436,16 +436,6 @@ class GPTServer:
             raise RuntimeError(f"{e.consecutive_failed_steps} engine steps in a row failed "
                                "(a broken device?): replace this replica")
 
-    async def drain(self, timeout_s: float | None = None) -> dict:
-        """Stop admitting (503 on new generation requests) and wait, up to `timeout_s`
-        (default settings.drain_timeout_s), until in-flight requests finished."""
-        self.draining = True
-        limit = self.s.drain_timeout_s if timeout_s is None else timeout_s
-        t0 = time.monotonic()
-        while not self._idle() and time.monotonic() - t0 < limit:
-            await asyncio.sleep(0.05)
-        return {"drained": self._idle(), "seconds": time.monotonic() - t0}
-
     # ----------------------------------------------------------------- request guards
 
     def _client_id(self, request: Request, key: str | None) -> str:

@@ -32,7 +32,6 @@ class ServerSettings(BaseModel):
     trusted_proxy_header: str | None = None  # e.g. X-Forwarded-For: client IP set by your proxy
     chat_template: str | None = None      # file with a chat template (default: model dir's, else built in)
     max_failed_steps: int = Field(5, ge=1)  # consecutive failed engine steps -> unhealthy
-    drain_timeout_s: float = Field(30.0, ge=0)  # `drain`: wait for in-flight requests this long
     step_delay_s: float = Field(0.0, ge=0)  # testing aid: slows each engine step down
     fault_file: str | None = None         # testing aid: steps fail while this file names the replica
 
