@@ -80,10 +80,40 @@ def wait_serve_apps(names, timeout: float = 180) -> None:
     wait_for(running, timeout, lambda: f"Serve apps running: {st}", interval=0.5)
 
 
+# Ports for servers the tests start. Not from bind(0): that draws from the kernel's
+# ephemeral range (ip_local_port_range, 32768-60999 here), which every outgoing connection
+# on the machine also draws from, so a port picked now and bound a second later by
+# `ray start` could be taken meanwhile (CI once saw "Failed to start GCS"). This range lies
+# below it and above Ray's worker ports (10002-19999); a start that still loses a port
+# picks fresh ones and tries again (tests/e2e/raycluster.py).
+PORT_RANGE = (20000, 32000)
+
+
+def _bindable(port: int) -> bool:
+    for host in ("0.0.0.0", "127.0.0.1"):  # Ray binds some of its servers on every address
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports that nothing listens on now, outside the ephemeral range."""
+    import random
+
+    rng = random.SystemRandom()
+    ports: list[int] = []
+    while len(ports) < n:
+        p = rng.randrange(*PORT_RANGE)
+        if p not in ports and _bindable(p):
+            ports.append(p)
+    return ports
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @pytest.fixture

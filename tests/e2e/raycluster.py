@@ -27,18 +27,35 @@ RAY = str(BIN / "ray")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-def free_ports(n: int) -> list[int]:
-    import socket
+from conftest import free_ports  # noqa: E402 - ports outside the ephemeral range
 
-    socks, ports = [], []
-    for _ in range(n):  # hold them all open so the n ports differ
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
+
+class Exited(RuntimeError):
+    """A `ray start` that exited before it served."""
+
+
+def start_retrying(launch, ready, timeout: float, what: str, log: Path, tries: int = 3):
+    """`launch()` starts a process on freshly picked ports and returns it; `ready()` is
+    true once it serves. A process that exits before that (a port taken between picking
+    and binding it: "Failed to start GCS") is started again on fresh ports. `log`: its
+    output, quoted when it fails."""
+    from conftest import wait_for
+
+    for attempt in range(1, tries + 1):
+        proc = launch()
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise Exited(f"{what} exited {proc.returncode}")
+            return ready()
+
+        try:
+            wait_for(up, timeout, lambda: f"{what}:\n{log.read_text(errors='replace')[-3000:]}", interval=1)
+            return proc
+        except Exited as e:
+            if attempt == tries:
+                raise RuntimeError(f"{e} on each of {tries} tries:\n{log.read_text(errors='replace')[-3000:]}") from None
+            print(f"{e} (try {attempt}/{tries}); again on fresh ports")
 
 
 # ---------------------------------------------------------------- process-tree teardown
@@ -133,13 +150,14 @@ class Cluster:
     node_ip: the head's address (127.0.0.1 by default). extra_args / extra_env: e.g. an
     --autoscaling-config and RAY_FAKE_CLUSTER=1 for Ray's fake multi-node autoscaler."""
 
+    PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+                  "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
+                  "--node-manager-port", "--object-manager-port")
+
     def __init__(self, tmp: Path, num_cpus: int = 4, node_ip: str = "127.0.0.1",
                  extra_args: tuple = (), extra_env: dict | None = None):
         # Unix socket paths must stay under 108 bytes: a short private temp dir.
         self.temp_dir = tempfile.mkdtemp(prefix="rge2e-", dir="/tmp")
-        (gcs, dash, client, agent_http, agent_grpc, rt_env, metrics, nm, om) = free_ports(9)
-        self.gcs_port, self.dash_port = gcs, dash
-        self.dashboard = f"http://127.0.0.1:{dash}"
         self.log = tmp / "ray-start.log"
         env = dict(os.environ)
         env.pop("RAY_ADDRESS", None)
@@ -155,18 +173,24 @@ class Cluster:
         self.base_env = env
         self.headers = {"Authorization": f"Bearer {self.token}"}
         self.cmd = [
-            RAY, "start", "--head", "--block",
-            "--node-ip-address", node_ip, "--port", str(gcs),
-            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-            "--ray-client-server-port", str(client),
-            "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
-            "--runtime-env-agent-port", str(rt_env), "--metrics-export-port", str(metrics),
-            "--node-manager-port", str(nm), "--object-manager-port", str(om),
+            RAY, "start", "--head", "--block", "--node-ip-address", node_ip,
+            *(a for flag in self.PORT_FLAGS for a in (flag, "0")),  # set by assign_ports
+            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
             "--num-cpus", str(num_cpus), "--num-gpus", "0", "--object-store-memory", str(256 * 1024 * 1024),
             "--temp-dir", self.temp_dir, "--disable-usage-stats", *extra_args,
         ]
         self.node_ip = node_ip
         self.proc: subprocess.Popen | None = None
+        self.assign_ports()
+
+    def assign_ports(self) -> None:
+        """Fresh ports for every server of the head (before each try of `start`)."""
+        ports = dict(zip(self.PORT_FLAGS, free_ports(len(self.PORT_FLAGS))))
+        for i, arg in enumerate(self.cmd[:-1]):
+            if arg in ports:
+                self.cmd[i + 1] = str(ports[arg])
+        self.gcs_port, self.dash_port = ports["--port"], ports["--dashboard-port"]
+        self.dashboard = f"http://127.0.0.1:{self.dash_port}"
 
     @property
     def env(self) -> dict:
@@ -176,8 +200,6 @@ class Cluster:
     def _up(self) -> bool:
         """`ray start` finished starting the node (it then blocks) and the dashboard
         answers; the dashboard alone can answer before the raylet is up."""
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"ray start exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
         if "block forever" not in self.log.read_text(errors="replace"):
             return False
         try:
@@ -185,13 +207,18 @@ class Cluster:
         except httpx.HTTPError:
             return False
 
-    def start(self, timeout: float = 240):
-        from conftest import wait_for
-
-        t0 = time.time()
+    def _launch(self) -> subprocess.Popen:
+        if self.proc is not None:  # a failed try: its leftovers go, and its ports with them
+            print(self.log.read_text(errors="replace")[-1500:])
+            stop_cluster(self.proc, self.temp_dir)
+            self.assign_ports()
         self.proc = subprocess.Popen(self.cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
                                      env=self.base_env, cwd=REPO, start_new_session=True)
-        wait_for(self._up, timeout, lambda: f"dashboard up:\n{self.log.read_text()[-3000:]}", interval=1)
+        return self.proc
+
+    def start(self, timeout: float = 240):
+        t0 = time.time()
+        start_retrying(self._launch, self._up, timeout, "ray start --head", self.log)
         print(f"cluster up in {time.time() - t0:.1f}s (dashboard {self.dashboard})")
 
     def stop(self):

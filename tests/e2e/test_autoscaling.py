@@ -77,12 +77,21 @@ class AutoscalingCluster(Cluster):
         ip = node_ip_address_from_perspective()
         super().__init__(tmp, num_cpus=2, node_ip=ip,
                          extra_env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
-        self.gcs_address = f"{ip}:{self.gcs_port}"
         self.config_path = tmp / "autoscaler.yaml"
         self.set_max_gpu_nodes(2)
         self.cmd.append(f"--autoscaling-config={self.config_path}")
 
+    @property
+    def gcs_address(self) -> str:
+        return f"{self.node_ip}:{self.gcs_port}"
+
+    def assign_ports(self) -> None:
+        super().assign_ports()
+        if hasattr(self, "config_path"):  # a retried start: the config names the new GCS port
+            self.set_max_gpu_nodes(self.max_gpu_nodes)
+
     def set_max_gpu_nodes(self, n: int) -> None:
+        self.max_gpu_nodes = n
         tmp = self.config_path.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(autoscaler_config(self.gcs_address, n)))
         tmp.replace(self.config_path)

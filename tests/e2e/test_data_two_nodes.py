@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port, wait_for
-from raycluster import RAY, Cluster, stop_cluster
+from conftest import free_ports
+from raycluster import RAY, Cluster, start_retrying, stop_cluster
 
 pytestmark = [
     pytest.mark.slow,
@@ -32,32 +33,39 @@ TRAIN = ["--preset", "debug", "--set", "train.max_steps=6", "--set", "train.eval
 
 
 def _second_node(cluster: Cluster, hidden: list[Path], log: Path) -> subprocess.Popen:
+    """A worker node joined to `cluster`, in its own mount namespace; on fresh ports again
+    when one it picked was taken before it bound it."""
     mounts = " && ".join(f"mount -t tmpfs tmpfs {p}" for p in hidden)
-    ports = [str(free_port()) for _ in range(6)]
-    ray_cmd = [RAY, "start", "--block", "--address", f"127.0.0.1:{cluster.gcs_port}",
-               "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "0",
-               "--resources", json.dumps({"w": 1}),
-               "--object-store-memory", str(128 << 20), "--node-manager-port", ports[0],
-               "--object-manager-port", ports[1], "--dashboard-agent-listen-port", ports[2],
-               "--dashboard-agent-grpc-port", ports[3], "--runtime-env-agent-port", ports[4],
-               "--metrics-export-port", ports[5], "--disable-usage-stats"]
-    script = f"{mounts} && exec {' '.join(repr(a) if ' ' in a or '{' in a else a for a in ray_cmd)}"
-    return subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=cluster.base_env,
-                            start_new_session=True)
+    procs: list[subprocess.Popen] = []
+
+    def launch() -> subprocess.Popen:
+        for old in procs:
+            stop_cluster(old, str(log.parent))
+        ports = [str(p) for p in free_ports(6)]
+        ray_cmd = [RAY, "start", "--block", "--address", f"127.0.0.1:{cluster.gcs_port}",
+                   "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "0",
+                   "--resources", json.dumps({"w": 1}),
+                   "--object-store-memory", str(128 << 20), "--node-manager-port", ports[0],
+                   "--object-manager-port", ports[1], "--dashboard-agent-listen-port", ports[2],
+                   "--dashboard-agent-grpc-port", ports[3], "--runtime-env-agent-port", ports[4],
+                   "--metrics-export-port", ports[5], "--disable-usage-stats"]
+        script = f"{mounts} && exec {' '.join(repr(a) if ' ' in a or '{' in a else a for a in ray_cmd)}"
+        procs.append(subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                                      stdout=open(log, "w"), stderr=subprocess.STDOUT, env=cluster.base_env,
+                                      start_new_session=True))
+        return procs[-1]
+
+    return start_retrying(launch, lambda: _alive_nodes(cluster) >= 2, 180, "ray start (node 2)", log)
 
 
-def _wait_nodes(cluster: Cluster, n: int, timeout: float = 180) -> None:
+def _alive_nodes(cluster: Cluster) -> int:
     import httpx
 
-    def alive() -> bool:
-        try:
-            r = httpx.get(f"{cluster.dashboard}/nodes?view=summary", headers=cluster.headers, timeout=5)
-            return sum(1 for x in r.json()["data"]["summary"] if x["raylet"]["state"] == "ALIVE") >= n
-        except Exception:  # noqa: BLE001 - the dashboard is still starting
-            return False
-
-    wait_for(alive, timeout, f"{n} alive nodes", interval=1)
+    try:
+        r = httpx.get(f"{cluster.dashboard}/nodes?view=summary", headers=cluster.headers, timeout=5)
+        return sum(1 for x in r.json()["data"]["summary"] if x["raylet"]["state"] == "ALIVE")
+    except Exception:  # noqa: BLE001 - the dashboard is still starting
+        return 0
 
 
 def _train(args: list[str], cwd: Path, env: dict, timeout: float = 600) -> dict:
@@ -83,10 +91,17 @@ def test_two_nodes_without_a_shared_working_directory(tmp_path):
     # every raylet (and so every worker) uses this cache; on node 2 it is a private tmpfs
     cluster.base_env["RAYGPT_CACHE_DIR"] = str(cache)
     node2 = None
+    # The GCS port picked for the head is taken before `ray start` binds it (CI once lost
+    # this test that way): the start must go on, on fresh ports.
+    taken = socket.socket()
+    taken.bind(("0.0.0.0", cluster.gcs_port))
+    taken.listen()
+    first_gcs_port = cluster.gcs_port
     try:
         cluster.start()
+        taken.close()
+        assert cluster.gcs_port != first_gcs_port
         node2 = _second_node(cluster, [driver_wd, cache], tmp_path / "node2.log")
-        _wait_nodes(cluster, 2)
         env = {**cluster.base_env, "RAY_ADDRESS": f"127.0.0.1:{cluster.gcs_port}"}
         # one worker per node: each node offers one unit of "w"
         _train(["--address", f"127.0.0.1:{cluster.gcs_port}", "--set", f"data.path={data_uri}",
@@ -100,6 +115,7 @@ def test_two_nodes_without_a_shared_working_directory(tmp_path):
         assert fetched, f"no shards in node 2's cache {inside}"
         assert not (driver_wd / "runs").exists()  # nothing relied on the driver's cwd
     finally:
+        taken.close()
         if node2 is not None:
             stop_cluster(node2, str(tmp_path))
         cluster.stop()
