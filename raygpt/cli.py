@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = app(args=argv, prog_name="raygpt", standalone_mode=False)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

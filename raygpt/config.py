@@ -205,11 +205,26 @@ class RunConfig(_Section):
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
     storage: str | None = None  # local path or pyarrow URI; None: ./runs
     name: str | None = None  # None: generated
-    max_failures: int = Field(0, ge=-1)  # -1 = unlimited
+    # Worker-group restarts from the latest checkpoint before the run fails (-1 =
+    # unlimited). A run survives failures by default; the same failure at the same step
+    # twice (a bug, a bad batch) stops it at once instead of looping.
+    max_failures: int = Field(5, ge=-1)
     elastic_resize_interval_s: float = Field(60.0, gt=0)
     # How long a collective (all-reduce, checkpoint gather) may hang before the worker
-    # group fails and restarts from a checkpoint (torch's default is 30 min).
+    # group fails and restarts from a checkpoint (torch's default is 30 min). The hang
+    # watchdog below acts long before; this is the backstop.
     collective_timeout_s: float = Field(600.0, gt=0)
+    # Hang watchdog (raygpt.train.watchdog), two-phase like torchtitan's timeouts: after
+    # the first step, no rank making progress for hang_timeout_s is a hang (None: auto,
+    # max(15 s, 20 x the slowest step seen)); before it, and during evals and checkpoint
+    # saves, init_timeout_s. The stuck ranks are named, every rank's stacks saved, and
+    # the group restarts from the latest checkpoint. hang_timeout_s=0 turns it off.
+    hang_timeout_s: float | None = Field(None, ge=0)
+    init_timeout_s: float = Field(600.0, gt=0)
+    # Stragglers: a rank whose own work (data + compute, before it waits on the others)
+    # takes straggler_factor x the others' median for straggler_steps steps in a row.
+    straggler_factor: float = Field(1.5, gt=1)
+    straggler_steps: int = Field(5, ge=1)
     # Seconds to wait for workers to be placed before giving up with a clear error.
     placement_timeout_s: float = Field(120.0, gt=0)
 

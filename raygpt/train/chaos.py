@@ -28,7 +28,7 @@ WORKERS_DIR = ".workers"  # each rank writes rank<r>.json: pid, node id (see wor
 
 @dataclass
 class Action:
-    kind: str  # kill-worker | sigterm-worker | remove-node | add-node
+    kind: str  # kill-worker | sigterm-worker | freeze-worker | remove-node | add-node
     at_step: int
     rank: int = 1  # kill-worker / sigterm-worker / remove-node: the worker (or its node) to hit
     after_event: str | None = None  # also wait for this metrics.jsonl event (e.g. checkpoint_reported)
@@ -120,7 +120,14 @@ class Chaos:
                 continue
             if "event" in r:
                 self._seen_events.add(r["event"])
-            if r.get("event") == "await-grow":
+            if r.get("event") == "hang":
+                self.timeline.add("hang detected", step=r.get("step"), stuck=[x["rank"] for x in r.get("stuck", [])],
+                                  reason=r.get("reason"), idle_s=r.get("idle_s"))
+                for p in self._pending:
+                    p.setdefault("hang_t", time.time())
+            elif r.get("event") == "straggler":
+                self.timeline.add("straggler flagged", step=r["step"], rank=r["rank"], ratio=r["ratio"])
+            elif r.get("event") == "await-grow":
                 self.timeline.add("holding for grow-back", step=r["step"], world_size=r["world_size"],
                                   want=r["want"])
             elif r.get("event") == "await-grow-timeout":
@@ -138,6 +145,7 @@ class Chaos:
                         recovery_s=round(p["first_step_t"] - p["t"], 3), steps_lost=lost)
                     p["summary"] = rec
         self._pending = [p for p in self._pending if "first_step_t" not in p or "reported" in p]
+        self._watch_injected_hang()
         # failure detection: every process of the old group is gone
         for p in self._pending:
             if "detected_t" not in p and p.get("old_pids") and not any(_alive(x) for x in p["old_pids"]):
@@ -149,11 +157,28 @@ class Chaos:
                                                             or a.after_event in self._seen_events):
                 self._do(a)
 
+    def _watch_injected_hang(self) -> None:
+        """A worker-side hang (inject["hang_at"]) leaves a marker when it starts: the
+        failure's time and step, for the recovery figures."""
+        marker = self.run_dir / ".hang_at-injected"
+        if getattr(self, "_hang_seen", False) or not marker.exists():
+            return
+        self._hang_seen = True
+        step = int(marker.read_text() or 0)
+        workers = read_workers(self.run_dir)
+        rec = self.timeline.add("failure injected: training thread hung", step=step)
+        # the hang starts in the data phase of `step`, after step - 1 completed
+        self._pending.append({**rec, "t": marker.stat().st_mtime, "step": step - 1,
+                              "old_pids": [w["pid"] for w in workers.values()]})
+
     # ---------------------------------------------------------------- actions
     # kill-worker: SIGKILL, as the OOM killer or a crashed CUDA context would;
-    # sigterm-worker: a spot reclaim / node drain, which checkpoints first.
+    # sigterm-worker: a spot reclaim / node drain, which checkpoints first;
+    # freeze-worker: SIGSTOP, a process that stops answering (a hung driver call, a
+    # node swapping to death); only the hang watchdog gets the run past it.
     _SIGNALS = {"kill-worker": (signal.SIGKILL, "failure injected: worker killed"),
-                "sigterm-worker": (signal.SIGTERM, "SIGTERM sent to a worker")}
+                "sigterm-worker": (signal.SIGTERM, "SIGTERM sent to a worker"),
+                "freeze-worker": (signal.SIGSTOP, "failure injected: worker frozen")}
 
     def _do(self, a: Action) -> None:
         a.done = True
@@ -242,6 +267,12 @@ def chaos_cmd(
     workers: str = typer.Option("1:2", "--num-workers", "-n", help="N or MIN:MAX (elastic)"),
     steps: int = typer.Option(60, "--steps"),
     kill_worker_at: List[int] = typer.Option([], "--kill-worker-at", help="step(s) to SIGKILL a worker"),
+    freeze_worker_at: List[int] = typer.Option([], "--freeze-worker-at", help="step(s) to SIGSTOP a worker"),
+    hang_worker_at: Optional[int] = typer.Option(
+        None, "--hang-worker-at", help="step at which a worker's training thread blocks for good (process alive)"),
+    slow_worker_at: Optional[int] = typer.Option(
+        None, "--slow-worker-at", help="step from which a worker runs --slow-factor times slower"),
+    slow_factor: float = typer.Option(2.0, "--slow-factor"),
     remove_node_at: List[int] = typer.Option([], "--remove-node-at", help="step(s) to remove a node"),
     add_node_at: List[int] = typer.Option([], "--add-node-at", help="step(s) to add a node back"),
     out: str = typer.Option("runs/chaos", "--out", help="storage dir; timeline.json goes in the run dir"),
@@ -261,7 +292,8 @@ def chaos_cmd(
 
     from raygpt.train.runconfig import build_run_config
 
-    if not (kill_worker_at or remove_node_at or add_node_at):
+    if not (kill_worker_at or freeze_worker_at or remove_node_at or add_node_at or hang_worker_at
+            or slow_worker_at):
         kill_worker_at = [steps // 3]
     name = f"chaos-{time.strftime('%Y%m%d-%H%M%S')}"
     sets = ["train.log_every=1", f"train.max_steps={steps}", f"run.elastic_resize_interval_s={resize_interval}",
@@ -269,9 +301,14 @@ def chaos_cmd(
     cfg = build_run_config(config, None if config else preset, sets, num_workers=workers, storage=out, name=name,
                            max_failures=max_failures, resources='{"w": 1}')
     actions = ([Action("kill-worker", s) for s in kill_worker_at]
+               + [Action("freeze-worker", s) for s in freeze_worker_at]
                + [Action("remove-node", s) for s in remove_node_at]
                + [Action("add-node", s) for s in add_node_at])
     inject = {}
+    if hang_worker_at is not None:
+        inject["hang_at"] = {"step": hang_worker_at, "rank": 1}
+    if slow_worker_at is not None:
+        inject["slow"] = {"step": slow_worker_at, "rank": 1, "factor": slow_factor}
     if await_grow_at is None and add_node_at:
         await_grow_at = max(add_node_at)
     if await_grow_at is not None:

@@ -285,109 +285,222 @@ class _Progress:
         self._stop.set()
 
 
-def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = None) -> dict:
-    """Run (or resume) a training job. Returns summary.json's contents.
+@dataclass
+class Preflight:
+    """What the driver settled before any worker starts."""
+    cfg: Config
+    data_dir: Path
+    meta: dict
+    use_gpu: bool
+    embedded: bool
+    per_worker: dict
+    paths: RunPaths
+    resume_step: int | None
 
-    inject: fault injection for tests and chaos runs (see worker._maybe_crash_in_save)."""
-    import ray
 
-    from raygpt.config import check_paths
+def check_data(cfg: Config, data_dir: Path, meta: dict) -> None:
+    """Data, tokenizer and model shape agree (pure checks)."""
+    # Fine-tuning / distillation: token ids only mean something under the model's own
+    # tokenizer (a new char tokenizer of other text maps characters elsewhere).
+    from raygpt.lifecycle.data import check_same_tokenizer
+
+    if cfg.train.init_from:
+        check_same_tokenizer(cfg.train.init_from, data_dir, what="--init-from model")
+    if cfg.distill.teacher:
+        check_same_tokenizer(cfg.distill.teacher, data_dir, what="teacher")
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < meta["vocab_size"]:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
+            f"({meta['vocab_size']} in {data_dir}/meta.json)"
+        )
+    if cfg.model.block_size + 1 > meta.get("val_tokens", 10**12):
+        raise ConfigError(
+            f"model.block_size={cfg.model.block_size} is larger than the val split of "
+            f"{data_dir} ({meta['val_tokens']} tokens)"
+        )
+
+
+def preflight(cfg: Config) -> Preflight:
+    """Pure checks first, then anything that asks the cluster for nodes, last (a request
+    made there is withdrawn by run_training's finally, whatever fails after it)."""
     from raygpt.data.prepare import ensure_data, read_meta
 
-    check_paths(cfg)  # before Ray starts
-    started = init_ray(cfg.run.address)
-    try:
-        storage = resolve_storage(cfg)
-        name = cfg.run.name or default_name(cfg)
-        # The driver prepares (or checks) the data so that errors show before workers start.
-        data_dir = ensure_data(cfg.data)
-        meta = read_meta(data_dir)
-        # Fine-tuning / distillation: token ids only mean something under the model's
-        # own tokenizer (a new char tokenizer of other text maps characters elsewhere).
-        from raygpt.lifecycle.data import check_same_tokenizer
+    storage = resolve_storage(cfg)
+    paths = RunPaths.resolve(storage, cfg.run.name or default_name(cfg))
+    # The driver prepares (or checks) the data so that errors show before workers start.
+    data_dir = ensure_data(cfg.data)
+    meta = read_meta(data_dir)
+    check_data(cfg, data_dir, meta)
+    use_gpu = cfg.run.use_gpu if cfg.run.use_gpu is not None else _gpu_available()
+    if use_gpu and not _gpu_available():
+        raise UserError("--use-gpu was given but the Ray cluster has no GPU and no autoscaler "
+                        "node type with GPUs")
+    embedded = not (cfg.run.address or os.environ.get("RAY_ADDRESS"))
+    check_plans(cfg, meta["vocab_size"], use_gpu)
+    resume_step = None
+    if paths.run_uri is None:
+        resume_step = check_existing_run(paths.run_dir, cfg, meta["vocab_size"])
+    per_worker = resolve_resources(cfg, use_gpu, embedded)
+    check_placeable(cfg, per_worker)  # last: it may ask the autoscaler for nodes
+    return Preflight(cfg, data_dir, meta, use_gpu, embedded, per_worker, paths, resume_step)
 
-        if cfg.train.init_from:
-            check_same_tokenizer(cfg.train.init_from, data_dir, what="--init-from model")
-        if cfg.distill.teacher:
-            check_same_tokenizer(cfg.distill.teacher, data_dir, what="teacher")
-        if cfg.model.vocab_size is not None and cfg.model.vocab_size < meta["vocab_size"]:
-            raise ConfigError(
-                f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
-                f"({meta['vocab_size']} in {data_dir}/meta.json)"
-            )
-        if cfg.model.block_size + 1 > meta.get("val_tokens", 10**12):
-            raise ConfigError(
-                f"model.block_size={cfg.model.block_size} is larger than the val split of "
-                f"{data_dir} ({meta['val_tokens']} tokens)"
-            )
-        use_gpu = cfg.run.use_gpu if cfg.run.use_gpu is not None else _gpu_available()
-        if use_gpu and not _gpu_available():
-            raise UserError("--use-gpu was given but the Ray cluster has no GPU and no autoscaler "
-                            "node type with GPUs")
-        embedded = not (cfg.run.address or os.environ.get("RAY_ADDRESS"))
-        check_plans(cfg, meta["vocab_size"], use_gpu)
-        per_worker = resolve_resources(cfg, use_gpu, embedded)
-        check_placeable(cfg, per_worker)
 
-        paths = RunPaths.resolve(storage, name)
-        run_dir, run_uri = paths.run_dir, paths.run_uri
-        run_dir.mkdir(parents=True, exist_ok=True)
-        resume_step = None
-        if run_uri is None:
-            resume_step = check_existing_run(run_dir, cfg, meta["vocab_size"])
-        from raygpt.config import dump_config
+def train_env_defaults(cfg: Config) -> None:
+    """Ray Train's own timeouts, as backstops behind raygpt's hang watchdog (read by its
+    controller from the driver's environment at fit()): a worker whose health-check poll
+    hangs (its whole process frozen) is dead after the init timeout, not 600 s; Ray's
+    barrier behind `report` does not wait forever."""
+    t = str(int(cfg.run.init_timeout_s))
+    os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", t)
+    os.environ.setdefault("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", t)
 
-        dump_config(cfg, run_dir / "config.yaml")
-        print(f"raygpt: run '{name}' -> {paths.shown()}"
-              + (f" (resuming from step {resume_step})" if resume_step is not None else ""), flush=True)
-        trainer = build_trainer(cfg, paths=paths, data_dir=str(data_dir), use_gpu=use_gpu,
-                                per_worker=per_worker, inject=inject, run_id=uuid.uuid4().hex)
-        prog = _Progress(run_dir, cfg.train.max_steps) if progress else None
-        th = threading.Thread(target=prog.run, daemon=True) if prog else None
-        if th:
-            th.start()
+
+class _Launch:
+    """One fit() with what runs beside it on the driver: progress bar, hang watchdog,
+    signal handlers put back after."""
+
+    def __init__(self, pre: Preflight, inject: dict | None, progress: bool):
+        from raygpt.train.watchdog import HangWatchdog
+
+        self.pre, self.run_id = pre, uuid.uuid4().hex
+        cfg, paths = pre.cfg, pre.paths
+        self.trainer = build_trainer(cfg, paths=paths, data_dir=str(pre.data_dir), use_gpu=pre.use_gpu,
+                                     per_worker=pre.per_worker, inject=inject, run_id=self.run_id)
+        self.prog = _Progress(paths.run_dir, cfg.train.max_steps) if progress else None
+        self.watchdog = HangWatchdog(self.run_id, paths.run_dir, cfg.run.hang_timeout_s, cfg.run.init_timeout_s,
+                                     on_verdict=self._record_hang)
+
+    def _record_hang(self, verdict: dict) -> None:
+        from raygpt.train.metrics import append_event
+
+        append_event(self.pre.paths.run_dir, "hang", **verdict)
+
+    def fit(self):
         import signal
 
+        th = threading.Thread(target=self.prog.run, daemon=True) if self.prog else None
+        if th:
+            th.start()
+        self.watchdog.start()
         main = threading.current_thread() is threading.main_thread()
         old_handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
         try:
-            result = trainer.fit()
+            return self.trainer.fit()
         finally:
             for sig, h in old_handlers.items():  # the trainer's handlers stay installed otherwise
                 signal.signal(sig, h)
-            if prog:
-                prog.stop()
+            self.watchdog.stop()
+            if self.prog:
+                self.prog.stop()
                 th.join(timeout=2)
-            if not embedded:
-                from raygpt.train.capacity import request_workers
 
-                request_workers([])  # withdraw our demand: idle nodes go after the idle timeout
-        if result.error:
-            raise result.error
-        from raygpt.train.metrics import read_uri_json, upload_dir, write_json_atomic
 
-        summary = {}
-        if (run_dir / "summary.json").is_file():
-            summary = json.loads((run_dir / "summary.json").read_text())
-        elif run_uri:  # rank 0 ran on another node
-            summary = read_uri_json(join_uri(run_uri, "summary.json")) or {}
-        if trainer.interrupted:
-            from raygpt.train.checkpoint import latest_checkpoint, read_state
+def failure_cause(text: str) -> str:
+    """The line of a Ray Train error that says what went wrong: raygpt's own failure
+    mark (worker.StepFailed), else Ray's health-check / actor-death line, else the first."""
+    i = text.find("[raygpt-failure ")
+    if i >= 0:
+        return (text[text.find("]", i) + 1:].strip().splitlines() or [""])[0]
+    for line in text.splitlines():
+        if "health check" in line or "died" in line.lower():
+            return line.strip()
+    return next((ln.strip() for ln in text.splitlines() if ln.strip()), "unknown error")
 
-            latest = latest_checkpoint(run_dir) if run_uri is None else None
-            raise RunInterrupted(paths, read_state(latest)["step"] if latest else summary.get("steps"))
-        ck = result.checkpoint.path if result.checkpoint else None
-        if ck and run_uri and not is_uri(ck):
-            # Ray gives the path without scheme and query; put both back.
-            scheme, _, rest = storage.partition("://")
-            query = storage.partition("?")[2]
-            ck = f"{scheme}://{ck}" + (f"?{query}" if query else "")
-        summary["checkpoint"] = ck
-        summary["run_dir"] = redact_uri(run_uri) if run_uri else str(run_dir)
-        write_json_atomic(run_dir / "summary.json", summary)
-        if run_uri:
-            upload_dir(run_dir, run_uri)
-        return summary
+
+def run_failed(paths: RunPaths, run_id: str, error: BaseException, hangs: list[dict]) -> "RunFailed":
+    """A run that failed for good: the whole error in <run_dir>/failure.txt, one line for
+    the user."""
+    from raygpt.errors import RunFailed
+    from raygpt.train.metrics import write_text_atomic
+    from raygpt.train.rayhooks import REPEATED_KEY
+
+    where = paths.run_dir / "failure.txt"
+    try:
+        write_text_atomic(where, f"{type(error).__name__}: {error}\n")
+    except OSError:
+        where = None
+    cause = failure_cause(str(error))
+    repeated = None
+    try:
+        from ray.experimental import internal_kv
+
+        repeated = internal_kv._internal_kv_get(REPEATED_KEY.format(run_id=run_id), namespace="raygpt")
+    except Exception:
+        pass
+    why = ("the same failure at the same step twice: not restarted again" if repeated
+           else "its restart budget (run.max_failures) is spent")
+    extra = f"; {len(hangs)} hang(s) detected" if hangs else ""
+    return RunFailed(f"run '{paths.name}' failed ({why}{extra}): {cause[:300]}"
+                     + (f"; details in {where}" if where else ""))
+
+
+def finish_summary(pre: Preflight, result, interrupted: bool) -> dict:
+    """summary.json with the checkpoint the run ended on (or RunInterrupted)."""
+    from raygpt.train.metrics import read_uri_json, upload_dir, write_json_atomic
+
+    paths, storage = pre.paths, pre.paths.storage
+    run_dir, run_uri = paths.run_dir, paths.run_uri
+    summary = {}
+    if (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text())
+    elif run_uri:  # rank 0 ran on another node
+        summary = read_uri_json(join_uri(run_uri, "summary.json")) or {}
+    if interrupted:
+        from raygpt.train.checkpoint import latest_checkpoint, read_state
+
+        latest = latest_checkpoint(run_dir) if run_uri is None else None
+        raise RunInterrupted(paths, read_state(latest)["step"] if latest else summary.get("steps"))
+    ck = result.checkpoint.path if result.checkpoint else None
+    if ck and run_uri and not is_uri(ck):
+        # Ray gives the path without scheme and query; put both back.
+        scheme, _, rest = storage.partition("://")
+        query = storage.partition("?")[2]
+        ck = f"{scheme}://{ck}" + (f"?{query}" if query else "")
+    summary["checkpoint"] = ck
+    summary["run_dir"] = redact_uri(run_uri) if run_uri else str(run_dir)
+    write_json_atomic(run_dir / "summary.json", summary)
+    if run_uri:
+        upload_dir(run_dir, run_uri)
+    return summary
+
+
+def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = None) -> dict:
+    """Run (or resume) a training job: preflight, launch, summary. Returns summary.json's
+    contents. inject: fault injection for tests and chaos runs (see raygpt.train.worker)."""
+    import ray
+
+    from raygpt.config import check_paths, dump_config
+
+    if inject is None and os.environ.get("RAYGPT_INJECT"):  # fault injection for end-to-end tests
+        inject = json.loads(os.environ["RAYGPT_INJECT"])
+    check_paths(cfg)  # before Ray starts
+    started = init_ray(cfg.run.address)
+    embedded = not (cfg.run.address or os.environ.get("RAY_ADDRESS"))
+    try:
+        pre = preflight(cfg)
+        paths = pre.paths
+        paths.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, paths.run_dir / "config.yaml")
+        print(f"raygpt: run '{paths.name}' -> {paths.shown()}"
+              + (f" (resuming from step {pre.resume_step})" if pre.resume_step is not None else ""), flush=True)
+        train_env_defaults(cfg)
+        launch = _Launch(pre, inject, progress)
+        from ray.train import TrainingFailedError
+
+        try:
+            result = launch.fit()
+            if result.error:
+                raise result.error
+        except TrainingFailedError as e:  # fit() raises it in Train V2; older paths return it
+            raise run_failed(paths, launch.run_id, e, launch.watchdog.verdicts) from None
+        return finish_summary(pre, result, launch.trainer.interrupted)
     finally:
+        if not embedded:
+            from raygpt.train.capacity import request_workers
+
+            try:
+                request_workers([])  # withdraw our demand: idle nodes go after the idle timeout
+            except Exception:
+                pass
         if started:
             ray.shutdown()

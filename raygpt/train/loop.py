@@ -206,21 +206,24 @@ def pp_train_step(pipe, optimizers, x, y, device, grad_clip: float):
 
 
 def train_step(model, optimizer, micro_batches, device, amp_dtype, grad_clip: float,
-               teacher=None, distill=None):
+               teacher=None, distill=None, clock=None):
     """One optimizer step over this rank's micro-batches.
 
     Loss of each micro-batch is divided by the number of micro-batches, so the gradient
     is the mean over this rank's sequences; the dp wrapper then averages ranks, giving
     the mean over the global batch whatever the world size.
     Returns (mean loss on this rank as a 0-d tensor, grad norm tensor).
+    clock: times the forward passes (this rank's own work, before DDP's all-reduce in
+    backward waits on the others; raygpt.train.stragglers).
     """
+    span = clock.span if clock is not None else contextlib.nullcontext
     n = len(micro_batches)
     total = torch.zeros((), device=device)
     for i, (x, y) in enumerate(micro_batches):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         with grad_sync(model, enabled=(i == n - 1)):
-            with autocast_ctx(device, amp_dtype):
+            with autocast_ctx(device, amp_dtype), span():
                 if teacher is None:
                     _, loss = model(x, y, return_logits=False)
                     report = loss

@@ -108,11 +108,27 @@ class RunWriter:
                 self._tb.close()
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Readers see the old file or the new one, never half of it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2))
+
+
+def append_event(run_dir: str | os.PathLike, name: str, **fields) -> None:
+    """An event from outside rank 0 (the driver's hang watchdog): one line appended with
+    O_APPEND, so it never interleaves with rank 0's lines."""
+    line = json.dumps({"time": round(time.time(), 3), "event": name, **fields}) + "\n"
+    fd = os.open(Path(run_dir) / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

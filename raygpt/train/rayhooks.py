@@ -1,5 +1,7 @@
 """What raygpt adds to Ray Train's TorchTrainer, in one place:
 
+- a failure policy that stops a run failing the same way at the same step twice;
+
 - elastic runs size the worker group from the nodes alive now (raygpt.train.elastic);
 - each worker actor installs raygpt's SIGTERM handler on its main thread (the training
   function runs on another thread, where `signal.signal` is refused), through the torch
@@ -18,12 +20,49 @@ import sys
 import threading
 from dataclasses import dataclass
 
+import re
+
 import ray
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _TorchBackend
+from ray.train.v2._internal.execution.failure_handling import FailureDecision
+from ray.train.v2._internal.execution.failure_handling.default import DefaultFailurePolicy
 from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
 
 from raygpt.train.elastic import LiveElasticScalingPolicy
+
+_SIGNATURE = re.compile(r"\[raygpt-failure step=\d+ sig=\w+\]")
+REPEATED_KEY = "repeated:{run_id}"  # set (in the "raygpt" KV namespace) when a repeat stopped the run
+
+
+def failure_signatures(err: BaseException) -> set[str]:
+    """The raygpt failure marks (worker.failure_signature) in a Ray Train error."""
+    texts = [str(err)] + [str(e) for e in (getattr(err, "worker_failures", None) or {}).values()]
+    return {m for t in texts for m in _SIGNATURE.findall(t)}
+
+
+class RepeatAwareFailurePolicy(DefaultFailurePolicy):
+    """Ray's budget (FailureConfig.max_failures), plus: the same training error at the
+    same step a second time stops the run at once (a bug, a NaN, a bad batch would
+    only fail again). Runs inside the Train controller actor."""
+
+    def __init__(self, failure_config, run_id: str | None = None):
+        super().__init__(failure_config)
+        self._seen: set[str] = set()
+        self._run_id = run_id
+
+    def make_decision(self, training_failed_error):
+        sigs = failure_signatures(training_failed_error)
+        repeated = sigs & self._seen
+        self._seen |= sigs
+        if repeated:
+            if self._run_id:
+                from ray.experimental import internal_kv
+
+                internal_kv._internal_kv_put(REPEATED_KEY.format(run_id=self._run_id), ",".join(sorted(repeated)),
+                                             namespace="raygpt")
+            return FailureDecision.RAISE
+        return super().make_decision(training_failed_error)
 
 
 def _install_worker_handlers() -> bool:
@@ -55,6 +94,9 @@ class RaygptTorchTrainer(TorchTrainer):
         # RAYGPT_LIVE_ELASTIC=0: Ray's own policy (to compare; see docs/performance.md).
         if type(kwargs.get("scaling_policy")) is ElasticScalingPolicy and os.environ.get("RAYGPT_LIVE_ELASTIC") != "0":
             kwargs["scaling_policy"] = LiveElasticScalingPolicy(self.scaling_config)
+        if type(kwargs.get("failure_policy")) is DefaultFailurePolicy:
+            kwargs["failure_policy"] = RepeatAwareFailurePolicy(self.run_config.failure_config,
+                                                                (self.train_loop_config or {}).get("run_id"))
         return super()._initialize_and_run_controller(**kwargs)
 
     def _register_sigint_handler(self, controller):

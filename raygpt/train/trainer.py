@@ -22,6 +22,8 @@ import torch
 
 from raygpt.config import Config
 from raygpt.errors import UserError
+from raygpt.train.heartbeat import Progress
+from raygpt.train.stragglers import ComputeClock, StragglerDetector
 
 # Stop reasons, in the order one wins over another when ranks disagree.
 STOP_NONE, STOP_INTERRUPT, STOP_SIGTERM = 0, 1, 2
@@ -57,6 +59,9 @@ def install_sigterm_handler() -> bool:
     worker actor run this on its main thread)."""
     if threading.current_thread() is not threading.main_thread():
         return False
+    # Cleared here, once per process before its training function starts, never after:
+    # a SIGTERM that arrives while the worker still prepares its data must stand.
+    STOP.clear()
     signal.signal(signal.SIGTERM, lambda signum, frame: STOP.set(STOP_SIGTERM))
     return True
 
@@ -141,6 +146,9 @@ class Hooks:
     preemption: Callable[[], Any] = _noop                   # a notice, or None
     after_step: Callable[["Trainer", int], None] = _noop    # fault injection (chaos holds)
     before_save: Callable[[int], None] = _noop              # fault injection (crash in save)
+    before_step: Callable[["Trainer", int], None] = _noop   # fault injection (hang, slow), data phase
+    progress: Progress = field(default_factory=Progress)    # where this rank is (hang watchdog)
+    node_id: Callable[[], str] = lambda: ""                 # this rank's node (straggler events)
 
 
 @dataclass
@@ -149,6 +157,15 @@ class _Window:
     seconds: float = 0.0
     steps: int = 0
     loss: Any = None
+    rank_data_s: list = field(default_factory=list)     # per rank, summed over the window
+    rank_compute_s: list = field(default_factory=list)
+
+    def add_ranks(self, data_s: list[float], compute_s: list[float]) -> None:
+        if not self.rank_data_s:
+            self.rank_data_s, self.rank_compute_s = [0.0] * len(data_s), [0.0] * len(data_s)
+        for r, (d, c) in enumerate(zip(data_s, compute_s)):
+            self.rank_data_s[r] += d
+            self.rank_compute_s[r] += c
 
 
 @dataclass
@@ -192,6 +209,10 @@ class Trainer:
         from raygpt.train.metrics import RunWriter
 
         self.writer = RunWriter(self.run_dir or ".", enabled=(self.rank == 0 and self.run_dir is not None))
+        self.progress = self.hooks.progress
+        self.clock = ComputeClock(self.device)
+        self.stragglers = StragglerDetector(self.cfg.run.straggler_factor, self.cfg.run.straggler_steps)
+        self._data_s = 0.0
 
     # ---------------------------------------------------------------- build
     def _build_model(self) -> None:
@@ -320,13 +341,19 @@ class Trainer:
         for opt in self.optimizers:
             for g in opt.param_groups:
                 g["lr"] = lr
+        self.progress.mark("data", self.step + 1)
+        t0 = time.perf_counter()
+        self.hooks.before_step(self, self.step + 1)
+        batch = self.train_loader.get(self.step) if self.pipe is not None else \
+            self.train_loader.get_micro(self.step, self.micro)
+        self._data_s = time.perf_counter() - t0
+        self.progress.mark("compute")
         if self.pipe is not None:
-            x, y = self.train_loader.get(self.step)
-            out = pp_train_step(self.pipe, self.optimizers, x, y, self.device, self.cfg.optim.grad_clip)
+            out = pp_train_step(self.pipe, self.optimizers, *batch, self.device, self.cfg.optim.grad_clip)
         else:
-            out = train_step(self.parts[0], self.optimizers[0], self.train_loader.get_micro(self.step, self.micro),
-                             self.device, self.amp, self.cfg.optim.grad_clip, teacher=self.teacher,
-                             distill=self.cfg.distill)
+            out = train_step(self.parts[0], self.optimizers[0], batch, self.device, self.amp,
+                             self.cfg.optim.grad_clip, teacher=self.teacher, distill=self.cfg.distill,
+                             clock=self.clock)
         self.step += 1
         return out
 
@@ -351,15 +378,30 @@ class Trainer:
             t /= (self.plan.dp * self.plan.tp) if self.pipe is not None else self.world
         return float(t)
 
-    def _agree(self) -> tuple[int, bool]:
-        """(stop code, every rank's async save done): one tiny CPU all-reduce a step."""
+    def _agree(self, win: "_Window") -> tuple[int, bool]:
+        """(stop code, every rank's async save done), and every rank's own-work times
+        for the straggler check: one tiny CPU all-gather a step."""
+        self.progress.mark("agree", self.step)
         code, busy = int(self.hooks.stop_code()), not self.ckpt.local_done()
+        compute_s = self.clock.take()
+        self.progress.last_compute_s = compute_s
+        mine = [code, int(busy), int(1e6 * self._data_s), int(1e6 * compute_s)]
+        rows = [mine]
         if self.world > 1:
             import torch.distributed as dist
 
-            t = torch.tensor([code, int(busy)], dtype=torch.int64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ctl_group)
-            code, busy = int(t[0]), bool(t[1])
+            t = torch.tensor(mine, dtype=torch.int64)
+            out = [torch.zeros_like(t) for _ in range(self.world)]
+            dist.all_gather(out, t, group=self.ctl_group)
+            rows = [o.tolist() for o in out]
+        code, busy = max(r[0] for r in rows), any(r[1] for r in rows)
+        data_s, compute_s = [r[2] / 1e6 for r in rows], [r[3] / 1e6 for r in rows]
+        win.add_ranks(data_s, compute_s)
+        for ev in self.stragglers.update(self.step, [d + c for d, c in zip(data_s, compute_s)]):
+            log(self.rank, f"straggler: rank {ev['rank']} (node {str(ev['node'])[:8]}) takes {ev['ratio']:.2f}x "
+                           f"the others' median for its own work ({ev['own_ms']:.0f} vs "
+                           f"{ev['others_median_ms']:.0f} ms) for {ev['steps']} steps")
+            self.writer.event("straggler", **ev)
         return code, not busy
 
     # ---------------------------------------------------------------- checkpoints
@@ -367,6 +409,7 @@ class Trainer:
         if self._saved_at == self.step:
             return
         self._saved_at = self.step
+        self.progress.mark("checkpoint")
         self.ckpt.save(self.step, self.parts, self.optimizers, self.trainer_state(),
                        dict(metrics or {"step": self.step}), self._rng_meta(), final=final)
 
@@ -394,6 +437,11 @@ class Trainer:
                 self._mfu_note_shown = True
             rec["mfu"] = mfu(self.flops_per_token, tps, peak * self.world if peak else None)
             rec["step_ms"] = 1000 * win.seconds / win.steps
+            if win.rank_data_s:
+                rec["rank_data_ms"] = [round(1000 * x / win.steps, 3) for x in win.rank_data_s]
+                rec["rank_compute_ms"] = [round(1000 * x / win.steps, 3) for x in win.rank_compute_s]
+            if self.stragglers.flagged:
+                rec["stragglers"] = sorted(self.stragglers.flagged)
             if self.device.type == "cuda":
                 rec["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
             else:
@@ -401,6 +449,7 @@ class Trainer:
 
                 rec["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if is_eval:
+            self.progress.mark("eval")
             self.last_val = self.evaluate()
             self.best_val = min(self.best_val, self.last_val)
             rec["val_loss"] = self.last_val
@@ -414,16 +463,29 @@ class Trainer:
                        + (f" | val {self.last_val:.4f}" if is_eval else "")
                        + f" | lr {rec['lr']:.2e} | {rec.get('tokens_per_s', 0):,.0f} tok/s"
                        + (f" | mfu {100 * rec['mfu']:.1f}%" if rec.get("mfu") is not None else "")
-                       + f" | mem {rec.get('peak_mem_mb', 0):.0f}MB")
+                       + f" | mem {rec.get('peak_mem_mb', 0):.0f}MB"
+                       + (f" | straggler rank {','.join(map(str, rec['stragglers']))}" if rec.get("stragglers") else ""))
 
     def _start(self) -> None:
         self.ckpt.prune_unfinished(self.step)
+        self.stragglers.nodes = self._gather_nodes()
         self.writer.event("start", step=self.step, world_size=self.world, plan=self.plan.describe(),
                           micro_batch=self.micro, accum=self.accum, restored=self.restored_from is not None)
         t = self.cfg.train
         log(self.rank, f"model {self.n_params / 1e6:.2f}M params | plan {self.plan.describe()} | device "
                        f"{self.device} | global batch {t.global_batch} = dp {self.plan.dp} x micro {self.micro} "
                        f"x accum {self.accum} | steps {self.step}->{t.max_steps}")
+
+    def _gather_nodes(self) -> list[str]:
+        """Every rank's node id (named in straggler events)."""
+        mine = self.hooks.node_id()
+        if self.world == 1 or self.ctl_group is None:
+            return [mine]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, mine, group=self.ctl_group)
+        return out
 
     def train(self) -> dict:
         """Run from self.step to max_steps (or a stop). Returns the summary; rank 0 also
@@ -457,6 +519,7 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             now = time.perf_counter()
             dt, t_free = now - t_free, now
+            self.progress.step_done(dt)
             self.train_time += dt
             win.seconds += dt
             if is_log or is_eval or is_ckpt:
@@ -475,7 +538,7 @@ class Trainer:
                     else:
                         self.hooks.report_metrics(report)
                 t_free = time.perf_counter()  # logging, evals and save blocking are not step time
-            code, saves_done = self._agree()
+            code, saves_done = self._agree(win)
             if saves_done:
                 self.ckpt.complete_pending()
             if code != STOP_NONE:
@@ -492,6 +555,7 @@ class Trainer:
                     self.save({"step": step, "preempted": True})
                 t_free = time.perf_counter()
             t_hook = time.perf_counter()
+            self.progress.mark("hook", step)
             self.hooks.after_step(self, step)  # chaos hooks may hold here: not step time
             t_free += time.perf_counter() - t_hook
         prof.close()

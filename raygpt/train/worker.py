@@ -70,11 +70,43 @@ def _await_grow(inject: dict, trainer: "T.Trainer", step: int) -> None:
     w.event("await-grow", step=step, world_size=trainer.world, want=spec["world"], timeout_s=timeout)
     T.log(trainer.rank, f"holding at step {step} (world {trainer.world}) until Ray grows the group "
                         f"to {spec['world']}")
+    trainer.progress.mark("hold")  # a wait the hang watchdog judges with the init timeout
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)
     w.event("await-grow-timeout", step=step, world_size=trainer.world, want=spec["world"], timeout_s=timeout)
     T.log(trainer.rank, f"ERROR: the group did not grow to {spec['world']} within {timeout:.0f} s at step {step}")
+
+
+def _once(inject: dict, key: str, step: int, rank: int, run_dir) -> bool:
+    """An injected fault `key` fires at (step, rank) once per run (a marker file
+    remembers it across restarts)."""
+    spec = inject.get(key)
+    if not spec or step != spec["step"] or rank != spec.get("rank", 1) or run_dir is None:
+        return False
+    marker = Path(run_dir) / f".{key}-injected"
+    if marker.exists():
+        return False
+    marker.write_text(str(step))
+    return True
+
+
+def _inject_before_step(inject: dict, trainer: "T.Trainer", step: int, run_dir) -> None:
+    """`raygpt chaos` faults inside a rank's step (its data phase):
+    hang_at {step, rank}: the training thread blocks for good in a live process (a read
+    that never returns); slow {step, rank, factor}: from that step on, the rank's own work
+    takes `factor` times as long (a throttled or shared device); fail_at {step, rank}: the
+    step raises, on every try (a bug or a bad batch)."""
+    fail = inject.get("fail_at")
+    if fail and step == fail["step"] and trainer.rank == fail.get("rank", 1):
+        raise ValueError(f"injected bad batch at step {step}")  # every time: a bug, not bad luck
+    if _once(inject, "hang_at", step, trainer.rank, run_dir):
+        sys.stdout.write(f"[raygpt] injected hang at step {step} (rank {trainer.rank})\n")
+        sys.stdout.flush()
+        threading.Event().wait()
+    slow = inject.get("slow")
+    if slow and step >= slow["step"] and trainer.rank == slow.get("rank", 1):
+        time.sleep(max(0.0, (float(slow["factor"]) - 1.0) * trainer.progress.last_compute_s))
 
 
 def _register_worker(run_dir: Path, rank: int, world: int) -> None:
@@ -143,61 +175,143 @@ def _registered_step(ray_ckpt) -> int | None:
         return -1
 
 
+def _group_token(world: int) -> str:
+    """One id for this worker group, the same on every rank (rank 0's, broadcast): the
+    hang watchdog tells a restarted group's heartbeats from the old one's."""
+    import uuid
+
+    token = [uuid.uuid4().hex[:12]]
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(token, src=0)
+    return token[0]
+
+
+FAILURE_MARK = "raygpt-failure"
+
+
+def failure_signature(step: int, e: BaseException) -> str:
+    """What a restart compares: the same exception at the same step is a bug or a bad
+    batch, not bad luck (raygpt.train.rayhooks stops the run instead of looping)."""
+    import hashlib
+
+    first = (str(e).splitlines() or [""])[0]
+    sig = hashlib.sha1(f"{type(e).__name__}:{first}".encode()).hexdigest()[:12]
+    return f"[{FAILURE_MARK} step={step} sig={sig}]"
+
+
+class StepFailed(RuntimeError):
+    """A training error, marked with where it happened and what it was."""
+
+
+class _WorkerRun:
+    """train_func in named steps: device, heartbeat, trainer, restore, train, finish."""
+
+    def __init__(self, loop_config: dict):
+        import ray.train
+
+        self.lc = loop_config
+        self.cfg = validate(loop_config["config"])
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        run_dir = loop_config.get("run_dir")
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.inject = loop_config.get("inject") or {}
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.progress = T.Progress()
+
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        torch.set_num_threads(T.threads(self.cfg))
+        device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        return device
+
+    def heartbeat(self):
+        from raygpt.train.heartbeat import Publisher
+
+        if not self.lc.get("run_id"):
+            return None
+        return Publisher(self.lc["run_id"], _group_token(self.world), self.rank, self.world, self.node_id,
+                         self.run_dir, self.progress)
+
+    def trainer(self, device) -> "T.Trainer":
+        import ray.train
+
+        from raygpt.data.loader import worker_data_dir
+
+        # Data: a shared path from the driver, or the bundled corpus prepared on this node
+        # (a URI or a path this node cannot see: fetched into the node-local cache).
+        data_dir = worker_data_dir(self.cfg.data, self.lc.get("data_dir"))
+        inject, rank, run_dir = self.inject, self.rank, self.lc.get("run_dir")
+        hooks = T.Hooks(
+            report_metrics=ray.train.report, report_checkpoint=_report_checkpoint,
+            preemption=ray.train.get_preemption_info,
+            after_step=lambda tr, step: _await_grow(inject, tr, step),
+            before_save=lambda step: _maybe_crash_in_save(inject, step, rank, run_dir),
+            before_step=lambda tr, step: _inject_before_step(inject, tr, step, run_dir),
+            progress=self.progress, node_id=lambda: self.node_id,
+        )
+        async_ok = device.type == "cuda" or inject.get("async_save_on_cpu")
+        return T.Trainer(self.cfg, data_dir, rank=rank, world=self.world, device=device, run_dir=self.run_dir,
+                         ckpt_root=self.run_dir if self.lc.get("ckpt_in_place") else None, hooks=hooks,
+                         use_async=bool(self.cfg.checkpoint.async_save and async_ok))
+
+    @staticmethod
+    def restore(trainer: "T.Trainer") -> None:
+        import ray.train
+
+        ray_ckpt = ray.train.get_checkpoint()
+        choice = trainer.ckpt.choose_restore(_registered_step(ray_ckpt))
+        if choice == "registered":
+            with ray_ckpt.as_directory() as d:
+                trainer.restore(d)
+        elif choice is not None:
+            trainer.restore(choice)
+
+    def train(self, trainer: "T.Trainer") -> dict:
+        if self.run_dir is not None:
+            _register_worker(self.run_dir, self.rank, self.world)
+        watcher = _StopWatcher(self.lc.get("run_id"))
+        try:
+            return trainer.train()
+        except T.Stopped:
+            raise
+        except Exception as e:
+            raise StepFailed(f"{failure_signature(trainer.step, e)} rank {self.rank} at step {trainer.step}: "
+                             f"{type(e).__name__}: {e}") from e
+        finally:
+            watcher.close()
+
+    def finish(self, summary: dict) -> None:
+        if self.rank == 0 and self.run_dir is not None and self.lc.get("run_uri"):
+            from raygpt.train.metrics import upload_dir
+
+            upload_dir(self.run_dir, self.lc["run_uri"])
+        if summary.get("stopped") == "sigterm":
+            # The checkpoint is reported; the process was asked to go. Ray restarts the
+            # group from this checkpoint (FailureConfig.max_failures permitting).
+            raise T.Stopped(f"SIGTERM: checkpointed step {summary['steps']}; this worker exits")
+
+
 def train_func(loop_config: dict) -> None:
     """Entry point given to TorchTrainer. loop_config: {"config": Config dict, "run_dir":
     local path for metrics/summary (or None), "data_dir", "ckpt_in_place": checkpoints
     are written straight into run_dir (local storage), "run_id", "run_uri", "inject"}."""
-    import ray.train
-
-    from raygpt.data.loader import worker_data_dir
-
-    cfg = validate(loop_config["config"])
     _quiet_ray_train_reports()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(T.threads(cfg))
-    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    # Data: a shared path from the driver, or the bundled corpus prepared on this node.
-    # (a URI or a path this node cannot see: fetched into the node-local cache).
-    data_dir = worker_data_dir(cfg.data, loop_config.get("data_dir"))
-
-    run_dir = loop_config.get("run_dir")
-    inject = loop_config.get("inject") or {}
-    run_dir_p = Path(run_dir) if run_dir is not None else None
-    T.STOP.clear()
-    hooks = T.Hooks(
-        report_metrics=ray.train.report, report_checkpoint=_report_checkpoint,
-        preemption=ray.train.get_preemption_info,
-        after_step=lambda tr, step: _await_grow(inject, tr, step),
-        before_save=lambda step: _maybe_crash_in_save(inject, step, rank, run_dir),
-    )
-    async_ok = device.type == "cuda" or inject.get("async_save_on_cpu")
-    trainer = T.Trainer(cfg, data_dir, rank=rank, world=world, device=device, run_dir=run_dir_p,
-                        ckpt_root=run_dir_p if loop_config.get("ckpt_in_place") else None, hooks=hooks,
-                        use_async=bool(cfg.checkpoint.async_save and async_ok))
-    ray_ckpt = ray.train.get_checkpoint()
-    choice = trainer.ckpt.choose_restore(_registered_step(ray_ckpt))
-    if choice == "registered":
-        with ray_ckpt.as_directory() as d:
-            trainer.restore(d)
-    elif choice is not None:
-        trainer.restore(choice)
-    if run_dir_p is not None:
-        _register_worker(run_dir_p, rank, world)
-    watcher = _StopWatcher(loop_config.get("run_id"))
+    run = _WorkerRun(loop_config)
+    device = run.device()
+    beat = run.heartbeat()  # before data preparation: a hang there is judged too
     try:
-        summary = trainer.train()
+        trainer = run.trainer(device)
+        run.restore(trainer)
+        summary = run.train(trainer)
     finally:
-        watcher.close()
-    if rank == 0 and run_dir is not None and loop_config.get("run_uri"):
-        from raygpt.train.metrics import upload_dir
-
-        upload_dir(run_dir, loop_config["run_uri"])
-    if summary.get("stopped") == "sigterm":
-        # The checkpoint is reported; the process was asked to go. Ray restarts the
-        # group from this checkpoint (FailureConfig.max_failures permitting).
-        raise T.Stopped(f"SIGTERM: checkpointed step {summary['steps']}; this worker exits")
+        if beat is not None:
+            beat.close()
+    run.finish(summary)

@@ -65,7 +65,8 @@ def test_killed_worker_resumes_to_identical_parameters_with_async_saves(ray_sess
 
 @pytest.mark.slow
 def test_crash_during_checkpoint_save_keeps_previous_checkpoint(ray_session, char_data, tmp_path):
-    cfg = _cfg(char_data, tmp_path, "crash", "train.max_steps=20", "optim.decay_steps=20")
+    # run.max_failures=0: the crash ends the run (the default budget would restart it)
+    cfg = _cfg(char_data, tmp_path, "crash", "train.max_steps=20", "optim.decay_steps=20", "run.max_failures=0")
     with pytest.raises(Exception):
         run_training(cfg, progress=False, inject={"crash_in_save_at": 20, "rank": 1})
     run_dir = tmp_path / "crash"

@@ -1,0 +1,144 @@
+"""Where each rank is, published for the hang watchdog (raygpt.train.watchdog).
+
+The training thread marks its phase and step (two attribute writes: nothing on the hot
+path waits). A daemon thread of the same process publishes that once a second to Ray's
+KV store and reads the driver's verdict back. A rank whose process is frozen (SIGSTOP, a
+stuck driver call holding the process) stops publishing; a rank whose training thread is
+blocked (I/O, a dead peer) keeps publishing, with its step and phase standing still.
+
+On a verdict every rank's publisher thread saves the stacks of all its threads into the
+run directory, SIGKILLs the stuck ranks that run on its own node (a frozen process
+cannot exit by itself) and exits its process, so Ray Train restarts the group from the
+latest checkpoint without the stuck process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+# The order of the phases inside one step: a rank behind another (same step, earlier
+# phase) is the one the others wait for. "data" and "compute" carry the step being
+# computed, "agree" and "hook" the step just completed.
+STEP_PHASES = {"data": 0, "compute": 1, "agree": 2, "hook": 3}
+# Phases that may legitimately last long: judged with the generous init timeout.
+LONG_PHASES = {"init", "eval", "checkpoint", "hold"}
+NAMESPACE = "raygpt"
+BEAT_S = 1.0
+HANG_EXIT_CODE = 75  # EX_TEMPFAIL: the process exits so the group restarts
+
+
+def beat_key(run_id: str, rank: int) -> str:
+    return f"hb:{run_id}:{rank}"
+
+
+def verdict_key(run_id: str, gen: str) -> str:
+    return f"hang:{run_id}:{gen}"
+
+
+def position(rec: dict) -> tuple[int, int]:
+    """(step, order in the step) of a heartbeat: comparable across ranks."""
+    return int(rec.get("step", 0)), STEP_PHASES.get(rec.get("phase", ""), -1)
+
+
+class Progress:
+    """Written by the training thread, read by the publisher (plain attributes: a torn
+    read costs at most one beat's accuracy)."""
+
+    def __init__(self):
+        self.phase, self.step, self.ticks = "init", 0, 0
+        self.steps_done = 0          # steps completed by this process (0: still in phase 1)
+        self.step_s_max = 0.0        # the slowest step after the first one (sizes the timeout)
+        self.last_compute_s = 0.0    # the previous step's forward time (chaos's `slow` scales it)
+
+    def mark(self, phase: str, step: int | None = None) -> None:
+        self.phase = phase
+        if step is not None:
+            self.step = step
+        self.ticks += 1
+
+    def step_done(self, seconds: float) -> None:
+        if self.steps_done:
+            self.step_s_max = max(self.step_s_max, seconds)
+        self.steps_done += 1
+
+
+class Publisher:
+    """The per-rank daemon thread: beat, read the verdict, act on it."""
+
+    def __init__(self, run_id: str, gen: str, rank: int, world: int, node_id: str, run_dir: Path | None,
+                 progress: Progress):
+        self.run_id, self.gen, self.rank, self.world = run_id, gen, rank, world
+        self.node_id, self.run_dir, self.progress = node_id, run_dir, progress
+        self.started = time.time()
+        self.seq = 0
+        self._done = threading.Event()
+        self._th = threading.Thread(target=self._run, name="raygpt-heartbeat", daemon=True)
+        self._th.start()
+
+    def record(self) -> dict:
+        p = self.progress
+        return {"gen": self.gen, "rank": self.rank, "world": self.world, "pid": os.getpid(),
+                "node": self.node_id, "seq": self.seq, "phase": p.phase, "step": p.step, "ticks": p.ticks,
+                "steps_done": p.steps_done, "step_s_max": round(p.step_s_max, 4), "started": self.started}
+
+    def _run(self) -> None:
+        from ray.experimental import internal_kv as kv
+
+        key, vkey = beat_key(self.run_id, self.rank), verdict_key(self.run_id, self.gen)
+        first = True
+        while first or not self._done.wait(BEAT_S):  # the first beat at once
+            first = False
+            try:
+                self.seq += 1
+                kv._internal_kv_put(key, json.dumps(self.record()), overwrite=True, namespace=NAMESPACE)
+                raw = kv._internal_kv_get(vkey, namespace=NAMESPACE)
+            except Exception:  # the GCS briefly away: beat again next second
+                continue
+            if raw:
+                self._act(json.loads(raw))
+                return
+
+    def _act(self, verdict: dict) -> None:
+        """Save this process's stacks, kill stuck ranks on this node, exit."""
+        self.save_stacks(verdict)
+        for s in verdict.get("stuck", []):
+            if s.get("node") == self.node_id and s.get("pid") not in (None, os.getpid()):
+                try:
+                    os.kill(int(s["pid"]), signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        sys.stdout.write(f"[raygpt] rank {self.rank}: hang declared ({verdict.get('reason')}); stacks saved; "
+                         "exiting so the group restarts from the latest checkpoint\n")
+        sys.stdout.flush()
+        os._exit(HANG_EXIT_CODE)
+
+    def save_stacks(self, verdict: dict) -> Path | None:
+        d = Path(verdict.get("dir") or (self.run_dir / "hangs" if self.run_dir else ""))
+        if not str(d):
+            return None
+        names = {t.ident: t.name for t in threading.enumerate()}
+        lines = [f"rank {self.rank} pid {os.getpid()} node {self.node_id} phase {self.progress.phase} "
+                 f"step {self.progress.step}\n"]
+        for ident, frame in sys._current_frames().items():
+            if ident == threading.get_ident():
+                continue
+            lines.append(f"\n--- thread {names.get(ident, ident)}\n")
+            lines.extend(traceback.format_stack(frame))
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            out = d / f"rank{self.rank}.txt"
+            tmp = d / f".rank{self.rank}.tmp"
+            tmp.write_text("".join(lines))
+            os.replace(tmp, out)
+            return out
+        except OSError:
+            return None
+
+    def close(self) -> None:
+        self._done.set()

@@ -1,0 +1,170 @@
+"""The hang watchdog: a driver thread that reads every rank's heartbeat
+(raygpt.train.heartbeat) once a second and declares a hang when no rank of the current
+worker group has made progress for the timeout of its phase.
+
+Two-phase timeouts (torchtitan's idea): before the group's first step, and while a rank
+evaluates or saves, `run.init_timeout_s` (compile, data, process-group set-up); after
+it, `run.hang_timeout_s`, by default max(15 s, 20 x the slowest step seen), so a small
+model is judged in seconds and a large one is not killed for being large.
+
+The verdict names the stuck ranks: those whose heartbeat stopped (a frozen process), else
+those behind the others (same step, an earlier phase: the ones the others wait for). It
+goes to Ray's KV store, where every rank's publisher picks it up (stacks, exit), and to
+metrics.jsonl as a `hang` event. Progress is timed by this process's clock, when a value
+changed, so clocks of other nodes do not matter.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raygpt.train.heartbeat import LONG_PHASES, NAMESPACE, position, verdict_key
+
+STALE_BEAT_S = 5.0     # no heartbeat for this long: the process is frozen
+MIN_HANG_S = 15.0      # the auto timeout's floor
+STEP_FACTOR = 20.0     # the auto timeout: this many slowest steps
+
+
+@dataclass
+class _Seen:
+    rec: dict
+    beat_t: float      # when its seq last changed (our clock)
+    progress_t: float  # when its ticks last changed
+
+
+@dataclass
+class HangWatchdog:
+    run_id: str
+    run_dir: Path
+    hang_timeout_s: float | None = None
+    init_timeout_s: float = 600.0
+    poll_s: float = 1.0
+    on_verdict: object = None  # callable(verdict) for the driver's own record
+    verdicts: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self._seen: dict[int, _Seen] = {}
+        self._gen: str | None = None
+        self._judged: set[str] = set()
+        self._stop = threading.Event()
+        self._th = threading.Thread(target=self._run, name="raygpt-watchdog", daemon=True)
+
+    # ---------------------------------------------------------------- thread
+    def start(self) -> "HangWatchdog":
+        if self.hang_timeout_s != 0:
+            self._th.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._th.is_alive():
+            self._th.join(timeout=5)
+        try:
+            from ray.experimental import internal_kv as kv
+
+            for prefix in (f"hb:{self.run_id}:", f"hang:{self.run_id}:"):
+                kv._internal_kv_del(prefix, del_by_prefix=True, namespace=NAMESPACE)
+        except Exception:
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                verdict = self.check(self._read(), time.monotonic())
+                if verdict is not None:
+                    self._publish(verdict)
+            except Exception as e:  # the watchdog must never take the run down
+                sys.stderr.write(f"raygpt: hang watchdog skipped a check: {e}\n")
+
+    def _read(self) -> list[dict]:
+        from ray.experimental import internal_kv as kv
+
+        out = []
+        for key in kv._internal_kv_list(f"hb:{self.run_id}:", namespace=NAMESPACE):
+            raw = kv._internal_kv_get(key, namespace=NAMESPACE)
+            if raw:
+                out.append(json.loads(raw))
+        return out
+
+    # ---------------------------------------------------------------- judgement
+    def _current(self, recs: list[dict], now: float) -> list[_Seen]:
+        """The newest group's ranks (a restart leaves the old group's keys behind until
+        each rank is overwritten), with the times their values last changed."""
+        if not recs:
+            return []
+        gen = max(recs, key=lambda r: r["started"])["gen"]
+        if gen != self._gen:
+            self._gen, self._seen = gen, {}
+        cur = [r for r in recs if r["gen"] == gen]
+        for r in cur:
+            old = self._seen.get(r["rank"])
+            if old is None:
+                self._seen[r["rank"]] = _Seen(r, now, now)
+                continue
+            if r["seq"] != old.rec["seq"]:
+                old.beat_t = now
+            if r["ticks"] != old.rec["ticks"]:
+                old.progress_t = now
+            old.rec = r
+        return list(self._seen.values())
+
+    def timeout(self, ranks: list[_Seen], now: float) -> float:
+        # A frozen rank's last record says where it was a beat before it froze (maybe
+        # still "init" when steps are fast): the live ranks say which phase the group is in.
+        live = [s for s in ranks if now - s.beat_t < STALE_BEAT_S] or ranks
+        recs = [s.rec for s in live]
+        if any(r["steps_done"] == 0 or r["phase"] in LONG_PHASES for r in recs):
+            return self.init_timeout_s
+        if self.hang_timeout_s:
+            return self.hang_timeout_s
+        return max(MIN_HANG_S, STEP_FACTOR * max(r["step_s_max"] for r in recs))
+
+    def check(self, recs: list[dict], now: float) -> dict | None:
+        ranks = self._current(recs, now)
+        if not ranks or self._gen in self._judged or len(ranks) < ranks[0].rec["world"]:
+            return None
+        if all(now - s.beat_t >= STALE_BEAT_S for s in ranks):
+            return None  # the whole group gone (or frozen): Ray's health check has it
+        idle = now - max(s.progress_t for s in ranks)
+        limit = self.timeout(ranks, now)
+        if idle < limit:
+            return None
+        verdict = self._verdict(ranks, now, idle, limit)
+        self._judged.add(self._gen)
+        self.verdicts.append(verdict)
+        return verdict
+
+    def _verdict(self, ranks: list[_Seen], now: float, idle: float, limit: float) -> dict:
+        frozen = [s for s in ranks if now - s.beat_t >= STALE_BEAT_S]
+        if frozen:
+            stuck, why = frozen, "no heartbeat (process frozen)"
+        else:
+            low = min(position(s.rec) for s in ranks)
+            stuck = [s for s in ranks if position(s.rec) == low]
+            why = ("behind the others" if len(stuck) < len(ranks)
+                   else "every rank at the same place (see the stacks)")
+        n = len(self.verdicts) + 1
+        return {
+            "gen": self._gen, "idle_s": round(idle, 1), "timeout_s": round(limit, 1), "reason": why,
+            "step": min(s.rec["step"] for s in ([r for r in ranks if r not in frozen] or ranks)), "dir": str(self.run_dir / "hangs" / f"{n:03d}"),
+            "stuck": [{"rank": s.rec["rank"], "pid": s.rec["pid"], "node": s.rec["node"], "step": s.rec["step"],
+                       "phase": s.rec["phase"], "last_beat_s": round(now - s.beat_t, 1)} for s in stuck],
+        }
+
+    def _publish(self, verdict: dict) -> None:
+        from ray.experimental import internal_kv as kv
+
+        kv._internal_kv_put(verdict_key(self.run_id, verdict["gen"]), json.dumps(verdict), overwrite=True,
+                            namespace=NAMESPACE)
+        who = ", ".join(f"rank {s['rank']} (pid {s['pid']}, node {s['node'][:8]}, step {s['step']}, "
+                        f"{s['phase']})" for s in verdict["stuck"])
+        sys.stderr.write(f"raygpt: hang: no progress for {verdict['idle_s']:.0f} s (limit {verdict['timeout_s']:.0f} s)"
+                         f"; stuck: {who}: {verdict['reason']}; stacks in {verdict['dir']}; restarting from the "
+                         "latest checkpoint\n")
+        sys.stderr.flush()
+        if self.on_verdict is not None:
+            self.on_verdict(verdict)

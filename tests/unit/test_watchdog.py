@@ -1,0 +1,84 @@
+"""The hang watchdog's judgement (raygpt.train.watchdog) on heartbeat records, with the
+clock given: which timeout applies, when a hang is declared, which ranks are named."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from raygpt.train.stragglers import StragglerDetector
+from raygpt.train.watchdog import HangWatchdog
+
+
+def _rec(rank, seq, ticks, phase="compute", step=12, steps_done=11, gen="g1", world=2):
+    return {"gen": gen, "rank": rank, "world": world, "pid": 100 + rank, "node": "n1", "seq": seq, "phase": phase,
+            "step": step, "ticks": ticks, "steps_done": steps_done, "step_s_max": 0.05, "started": 1.0}
+
+
+def _dog(**kw):
+    return HangWatchdog("run", Path("/tmp/run"), kw.pop("hang", None), kw.pop("init", 600.0), **kw)
+
+
+def test_no_progress_after_the_first_step_is_a_hang_after_the_short_timeout():
+    dog = _dog()
+    assert dog.check([_rec(0, 1, 10), _rec(1, 1, 10, phase="data", step=13)], 0.0) is None
+    for t in range(1, 15):  # both beat, neither moves
+        assert dog.check([_rec(0, 1 + t, 10), _rec(1, 1 + t, 10, phase="data", step=13)], float(t)) is None
+    v = dog.check([_rec(0, 20, 10), _rec(1, 20, 10, phase="data", step=13)], 15.5)
+    assert v is not None and v["timeout_s"] == 15.0
+    # rank 0 still computes step 12 while rank 1 waits at step 13: rank 0 holds it up
+    assert [s["rank"] for s in v["stuck"]] == [0] and v["reason"] == "behind the others"
+    assert dog.check([_rec(0, 21, 10), _rec(1, 21, 10)], 40.0) is None  # judged once per group
+
+
+def test_a_frozen_rank_is_named_even_when_its_last_record_is_from_before_the_first_step():
+    """Steps faster than a beat: the frozen rank's last record still says "init"; the live
+    rank's phase decides the timeout, and the rank without heartbeats is named."""
+    dog = _dog()
+    frozen = _rec(1, 1, 0, phase="init", step=0, steps_done=0)
+    dog.check([_rec(0, 1, 50), frozen], 0.0)
+    v = None
+    for t in range(1, 20):
+        v = dog.check([_rec(0, 1 + t, 50), frozen], float(t))
+        if v:
+            break
+    assert v is not None and 15 <= v["idle_s"] <= 16
+    assert [s["rank"] for s in v["stuck"]] == [1] and "frozen" in v["reason"]
+
+
+def test_long_phases_get_the_init_timeout_and_progress_resets_the_clock():
+    dog = _dog(init=100.0)
+    assert dog.check([_rec(0, 1, 5, phase="eval"), _rec(1, 1, 5, phase="eval")], 0.0) is None
+    assert dog.check([_rec(0, 60, 5, phase="eval"), _rec(1, 60, 5, phase="eval")], 60.0) is None
+    assert dog.check([_rec(0, 61, 6), _rec(1, 61, 6)], 61.0) is None  # moved on
+    assert dog.check([_rec(0, 70, 6), _rec(1, 70, 6)], 70.0) is None  # 9 s idle
+    assert dog.check([_rec(0, 80, 6), _rec(1, 80, 6)], 77.0) is not None  # 16 s idle > 15 s
+
+
+def test_a_group_that_is_gone_or_still_starting_is_not_judged():
+    dog = _dog()
+    dog.check([_rec(0, 1, 5), _rec(1, 1, 5)], 0.0)
+    assert dog.check([_rec(0, 1, 5), _rec(1, 1, 5)], 100.0) is None  # no beats at all: Ray's business
+    dog2 = _dog()
+    assert dog2.check([_rec(0, 1, 5, world=3), _rec(1, 1, 5, world=3)], 0.0) is None
+    assert dog2.check([_rec(0, 50, 5, world=3), _rec(1, 50, 5, world=3)], 50.0) is None  # rank 2 never beat
+
+
+def test_a_restarted_group_is_judged_afresh():
+    dog = _dog()
+    dog.check([_rec(0, 1, 5), _rec(1, 1, 5)], 0.0)
+    assert dog.check([_rec(0, 30, 5), _rec(1, 30, 5)], 30.0) is not None
+    new = [{**_rec(0, 1, 1), "gen": "g2", "started": 2.0}, {**_rec(1, 1, 1), "gen": "g2", "started": 2.0}]
+    assert dog.check(new, 31.0) is None
+    assert dog.check([{**r, "seq": 40} for r in new], 40.0) is None  # 9 s idle in the new group
+
+
+def test_straggler_detector_flags_a_rank_after_k_slow_steps_and_again_after_it_recovered():
+    det = StragglerDetector(factor=1.5, steps=3, nodes=["a", "b", "c"])
+    assert det.update(1, [0.1, 0.1, 0.1]) == []
+    assert det.update(2, [0.1, 0.2, 0.1]) == [] and det.update(3, [0.1, 0.2, 0.1]) == []
+    (ev,) = det.update(4, [0.1, 0.2, 0.1])
+    assert ev["rank"] == 1 and ev["node"] == "b" and ev["ratio"] == 2.0 and ev["step"] == 4
+    assert det.update(5, [0.1, 0.2, 0.1]) == [] and det.flagged == {1}  # once per streak
+    det.update(6, [0.1, 0.1, 0.1])
+    assert det.flagged == set()
+    assert det.update(7, [0.1, 0.1, 0.3]) == [] and det.update(8, [0.1, 0.1, 0.3]) == []
+    assert [e["rank"] for e in det.update(9, [0.1, 0.1, 0.3])] == [2]
