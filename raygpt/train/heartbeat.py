@@ -105,8 +105,15 @@ class Publisher:
                 return
 
     def _act(self, verdict: dict) -> None:
-        """Save this process's stacks, kill stuck ranks on this node, exit."""
+        """Save this process's stacks, kill stuck ranks on this node, exit. A stuck rank
+        that can still act leaves last (a few seconds at most): its exit breaks the
+        others' collectives, and they should have saved their stacks by then."""
         self.save_stacks(verdict)
+        if any(s.get("rank") == self.rank for s in verdict.get("stuck", [])):
+            d = Path(verdict.get("dir") or ".")
+            deadline = time.monotonic() + 5 * BEAT_S
+            while time.monotonic() < deadline and len(list(d.glob("rank*.txt"))) < self.world:
+                time.sleep(0.1)
         for s in verdict.get("stuck", []):
             if s.get("node") == self.node_id and s.get("pid") not in (None, os.getpid()):
                 try:

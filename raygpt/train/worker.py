@@ -8,6 +8,7 @@ notices; and the fault injection `raygpt chaos` and the tests use.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -245,6 +246,8 @@ class _WorkerRun:
 
         from raygpt.data.loader import worker_data_dir
 
+        if _once(self.inject, "sigterm_in_data_prep", 0, self.rank, self.lc.get("run_dir")):
+            os.kill(os.getpid(), signal.SIGTERM)  # a drain notice while the data is prepared
         # Data: a shared path from the driver, or the bundled corpus prepared on this node
         # (a URI or a path this node cannot see: fetched into the node-local cache).
         data_dir = worker_data_dir(self.cfg.data, self.lc.get("data_dir"))
@@ -283,7 +286,7 @@ class _WorkerRun:
         except T.Stopped:
             raise
         except Exception as e:
-            raise StepFailed(f"{failure_signature(trainer.step, e)} rank {self.rank} at step {trainer.step}: "
+            raise StepFailed(f"{failure_signature(trainer.step, e)} rank {self.rank} after step {trainer.step}: "
                              f"{type(e).__name__}: {e}") from e
         finally:
             watcher.close()
