@@ -13,7 +13,6 @@ import errno
 import hashlib
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -22,15 +21,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port as _free_port  # outside the ephemeral range
 from raygpt.config import load_config
 from raygpt.train import checkpoint as ckpt_lib
 from raygpt.train.trainer import STOP_NONE, Hooks, Trainer
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(data, *sets):

@@ -5,7 +5,6 @@ when they finish."""
 from __future__ import annotations
 
 import datetime
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,16 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port as _free_port  # outside the ephemeral range
 from raygpt.config import load_config
 from raygpt.parallel.plan import ParallelPlan
 from raygpt.train import checkpoint as ckpt_lib
 from raygpt.train.trainer import STOP_INTERRUPT, STOP_NONE, Hooks, Trainer, dropout_seed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(data, *sets):
