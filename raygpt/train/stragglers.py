@@ -54,11 +54,14 @@ class StragglerDetector:
     steps: int = 5
     nodes: list = field(default_factory=list)  # node id per rank, for the event
     _streak: dict = field(default_factory=dict)
+    _good: dict = field(default_factory=dict)
     _flagged: set = field(default_factory=set)
 
     def update(self, step: int, own_s: list[float]) -> list[dict]:
-        """One step's own-work seconds per rank -> new `straggler` events (a rank is
-        flagged once per streak; it can be flagged again after it recovers)."""
+        """One step's own-work seconds per rank -> new `straggler` events. A rank is
+        flagged once per streak and cleared after `steps` good steps in a row (one noisy
+        step neither flags nor clears it, so events do not flap); then it can be flagged
+        again."""
         if len(own_s) < 2:
             return []
         out = []
@@ -68,9 +71,12 @@ class StragglerDetector:
             ratio = t / med if med > 0 else 1.0
             if ratio >= self.factor:
                 self._streak[r] = self._streak.get(r, 0) + 1
+                self._good[r] = 0
             else:
                 self._streak[r] = 0
-                self._flagged.discard(r)
+                self._good[r] = self._good.get(r, 0) + 1
+                if self._good[r] >= self.steps:
+                    self._flagged.discard(r)
             if self._streak[r] >= self.steps and r not in self._flagged:
                 self._flagged.add(r)
                 out.append({"step": step, "rank": r, "ratio": round(ratio, 2),
