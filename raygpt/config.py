@@ -225,6 +225,10 @@ class RunConfig(_Section):
     # takes straggler_factor x the others' median for straggler_steps steps in a row.
     straggler_factor: float = Field(1.5, gt=1)
     straggler_steps: int = Field(5, ge=1)
+    # What a flagged straggler does: "warn" (an event and the progress line), or "drain"
+    # (elastic runs: its node is drained through Ray, the group checkpoints and goes on
+    # without it, as on a preemption notice; it may come back as a fresh node).
+    straggler_policy: Literal["warn", "drain"] = "warn"
     # Seconds to wait for workers to be placed before giving up with a clear error.
     placement_timeout_s: float = Field(120.0, gt=0)
 
@@ -234,6 +238,9 @@ class RunConfig(_Section):
             raise ValueError(
                 f"run.min_workers={self.min_workers} is larger than run.num_workers={self.num_workers}"
             )
+        if self.straggler_policy == "drain" and (self.min_workers is None or self.min_workers >= self.num_workers):
+            raise ValueError("run.straggler_policy=drain needs an elastic run (run.min_workers below "
+                             "run.num_workers, e.g. -n 1:2): a fixed-size group cannot go on without the node")
         return self
 
 

@@ -28,10 +28,11 @@ WORKERS_DIR = ".workers"  # each rank writes rank<r>.json: pid, node id (see wor
 
 @dataclass
 class Action:
-    kind: str  # kill-worker | sigterm-worker | freeze-worker | remove-node | add-node
+    kind: str  # kill-worker | sigterm-worker | freeze-worker | remove-node | add-node | preempt
     at_step: int
-    rank: int = 1  # kill-worker / sigterm-worker / remove-node: the worker (or its node) to hit
+    rank: int = 1  # kill-worker / sigterm-worker / remove-node / preempt: the worker (or its node) to hit
     after_event: str | None = None  # also wait for this metrics.jsonl event (e.g. checkpoint_reported)
+    deadline_s: float = 30.0  # preempt: the drain's deadline, when the node is taken away
     done: bool = False
 
 
@@ -86,6 +87,7 @@ class Chaos:
         self._pending: list[dict] = []  # injected failures awaiting recovery figures
         self._victims: set[int] = set()
         self._seen_events: set[str] = set()
+        self._reclaims: list[tuple[float, object]] = []  # (when, node): preempted nodes to take away
 
     # ---------------------------------------------------------------- following
     def _read_new(self) -> list[dict]:
@@ -117,6 +119,7 @@ class Chaos:
                     for p in self._pending:
                         p.setdefault("restored_step", r["step"])
                         p.setdefault("restart_t", time.time())
+                        p.setdefault("last_step", self._step)  # the furthest step before it
                 continue
             if "event" in r:
                 self._seen_events.add(r["event"])
@@ -125,6 +128,15 @@ class Chaos:
                                   reason=r.get("reason"), idle_s=r.get("idle_s"))
                 for p in self._pending:
                     p.setdefault("hang_t", time.time())
+            elif r.get("event") == "preemption":
+                rec = self.timeline.add("drain notice reached the workers", step=r["step"],
+                                        nodes=len(r.get("nodes") or []), deadline_left_s=r.get("deadline_left_s"))
+                if not self._pending:  # a drain chaos did not make (the straggler policy): time the move too
+                    self._pending.append({**rec, "t": time.time(), "step": r["step"],
+                                          "old_pids": [w["pid"] for w in read_workers(self.run_dir).values()]})
+            elif r.get("event") == "preemption_checkpoint":
+                self.timeline.add("checkpoint committed before the move", step=r["step"],
+                                  deadline_left_s=r.get("deadline_left_s"))
             elif r.get("event") == "straggler":
                 self.timeline.add("straggler flagged", step=r["step"], rank=r["rank"], ratio=r["ratio"])
             elif r.get("event") == "await-grow":
@@ -139,7 +151,9 @@ class Chaos:
             for p in self._pending:
                 if "restart_t" in p and "first_step_t" not in p and r["step"] > p["restored_step"]:
                     p["first_step_t"] = time.time()
-                    lost = p["step"] - p["restored_step"]
+                    # steps computed twice: the furthest step reached before the restart
+                    # minus the step it restored (a drain's checkpoint: 0)
+                    lost = max(0, p.get("last_step", p["step"]) - p["restored_step"])
                     rec = self.timeline.add(
                         "first step after restore", step=r["step"], world_size=r.get("world_size"),
                         recovery_s=round(p["first_step_t"] - p["t"], 3), steps_lost=lost)
@@ -152,6 +166,7 @@ class Chaos:
                 p["detected_t"] = time.time()
                 self.timeline.add("failure detected (old worker group gone)",
                                   after_s=round(p["detected_t"] - p["t"], 3))
+        self._reclaim_due()
         for a in self.actions:
             if not a.done and self._step >= a.at_step and (a.after_event is None
                                                             or a.after_event in self._seen_events):
@@ -205,6 +220,35 @@ class Chaos:
         elif a.kind == "add-node":
             self.cluster.add_node(**self.node_args)
             self.timeline.add("node added", step=self._step)
+        elif a.kind == "preempt":
+            self._preempt(a, workers, old_pids)
+
+    def _preempt(self, a: Action, workers: dict, old_pids: list) -> None:
+        """A cloud's preemption: drain the node with a deadline (what autoscalers do on
+        a spot notice), then take the node away at the deadline."""
+        from raygpt import raycompat
+
+        node = self._node_of(workers.get(a.rank))
+        if node is None:
+            self.timeline.add("preempt skipped: no removable node", step=self._step)
+            return
+        ok, why = raycompat.drain_node(node.node_id, "preemption", "raygpt chaos: preemption", a.deadline_s)
+        rec = self.timeline.add("preemption notice: node drained", step=self._step, node=node.node_id[:12],
+                                deadline_s=a.deadline_s, accepted=ok, **({"why": why} if why else {}))
+        self._pending.append({**rec, "t": time.time(), "step": self._step, "old_pids": old_pids})
+        self._reclaims.append((time.time() + a.deadline_s, node))
+
+    def _reclaim_due(self) -> None:
+        now = time.time()
+        for when, node in [x for x in self._reclaims if x[0] <= now]:
+            self._reclaims.remove((when, node))
+            if node in list(self.cluster.worker_nodes):
+                try:
+                    self.cluster.remove_node(node, allow_graceful=False)
+                except Exception:  # its raylet left by itself once the drained node was idle
+                    pass
+            self.timeline.add("deadline passed: preempted node taken away", step=self._step,
+                              node=node.node_id[:12])
 
     node_args: dict = {"num_cpus": 1, "resources": {"w": 1}}
 
@@ -214,7 +258,7 @@ class Chaos:
         nodes = list(self.cluster.worker_nodes)
         if worker is not None:
             for n in nodes:
-                if n.unique_id == worker.get("node_id"):
+                if n.node_id == worker.get("node_id"):
                     return n
         return nodes[-1] if nodes else None
 
@@ -274,6 +318,10 @@ def chaos_cmd(
         None, "--slow-worker-at", help="step from which a worker runs --slow-factor times slower"),
     slow_factor: float = typer.Option(2.0, "--slow-factor"),
     remove_node_at: List[int] = typer.Option([], "--remove-node-at", help="step(s) to remove a node"),
+    preempt_node_at: List[int] = typer.Option(
+        [], "--preempt-node-at", help="step(s) to drain a worker's node with a deadline (a spot/preemption "
+                                      "notice); the node is taken away at the deadline"),
+    preempt_deadline: float = typer.Option(30.0, "--preempt-deadline", help="seconds from the notice to the reclaim"),
     add_node_at: List[int] = typer.Option([], "--add-node-at", help="step(s) to add a node back"),
     out: str = typer.Option("runs/chaos", "--out", help="storage dir; timeline.json goes in the run dir"),
     max_failures: int = typer.Option(5, "--max-failures"),
@@ -293,7 +341,7 @@ def chaos_cmd(
     from raygpt.train.runconfig import build_run_config
 
     if not (kill_worker_at or freeze_worker_at or remove_node_at or add_node_at or hang_worker_at
-            or slow_worker_at):
+            or slow_worker_at or preempt_node_at):
         kill_worker_at = [steps // 3]
     name = f"chaos-{time.strftime('%Y%m%d-%H%M%S')}"
     sets = ["train.log_every=1", f"train.max_steps={steps}", f"run.elastic_resize_interval_s={resize_interval}",
@@ -303,6 +351,7 @@ def chaos_cmd(
     actions = ([Action("kill-worker", s) for s in kill_worker_at]
                + [Action("freeze-worker", s) for s in freeze_worker_at]
                + [Action("remove-node", s) for s in remove_node_at]
+               + [Action("preempt", s, deadline_s=preempt_deadline) for s in preempt_node_at]
                + [Action("add-node", s) for s in add_node_at])
     inject = {}
     if hang_worker_at is not None:

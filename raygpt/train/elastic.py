@@ -9,13 +9,16 @@ trying the smaller size.
 
 LiveElasticScalingPolicy drops from those resources every node whose raylet does not
 answer a TCP connect (a dead process refuses at once; a vanished host times out in
-PROBE_TIMEOUT_S), so the restart happens at the size the live cluster can place, and a
-grow happens at the next resize check after capacity returns.
+PROBE_TIMEOUT_S; all nodes are probed at once, so N vanished hosts cost one timeout, not
+N, inside Ray's async controller) and every node being drained (a preemption notice:
+the group is moving off it), so the restart happens at the size the live cluster can
+place, and a grow happens at the next resize check after capacity returns.
 """
 from __future__ import annotations
 
 import logging
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
 
@@ -32,19 +35,25 @@ def raylet_answers(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> bo
         return False
 
 
+def probe_all(addrs: list[tuple[str, int]], timeout: float = PROBE_TIMEOUT_S) -> list[bool]:
+    """raylet_answers for every address at once: the whole probe takes one timeout."""
+    if not addrs:
+        return []
+    with ThreadPoolExecutor(max_workers=min(64, len(addrs))) as ex:
+        return list(ex.map(lambda a: raylet_answers(a[0], a[1], timeout), addrs))
+
+
 def live_node_ids(node_ids) -> set[str]:
-    """The node ids (hex) among `node_ids` that GCS lists alive and whose raylet answers."""
+    """The node ids (hex) among `node_ids` that GCS lists alive, not draining, and whose
+    raylet answers."""
     import ray
 
-    wanted = set(node_ids)
-    live = set()
-    for n in ray.nodes():
-        nid = n.get("NodeID")
-        if nid not in wanted or not n.get("Alive"):
-            continue
-        if raylet_answers(n["NodeManagerAddress"], int(n["NodeManagerPort"])):
-            live.add(nid)
-    return live
+    from raygpt import raycompat
+
+    wanted = set(node_ids) - set(raycompat.draining_nodes())
+    nodes = [n for n in ray.nodes() if n.get("NodeID") in wanted and n.get("Alive")]
+    answers = probe_all([(n["NodeManagerAddress"], int(n["NodeManagerPort"])) for n in nodes])
+    return {n["NodeID"] for n, ok in zip(nodes, answers) if ok}
 
 
 class LiveElasticScalingPolicy(ElasticScalingPolicy):
@@ -63,7 +72,7 @@ class LiveElasticScalingPolicy(ElasticScalingPolicy):
             return reserved
         dead = set(reserved) - live
         if dead:
-            logger.warning("raygpt: not counting %d node(s) whose raylet does not answer: %s",
+            logger.warning("raygpt: not counting %d node(s) draining or whose raylet does not answer: %s",
                            len(dead), ", ".join(sorted(d[:12] for d in dead)))
             reserved = {k: v for k, v in reserved.items() if k in live}
             self._latest_reserved_resources = reserved

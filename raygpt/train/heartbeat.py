@@ -41,6 +41,18 @@ def verdict_key(run_id: str, gen: str) -> str:
     return f"hang:{run_id}:{gen}"
 
 
+def read_beats(run_id: str) -> list[dict]:
+    """Every rank's latest heartbeat record (old groups' too, until overwritten)."""
+    from ray.experimental import internal_kv as kv
+
+    out = []
+    for key in kv._internal_kv_list(f"hb:{run_id}:", namespace=NAMESPACE):
+        raw = kv._internal_kv_get(key, namespace=NAMESPACE)
+        if raw:
+            out.append(json.loads(raw))
+    return out
+
+
 def position(rec: dict) -> tuple[int, int]:
     """(step, order in the step) of a heartbeat: comparable across ranks."""
     return int(rec.get("step", 0)), STEP_PHASES.get(rec.get("phase", ""), -1)

@@ -111,9 +111,6 @@ def init_ray(address: str | None, num_cpus: int | None = None):
         # Ray starts workers at nice 15; on a small machine its own background processes
         # (nice 0) then keep preempting the training threads: ~4% tokens/s on 2 cores.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        # Nothing preempts an embedded instance: skip Train's spot-notice watcher actor
-        # (one process less per run, each paying ~5 s of CPU to import ray.train).
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # "local": a fresh embedded instance, even if another Ray runs on this machine.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                  dashboard_host="127.0.0.1", log_to_driver=True)
@@ -353,13 +350,18 @@ def train_env_defaults(cfg: Config) -> None:
     t = str(int(cfg.run.init_timeout_s))
     os.environ.setdefault("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", t)
     os.environ.setdefault("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", t)
+    # Drain notices are raygpt's (raygpt.train.preemption: a 1 s poll, a checkpoint, a
+    # move off the node at once); Train's watcher (a 5 s poll, an actor per group, then
+    # a wait until the deadline) would only add a second reaction to the same notice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 class _Launch:
     """One fit() with what runs beside it on the driver: progress bar, hang watchdog,
-    signal handlers put back after."""
+    drain watch, signal handlers put back after."""
 
     def __init__(self, pre: Preflight, inject: dict | None, progress: bool):
+        from raygpt.train.preemption import DrainWatch
         from raygpt.train.watchdog import HangWatchdog
 
         self.pre, self.run_id = pre, uuid.uuid4().hex
@@ -369,6 +371,7 @@ class _Launch:
         self.prog = _Progress(paths.run_dir, cfg.train.max_steps) if progress else None
         self.watchdog = HangWatchdog(self.run_id, paths.run_dir, cfg.run.hang_timeout_s, cfg.run.init_timeout_s,
                                      on_verdict=self._record_hang)
+        self.drains = DrainWatch(self.run_id, paths.run_dir)
 
     def _record_hang(self, verdict: dict) -> None:
         from raygpt.train.metrics import append_event
@@ -382,6 +385,7 @@ class _Launch:
         if th:
             th.start()
         self.watchdog.start()
+        self.drains.start()
         main = threading.current_thread() is threading.main_thread()
         old_handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
         try:
@@ -390,6 +394,7 @@ class _Launch:
             for sig, h in old_handlers.items():  # the trainer's handlers stay installed otherwise
                 signal.signal(sig, h)
             self.watchdog.stop()
+            self.drains.stop()
             if self.prog:
                 self.prog.stop()
                 th.join(timeout=2)

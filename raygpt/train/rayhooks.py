@@ -1,6 +1,7 @@
 """What raygpt adds to Ray Train's TorchTrainer, in one place:
 
-- a failure policy that stops a run failing the same way at the same step twice;
+- a failure policy that stops a run failing the same way at the same step twice, and
+  restarts a group that moved off draining nodes without charging `max_failures`;
 
 - elastic runs size the worker group from the nodes alive now (raygpt.train.elastic);
 - each worker actor installs raygpt's SIGTERM handler on its main thread (the training
@@ -41,6 +42,14 @@ def failure_signatures(err: BaseException) -> set[str]:
     return {m for t in texts for m in _SIGNATURE.findall(t)}
 
 
+def moved_off_drain(err: BaseException) -> bool:
+    """Every worker error is raygpt's exit after a drain notice's checkpoint."""
+    from raygpt.train.preemption import PREEMPTED_MARK
+
+    texts = [str(e) for e in (getattr(err, "worker_failures", None) or {}).values()]
+    return bool(texts) and all(PREEMPTED_MARK in t for t in texts)
+
+
 class RepeatAwareFailurePolicy(DefaultFailurePolicy):
     """Ray's budget (FailureConfig.max_failures), plus: the same training error at the
     same step a second time stops the run at once (a bug, a NaN, a bad batch would
@@ -50,8 +59,15 @@ class RepeatAwareFailurePolicy(DefaultFailurePolicy):
         super().__init__(failure_config)
         self._seen: set[str] = set()
         self._run_id = run_id
+        self._moves = 0
 
     def make_decision(self, training_failed_error):
+        if moved_off_drain(training_failed_error):
+            # Every rank checkpointed and left on a drain notice: a planned move, not a
+            # failure. Ray's preemption budget bounds it.
+            self._moves += 1
+            limit = self.failure_config.max_preemption_failures
+            return FailureDecision.RAISE if limit != -1 and self._moves > limit else FailureDecision.RETRY
         sigs = failure_signatures(training_failed_error)
         repeated = sigs & self._seen
         self._seen |= sigs

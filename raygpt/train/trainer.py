@@ -26,8 +26,8 @@ from raygpt.train.heartbeat import Progress
 from raygpt.train.stragglers import ComputeClock, StragglerDetector
 
 # Stop reasons, in the order one wins over another when ranks disagree.
-STOP_NONE, STOP_INTERRUPT, STOP_SIGTERM = 0, 1, 2
-STOP_NAMES = {STOP_INTERRUPT: "interrupt", STOP_SIGTERM: "sigterm"}
+STOP_NONE, STOP_INTERRUPT, STOP_SIGTERM, STOP_PREEMPT = 0, 1, 2, 3
+STOP_NAMES = {STOP_INTERRUPT: "interrupt", STOP_SIGTERM: "sigterm", STOP_PREEMPT: "preemption"}
 
 
 class _StopFlag:
@@ -36,10 +36,13 @@ class _StopFlag:
     def __init__(self):
         self._code = STOP_NONE
         self._lock = threading.Lock()
+        self.notice: dict | None = None  # the drain notice behind STOP_PREEMPT
 
-    def set(self, code: int) -> None:
+    def set(self, code: int, notice: dict | None = None) -> None:
         with self._lock:
             self._code = max(self._code, code)
+            if notice is not None:
+                self.notice = notice
 
     def get(self) -> int:
         return self._code
@@ -68,6 +71,11 @@ def install_sigterm_handler() -> bool:
 
 class Stopped(RuntimeError):
     """Raised after the checkpoint a SIGTERM asked for (the runtime restarts from it)."""
+
+
+class Preempted(Stopped):
+    """Raised after the checkpoint a drain notice asked for: the group restarts from it
+    off the draining nodes, without charging the failure budget."""
 
 
 def log(rank: int, msg: str) -> None:
@@ -143,12 +151,12 @@ class Hooks:
     report_metrics: Callable[[dict], None] = _noop          # eval-step metrics
     report_checkpoint: Callable[..., None] = _noop          # (path, step, metrics, mode)
     stop_code: Callable[[], int] = STOP.get                 # local stop request (STOP_*)
-    preemption: Callable[[], Any] = _noop                   # a notice, or None
     after_step: Callable[["Trainer", int], None] = _noop    # fault injection (chaos holds)
     before_save: Callable[[int], None] = _noop              # fault injection (crash in save)
     before_step: Callable[["Trainer", int], None] = _noop   # fault injection (hang, slow), data phase
     progress: Progress = field(default_factory=Progress)    # where this rank is (hang watchdog)
     node_id: Callable[[], str] = lambda: ""                 # this rank's node (straggler events)
+    on_straggler: Callable[[dict], None] = _noop            # rank 0, per straggler event (the drain policy)
 
 
 @dataclass
@@ -402,6 +410,10 @@ class Trainer:
                            f"the others' median for its own work ({ev['own_ms']:.0f} vs "
                            f"{ev['others_median_ms']:.0f} ms) for {ev['steps']} steps")
             self.writer.event("straggler", **ev)
+            if self.rank == 0 and ev.get("node") and self.cfg.run.straggler_policy == "drain":
+                log(self.rank, f"straggler policy: asking for node {ev['node'][:8]} to be drained; "
+                               "the run goes on without it")
+                self.hooks.on_straggler(ev)
         return code, not busy
 
     # ---------------------------------------------------------------- checkpoints
@@ -543,23 +555,33 @@ class Trainer:
                 self.ckpt.complete_pending()
             if code != STOP_NONE:
                 stopped = STOP_NAMES[code]
-                log(self.rank, f"stop requested ({stopped}): checkpointing step {step}")
-                self.writer.event("stop", step=step, reason=stopped)
+                self._announce_stop(stopped, step)
                 self.checkpoint_now()
+                if stopped == "preemption":
+                    self.writer.event("preemption_checkpoint", step=step, **self._deadline_left())
                 break
-            if is_log and step % (t.log_every * 10) == 0:
-                info = self.hooks.preemption()
-                if info is not None:
-                    log(self.rank, f"preemption notice for ranks {info.preempted_ranks}: checkpointing step {step}")
-                    self.writer.event("preemption", step=step, ranks=info.preempted_ranks)
-                    self.save({"step": step, "preempted": True})
-                t_free = time.perf_counter()
             t_hook = time.perf_counter()
             self.progress.mark("hook", step)
             self.hooks.after_step(self, step)  # chaos hooks may hold here: not step time
             t_free += time.perf_counter() - t_hook
         prof.close()
         return self._finish(stopped)
+
+    def _deadline_left(self) -> dict:
+        deadline = (STOP.notice or {}).get("deadline")
+        return {"deadline_left_s": round(deadline - time.time(), 2)} if deadline else {}
+
+    def _announce_stop(self, stopped: str, step: int) -> None:
+        if stopped != "preemption":
+            log(self.rank, f"stop requested ({stopped}): checkpointing step {step}")
+            self.writer.event("stop", step=step, reason=stopped)
+            return
+        n = STOP.notice or {}
+        left = self._deadline_left()
+        log(self.rank, f"preemption notice: node(s) {', '.join(x[:8] for x in n.get('nodes', []))} draining"
+                       + (f", {left['deadline_left_s']:.0f} s to the deadline" if left else "")
+                       + f": checkpointing step {step}, then moving off them")
+        self.writer.event("preemption", step=step, nodes=n.get("nodes"), ranks=n.get("ranks"), **left)
 
     def _finish(self, stopped: str | None) -> dict:
         from raygpt.train.metrics import plot_loss, write_json_atomic

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raygpt.train.heartbeat import LONG_PHASES, NAMESPACE, position, verdict_key
+from raygpt.train.heartbeat import LONG_PHASES, NAMESPACE, position, read_beats, verdict_key
 
 STALE_BEAT_S = 5.0     # no heartbeat for this long: the process is frozen
 MIN_HANG_S = 15.0      # the auto timeout's floor
@@ -81,14 +81,7 @@ class HangWatchdog:
                 sys.stderr.write(f"raygpt: hang watchdog skipped a check: {e}\n")
 
     def _read(self) -> list[dict]:
-        from ray.experimental import internal_kv as kv
-
-        out = []
-        for key in kv._internal_kv_list(f"hb:{self.run_id}:", namespace=NAMESPACE):
-            raw = kv._internal_kv_get(key, namespace=NAMESPACE)
-            if raw:
-                out.append(json.loads(raw))
-        return out
+        return read_beats(self.run_id)
 
     # ---------------------------------------------------------------- judgement
     def _current(self, recs: list[dict], now: float) -> list[_Seen]:

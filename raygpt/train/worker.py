@@ -37,6 +37,13 @@ def _quiet_ray_train_reports() -> None:
         from ray.train.v2._internal.execution import context as _ctx
 
         logging.getLogger(_ctx.__file__).setLevel(logging.WARNING)
+        # A planned move off a draining node leaves the function by an exception: not
+        # an error to show with a traceback (our own line says what happened).
+        from ray.train.v2._internal import util as _util
+
+        from raygpt.train.preemption import PREEMPTED_MARK
+
+        logging.getLogger(_util.__name__).addFilter(lambda rec: PREEMPTED_MARK not in rec.getMessage())
     except Exception:
         pass
 
@@ -129,20 +136,27 @@ def _register_worker(run_dir: Path, rank: int, world: int) -> None:
 
 
 class _StopWatcher:
-    """Polls the driver's stop request (Ctrl-C) in Ray's KV store twice a second."""
+    """Polls the driver's requests in Ray's KV store twice a second: a stop (Ctrl-C) and
+    a drain notice for this worker group (raygpt.train.preemption)."""
 
-    def __init__(self, run_id: str | None):
+    def __init__(self, run_id: str | None, gen: str | None = None):
         self._done = threading.Event()
+        self.gen = gen
         if run_id:
-            threading.Thread(target=self._run, args=(stop_key(run_id),), daemon=True).start()
+            threading.Thread(target=self._run, args=(run_id,), daemon=True).start()
 
-    def _run(self, key: str) -> None:
+    def _run(self, run_id: str) -> None:
         from ray.experimental import internal_kv
+
+        from raygpt.train.preemption import read_notice
 
         while not self._done.wait(0.5):
             try:
-                if internal_kv._internal_kv_get(key, namespace=STOP_NAMESPACE):
+                if internal_kv._internal_kv_get(stop_key(run_id), namespace=STOP_NAMESPACE):
                     T.STOP.set(T.STOP_INTERRUPT)
+                notice = read_notice(run_id)
+                if notice and notice.get("gen") == self.gen:
+                    T.STOP.set(T.STOP_PREEMPT, notice)
             except Exception:
                 pass
 
@@ -221,6 +235,7 @@ class _WorkerRun:
         self.inject = loop_config.get("inject") or {}
         self.node_id = ray.get_runtime_context().get_node_id()
         self.progress = T.Progress()
+        self.gen: str | None = None  # this worker group's id (set with the heartbeat)
 
     def device(self) -> torch.device:
         import ray.train.torch
@@ -238,7 +253,8 @@ class _WorkerRun:
 
         if not self.lc.get("run_id"):
             return None
-        return Publisher(self.lc["run_id"], _group_token(self.world), self.rank, self.world, self.node_id,
+        self.gen = _group_token(self.world)
+        return Publisher(self.lc["run_id"], self.gen, self.rank, self.world, self.node_id,
                          self.run_dir, self.progress)
 
     def trainer(self, device) -> "T.Trainer":
@@ -254,16 +270,22 @@ class _WorkerRun:
         inject, rank, run_dir = self.inject, self.rank, self.lc.get("run_dir")
         hooks = T.Hooks(
             report_metrics=ray.train.report, report_checkpoint=_report_checkpoint,
-            preemption=ray.train.get_preemption_info,
             after_step=lambda tr, step: _await_grow(inject, tr, step),
             before_save=lambda step: _maybe_crash_in_save(inject, step, rank, run_dir),
             before_step=lambda tr, step: _inject_before_step(inject, tr, step, run_dir),
-            progress=self.progress, node_id=lambda: self.node_id,
+            progress=self.progress, node_id=lambda: self.node_id, on_straggler=self._drain_straggler,
         )
         async_ok = device.type == "cuda" or inject.get("async_save_on_cpu")
         return T.Trainer(self.cfg, data_dir, rank=rank, world=self.world, device=device, run_dir=self.run_dir,
                          ckpt_root=self.run_dir if self.lc.get("ckpt_in_place") else None, hooks=hooks,
                          use_async=bool(self.cfg.checkpoint.async_save and async_ok))
+
+    def _drain_straggler(self, ev: dict) -> None:
+        from raygpt.train.preemption import request_drain
+
+        if self.lc.get("run_id"):
+            request_drain(self.lc["run_id"], ev["node"],
+                          f"straggler: rank {ev['rank']} at {ev['ratio']:.2f}x the others for {ev['steps']} steps")
 
     @staticmethod
     def restore(trainer: "T.Trainer") -> None:
@@ -280,7 +302,7 @@ class _WorkerRun:
     def train(self, trainer: "T.Trainer") -> dict:
         if self.run_dir is not None:
             _register_worker(self.run_dir, self.rank, self.world)
-        watcher = _StopWatcher(self.lc.get("run_id"))
+        watcher = _StopWatcher(self.lc.get("run_id"), self.gen)
         try:
             return trainer.train()
         except T.Stopped:
@@ -296,6 +318,12 @@ class _WorkerRun:
             from raygpt.train.metrics import upload_dir
 
             upload_dir(self.run_dir, self.lc["run_uri"])
+        if summary.get("stopped") == "preemption":
+            from raygpt.train.preemption import PREEMPTED_MARK
+
+            n = T.STOP.notice or {}
+            raise T.Preempted(f"{PREEMPTED_MARK} node(s) {', '.join(x[:8] for x in n.get('nodes', []))} "
+                              f"draining: checkpointed step {summary['steps']}; the group restarts off them")
         if summary.get("stopped") == "sigterm":
             # The checkpoint is reported; the process was asked to go. Ray restarts the
             # group from this checkpoint (FailureConfig.max_failures permitting).
