@@ -1,0 +1,89 @@
+"""Drain notices (raygpt.train.preemption), the failure policy's view of a planned move,
+and the elastic policy's raylet probes."""
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from raygpt.config import load_config
+from raygpt.train.elastic import probe_all, raylet_answers
+from raygpt.train.preemption import PREEMPTED_MARK, DrainWatch
+from raygpt.train.rayhooks import moved_off_drain
+
+
+def _beat(gen, rank, node, started=1.0):
+    return {"gen": gen, "rank": rank, "node": node, "started": started}
+
+
+class _Posting(DrainWatch):
+    def _post(self, notice):  # the KV write: recorded instead (no Ray here)
+        self.notices.append(notice)
+
+
+def test_a_drain_on_a_node_of_the_current_group_posts_one_notice_per_group(tmp_path):
+    w = _Posting("run", tmp_path)
+    old = [_beat("g1", 0, "a", 1.0), _beat("g1", 1, "b", 1.0)]
+    assert w.check(old, {"c": None}, 10.0) is None  # a node we do not run on
+    n = w.check(old, {"b": 40.0}, 10.0)
+    assert n == {"gen": "g1", "nodes": ["b"], "ranks": [1], "deadline": 40.0, "posted": 10.0}
+    assert w.check(old, {"b": 40.0}, 11.0) is None  # once per group and node set
+    # the restarted group (newer `started`) on node a only: the old group's beats do not count
+    new = [*old, _beat("g2", 0, "a", 5.0)]
+    assert w.check(new, {"b": 40.0}, 12.0) is None
+    # a second node drained under the new group: a new notice
+    assert w.check(new, {"b": 40.0, "a": None}, 13.0)["nodes"] == ["a"]
+
+
+def test_a_planned_move_is_told_from_a_failure():
+    class _Err(Exception):
+        def __init__(self, texts):
+            self.worker_failures = dict(enumerate(texts))
+
+    assert moved_off_drain(_Err([f"Preempted: {PREEMPTED_MARK} node(s) ab draining"] * 2))
+    assert not moved_off_drain(_Err([f"{PREEMPTED_MARK} ...", "RuntimeError: gloo connection reset"]))
+    assert not moved_off_drain(_Err([]))
+
+
+def test_the_drain_policy_needs_an_elastic_run():
+    load_config("debug", overrides=["run.num_workers=2", "run.min_workers=1", "run.straggler_policy=drain"])
+    with pytest.raises(Exception, match="straggler_policy=drain needs an elastic run"):
+        load_config("debug", overrides=["run.num_workers=2", "run.straggler_policy=drain"])
+
+
+@pytest.fixture
+def silent_listeners():
+    """Loopback listeners whose accept queue is full: a connect to them gets no answer
+    (the SYN is dropped), as with a vanished host."""
+    socks, addrs = [], []
+    for _ in range(5):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(0)
+        socks.append(s)
+        addrs.append(s.getsockname())
+        for _ in range(3):
+            c = socket.socket()
+            c.setblocking(False)
+            try:
+                c.connect(s.getsockname())
+            except BlockingIOError:
+                pass
+            socks.append(c)
+    yield addrs
+    for s in socks:
+        s.close()
+
+
+def test_unanswering_raylets_are_probed_at_once_not_one_after_another(silent_listeners):
+    assert raylet_answers(*silent_listeners[0], timeout=0.5) is False
+    live = socket.socket()
+    live.bind(("127.0.0.1", 0))
+    live.listen(8)
+    t0 = time.monotonic()
+    answers = probe_all([*silent_listeners, live.getsockname()], timeout=1.0)
+    took = time.monotonic() - t0
+    live.close()
+    assert answers == [False] * 5 + [True]
+    assert took < 3.0, f"5 silent raylets took {took:.1f} s (one after another: >= 5 s)"
