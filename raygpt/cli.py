@@ -26,6 +26,7 @@ def _register():
     app.command("prepare")(data_cmds.prepare_cmd)
     app.command("train")(train_cmds.train_cmd)
     app.command("export")(train_cmds.export_cmd)
+    app.command("report")(train_cmds.report_cmd)
     app.command("generate")(train_cmds.generate_cmd)
     # Optional subsystems: registered when their module exists.
     for mod, names in (

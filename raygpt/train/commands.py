@@ -1,4 +1,4 @@
-"""`raygpt train | export | generate`. Heavy imports (torch, ray) stay inside."""
+"""`raygpt train | export | generate | report`. Heavy imports (torch, ray) stay inside."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -72,6 +72,16 @@ def _print_summary(s: dict) -> None:
             v = f"{100 * v:.2f}%" if k == "mfu" else (f"{v:,.1f}" if k == "tokens_per_s" else f"{v:.4f}")
         t.add_row(k, str(v))
     Console().print(t)
+
+
+def report_cmd(
+    run_dir: str = typer.Argument(..., help="a run directory (runs/NAME): its metrics.jsonl"),
+):
+    """Where the run's wall time went: goodput and badput by category, and goodput.png."""
+    from raygpt.train.report import report
+
+    _, png = report(run_dir)
+    typer.echo(f"wrote {png}")
 
 
 def export_cmd(
