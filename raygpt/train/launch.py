@@ -443,6 +443,8 @@ def finish_summary(pre: Preflight, result, interrupted: bool) -> dict:
     """summary.json with the checkpoint the run ended on (or RunInterrupted)."""
     from raygpt.train.metrics import read_uri_json, upload_dir, write_json_atomic
 
+    from raygpt.train.report import close_launch
+
     paths, storage = pre.paths, pre.paths.storage
     run_dir, run_uri = paths.run_dir, paths.run_uri
     summary = {}
@@ -450,7 +452,12 @@ def finish_summary(pre: Preflight, result, interrupted: bool) -> dict:
         summary = json.loads((run_dir / "summary.json").read_text())
     elif run_uri:  # rank 0 ran on another node
         summary = read_uri_json(join_uri(run_uri, "summary.json")) or {}
+    goodput = close_launch(run_dir, "interrupted" if interrupted else "finished", summary.get("steps"))
+    if goodput is not None:
+        summary["goodput"] = goodput
     if interrupted:
+        if goodput is not None and summary:
+            write_json_atomic(run_dir / "summary.json", summary)
         from raygpt.train.checkpoint import latest_checkpoint, read_state
 
         latest = latest_checkpoint(run_dir) if run_uri is None else None
@@ -476,6 +483,7 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
 
     from raygpt.config import check_paths, dump_config
 
+    started = time.time()  # the goodput ledger's wall time starts here (Ray start included)
     if inject is None and os.environ.get("RAYGPT_INJECT"):  # fault injection for end-to-end tests
         inject = json.loads(os.environ["RAYGPT_INJECT"])
     check_paths(cfg)  # before Ray starts
@@ -486,6 +494,9 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
         paths = pre.paths
         paths.run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, paths.run_dir / "config.yaml")
+        from raygpt.train.metrics import append_event
+
+        append_event(paths.run_dir, "launch", started=round(started, 3), resume_step=pre.resume_step)
         print(f"raygpt: run '{paths.name}' -> {paths.shown()}"
               + (f" (resuming from step {pre.resume_step})" if pre.resume_step is not None else ""), flush=True)
         train_env_defaults(cfg)
@@ -497,6 +508,9 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
             if result.error:
                 raise result.error
         except TrainingFailedError as e:  # fit() raises it in Train V2; older paths return it
+            from raygpt.train.report import close_failed_launch
+
+            close_failed_launch(paths.run_dir)
             raise run_failed(paths, launch.run_id, e, launch.watchdog.verdicts) from None
         return finish_summary(pre, result, launch.trainer.interrupted)
     finally:

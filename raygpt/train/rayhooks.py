@@ -55,13 +55,26 @@ class RepeatAwareFailurePolicy(DefaultFailurePolicy):
     same step a second time stops the run at once (a bug, a NaN, a bad batch would
     only fail again). Runs inside the Train controller actor."""
 
-    def __init__(self, failure_config, run_id: str | None = None):
+    def __init__(self, failure_config, run_id: str | None = None, run_dir: str | None = None):
         super().__init__(failure_config)
         self._seen: set[str] = set()
         self._run_id = run_id
+        self._run_dir = run_dir
         self._moves = 0
 
     def make_decision(self, training_failed_error):
+        decision = self._decide(training_failed_error)
+        if self._run_dir:  # when the run knew the group was gone (the goodput ledger's detection)
+            from raygpt.train.metrics import append_event
+
+            try:
+                append_event(self._run_dir, "group_failed", decision=decision.name.lower(),
+                             planned=moved_off_drain(training_failed_error))
+            except OSError:
+                pass
+        return decision
+
+    def _decide(self, training_failed_error):
         if moved_off_drain(training_failed_error):
             # Every rank checkpointed and left on a drain notice: a planned move, not a
             # failure. Ray's preemption budget bounds it.
@@ -111,8 +124,9 @@ class RaygptTorchTrainer(TorchTrainer):
         if type(kwargs.get("scaling_policy")) is ElasticScalingPolicy and os.environ.get("RAYGPT_LIVE_ELASTIC") != "0":
             kwargs["scaling_policy"] = LiveElasticScalingPolicy(self.scaling_config)
         if type(kwargs.get("failure_policy")) is DefaultFailurePolicy:
-            kwargs["failure_policy"] = RepeatAwareFailurePolicy(self.run_config.failure_config,
-                                                                (self.train_loop_config or {}).get("run_id"))
+            lc = self.train_loop_config or {}
+            kwargs["failure_policy"] = RepeatAwareFailurePolicy(self.run_config.failure_config, lc.get("run_id"),
+                                                                lc.get("run_dir"))
         return super()._initialize_and_run_controller(**kwargs)
 
     def _register_sigint_handler(self, controller):

@@ -221,6 +221,10 @@ class Trainer:
         self.clock = ComputeClock(self.device)
         self.stragglers = StragglerDetector(self.cfg.run.straggler_factor, self.cfg.run.straggler_steps)
         self._data_s = 0.0
+        # The goodput ledger's inputs (raygpt.train.goodput): what this group's start cost
+        # (set by the runtime adapter) and its first step's time (compile, warm-up).
+        self.startup: dict = {}
+        self._first_step_s: float | None = None
 
     # ---------------------------------------------------------------- build
     def _build_model(self) -> None:
@@ -460,9 +464,13 @@ class Trainer:
                 import resource
 
                 rec["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if self._first_step_s is not None:  # once per group, on its first record
+            rec["first_step_ms"], self._first_step_s = round(1000 * self._first_step_s, 3), None
         if is_eval:
             self.progress.mark("eval")
+            t_eval = time.perf_counter()
             self.last_val = self.evaluate()
+            rec["eval_s"] = round(time.perf_counter() - t_eval, 4)
             self.best_val = min(self.best_val, self.last_val)
             rec["val_loss"] = self.last_val
         rec["best_val_loss"] = self.best_val if self.best_val < float("inf") else None
@@ -482,7 +490,8 @@ class Trainer:
         self.ckpt.prune_unfinished(self.step)
         self.stragglers.nodes = self._gather_nodes()
         self.writer.event("start", step=self.step, world_size=self.world, plan=self.plan.describe(),
-                          micro_batch=self.micro, accum=self.accum, restored=self.restored_from is not None)
+                          micro_batch=self.micro, accum=self.accum, restored=self.restored_from is not None,
+                          train_seconds=self.train_seconds_prev, **self.startup)
         t = self.cfg.train
         log(self.rank, f"model {self.n_params / 1e6:.2f}M params | plan {self.plan.describe()} | device "
                        f"{self.device} | global batch {t.global_batch} = dp {self.plan.dp} x micro {self.micro} "
@@ -532,6 +541,8 @@ class Trainer:
             now = time.perf_counter()
             dt, t_free = now - t_free, now
             self.progress.step_done(dt)
+            if self.step == self.start_step + 1:
+                self._first_step_s = dt
             self.train_time += dt
             win.seconds += dt
             if is_log or is_eval or is_ckpt:

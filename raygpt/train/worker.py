@@ -226,6 +226,7 @@ class _WorkerRun:
     def __init__(self, loop_config: dict):
         import ray.train
 
+        self.t0 = time.time()  # this group's start, for the goodput ledger
         self.lc = loop_config
         self.cfg = validate(loop_config["config"])
         ctx = ray.train.get_context()
@@ -266,7 +267,9 @@ class _WorkerRun:
             os.kill(os.getpid(), signal.SIGTERM)  # a drain notice while the data is prepared
         # Data: a shared path from the driver, or the bundled corpus prepared on this node
         # (a URI or a path this node cannot see: fetched into the node-local cache).
+        t_prep = time.perf_counter()
         data_dir = worker_data_dir(self.cfg.data, self.lc.get("data_dir"))
+        self.prepare_s = time.perf_counter() - t_prep
         inject, rank, run_dir = self.inject, self.rank, self.lc.get("run_dir")
         hooks = T.Hooks(
             report_metrics=ray.train.report, report_checkpoint=_report_checkpoint,
@@ -340,7 +343,11 @@ def train_func(loop_config: dict) -> None:
     beat = run.heartbeat()  # before data preparation: a hang there is judged too
     try:
         trainer = run.trainer(device)
+        t_restore = time.perf_counter()
         run.restore(trainer)
+        # In the `start` event: where this group's start went (raygpt.train.goodput).
+        trainer.startup = {"t0": round(run.t0, 3), "prepare_s": round(run.prepare_s, 4),
+                           "restore_s": round(time.perf_counter() - t_restore, 4)}
         summary = run.train(trainer)
     finally:
         if beat is not None:
