@@ -155,9 +155,26 @@ class Publisher:
             tmp = d / f".rank{self.rank}.tmp"
             tmp.write_text("".join(lines))
             os.replace(tmp, out)
+            self._save_nccl_trace(d)
             return out
         except OSError:
             return None
+
+    def _save_nccl_trace(self, d: Path) -> None:
+        """On NCCL, the flight recorder's last collectives (which one each rank is in),
+        when it is on (TORCH_FR_BUFFER_SIZE, set for GPU runs by raygpt.train.rayhooks)."""
+        try:
+            import torch
+
+            if not (torch.cuda.is_available() and torch.cuda.is_initialized()
+                    and int(os.environ.get("TORCH_FR_BUFFER_SIZE", "0"))):
+                return
+            trace = torch._C._distributed_c10d._dump_nccl_trace()
+        except Exception:  # no NCCL group, or a torch without the recorder
+            return
+        tmp = d / f".rank{self.rank}.nccl.tmp"
+        tmp.write_bytes(trace)
+        os.replace(tmp, d / f"rank{self.rank}.nccl_trace.pkl")
 
     def close(self) -> None:
         self._done.set()

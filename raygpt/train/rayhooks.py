@@ -100,7 +100,18 @@ def _install_worker_handlers() -> bool:
     return install_sigterm_handler()
 
 
+def _flight_recorder_env() -> None:
+    """NCCL's flight recorder on (before the process group exists): a hang verdict then
+    saves each rank's last collectives beside its stacks (raygpt.train.heartbeat)."""
+    os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")
+
+
 class _Backend(_TorchBackend):
+    def on_start(self, worker_group, backend_config):
+        if worker_group.get_resources_per_worker().get("GPU", 0) > 0:
+            worker_group.execute(_flight_recorder_env)
+        super().on_start(worker_group, backend_config)
+
     def on_training_start(self, worker_group, backend_config):
         super().on_training_start(worker_group, backend_config)
         # execute() runs on each worker actor's main thread.
