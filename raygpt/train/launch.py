@@ -299,7 +299,7 @@ def check_data(cfg: Config, data_dir: Path, meta: dict) -> None:
     """Data, tokenizer and model shape agree (pure checks)."""
     # Fine-tuning / distillation: token ids only mean something under the model's own
     # tokenizer (a new char tokenizer of other text maps characters elsewhere).
-    from raygpt.lifecycle.data import check_same_tokenizer
+    from raygpt.data.tokenizer import check_same_tokenizer
 
     if cfg.train.init_from:
         check_same_tokenizer(cfg.train.init_from, data_dir, what="--init-from model")
@@ -483,7 +483,7 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
 
     from raygpt.config import check_paths, dump_config
 
-    started = time.time()  # the goodput ledger's wall time starts here (Ray start included)
+    t_launch = time.time()  # the goodput ledger's wall time starts here (Ray start included)
     if inject is None and os.environ.get("RAYGPT_INJECT"):  # fault injection for end-to-end tests
         inject = json.loads(os.environ["RAYGPT_INJECT"])
     check_paths(cfg)  # before Ray starts
@@ -496,7 +496,7 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
         dump_config(cfg, paths.run_dir / "config.yaml")
         from raygpt.train.metrics import append_event
 
-        append_event(paths.run_dir, "launch", started=round(started, 3), resume_step=pre.resume_step)
+        append_event(paths.run_dir, "launch", started=round(t_launch, 3), resume_step=pre.resume_step)
         print(f"raygpt: run '{paths.name}' -> {paths.shown()}"
               + (f" (resuming from step {pre.resume_step})" if pre.resume_step is not None else ""), flush=True)
         train_env_defaults(cfg)
