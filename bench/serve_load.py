@@ -43,7 +43,7 @@ def build_model_dir(preset: str, out: Path, seed: int = 0) -> Path:
     from raygpt.data.tokenizer import train_char_tokenizer
     from raygpt.model.gpt import GPT, GPTConfig
     from raygpt.model.io import save_model_dir
-    from raygpt.model.presets import PRESETS
+    from raygpt.presets import PRESETS
 
     text = (Path(__file__).resolve().parents[1] / "raygpt/assets/tinyshakespeare.txt").read_text()
     tok = train_char_tokenizer(text)

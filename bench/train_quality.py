@@ -33,7 +33,7 @@ def main():
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    from raygpt.train.commands import build_run_config
+    from raygpt.train.runconfig import build_run_config
     from raygpt.train.launch import run_training
     from raygpt.train.metrics import read_metrics
 

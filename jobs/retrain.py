@@ -54,7 +54,7 @@ def retrain(*, new_data: str, storage: str, serve_app: str | None = None, base: 
     from raygpt.lifecycle.promote import promote
     from raygpt.model.io import read_model_config
     from raygpt.train.checkpoint import export_checkpoint
-    from raygpt.train.commands import build_run_config
+    from raygpt.train.runconfig import build_run_config
     from raygpt.train.launch import run_training
 
     if serve_app is None and base is None:

@@ -6,7 +6,6 @@ turned into a one-line `ConfigError` naming the field path and the bad value.
 """
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -15,11 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
-from raygpt.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A user mistake in configuration: printed as one line, exit code 2."""
+from raygpt.errors import ConfigError, UserError  # noqa: F401  (ConfigError: imported from here too)
+from raygpt.errors import suggest as _suggest
 
 
 class _Section(BaseModel):
@@ -313,55 +309,6 @@ SECTIONS = {
 # ---------------------------------------------------------------- errors
 
 
-# Names people reach for (other frameworks, nanoGPT, HF) -> the field here.
-SYNONYMS = {
-    "learning_rate": "lr", "max_lr": "lr", "min_learning_rate": "min_lr",
-    "steps": "max_steps", "max_iters": "max_steps", "num_steps": "max_steps", "iters": "max_steps",
-    "batch_size": "global_batch", "micro_batch_size": "micro_batch",
-    "gradient_accumulation_steps": "global_batch",
-    "n_layers": "n_layer", "num_layers": "n_layer", "layers": "n_layer",
-    "n_heads": "n_head", "num_heads": "n_head", "heads": "n_head",
-    "d_model": "n_embd", "hidden_size": "n_embd", "n_embed": "n_embd", "embed_dim": "n_embd",
-    "context_length": "block_size", "seq_len": "block_size", "max_seq_len": "block_size",
-    "warmup": "warmup_steps", "warmup_iters": "warmup_steps", "lr_decay_iters": "decay_steps",
-    "clip": "grad_clip", "grad_norm_clip": "grad_clip", "max_grad_norm": "grad_clip",
-    "eval_interval": "eval_every", "eval_iters": "eval_steps", "log_interval": "log_every",
-    "workers": "num_workers", "n_workers": "num_workers", "gpu": "use_gpu",
-    "precision": "dtype", "data_dir": "path", "dataset": "path",
-}
-
-
-def _parts(name: str) -> list[str]:
-    return [w for w in name.lower().replace("-", "_").split("_") if w]
-
-
-def _closest(name: str, choices: list[str]) -> str | None:
-    """The field a mistyped or differently named key most likely means: a known synonym,
-    a near spelling, the initials of its words (learning_rate -> lr), or the one field
-    that shares a word with it (iters -> ...)."""
-    key = name.lower().replace("-", "_")
-    if SYNONYMS.get(key) in choices:
-        return SYNONYMS[key]
-    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.75)
-    if close:
-        return close[0]
-    words = _parts(key)
-    initials = "".join(w[0] for w in words)
-    for c in choices:
-        if len(words) > 1 and c.replace("_", "") == initials:
-            return c
-    sharing = [c for c in choices if set(words) & set(_parts(c)) - {"n", "num", "max", "min"}]
-    if len(sharing) == 1:
-        return sharing[0]
-    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
-    return close[0] if close else None
-
-
-def _suggest(name: str, choices) -> str:
-    close = _closest(name, list(choices))
-    return f" (did you mean '{close}'?)" if close else ""
-
-
 def _format_validation_error(err: ValidationError, data: dict | None = None) -> str:
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"]]
@@ -483,7 +430,7 @@ def load_config(
     extra: dict | None = None,
 ) -> Config:
     """preset -> YAML file -> --set overrides -> `extra` (explicit CLI flags)."""
-    from raygpt.model.presets import get_preset
+    from raygpt.presets import get_preset
 
     data: dict = {}
     file_data = read_yaml(path) if path else {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 
-from raygpt.config import ConfigError, _suggest
+from raygpt.errors import ConfigError, suggest as _suggest
 
 PRESETS: dict[str, dict] = {
     # Tiny: a full train/eval/checkpoint cycle in seconds on CPU. Used by the tests.

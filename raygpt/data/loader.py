@@ -34,10 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
+from raygpt.data.store import SOURCE_FILE, _fetch, local_data_dir  # noqa: F401  (local_data_dir: re-exported)
 from raygpt.errors import UserError
 
 _SPLIT_IDS = {"train": 0, "val": 1}
-SOURCE_FILE = "source.json"  # in a cache dir: {"uri": ...} the shards come from
 SAMPLING = ("random", "epoch")
 
 
@@ -48,72 +48,12 @@ def _split_id(split: str) -> int:
 # ----------------------------------------------------------------------------- where
 
 
-def local_data_dir(path) -> Path:
-    """A local directory for prepared data at `path` (a local path or a storage URI).
-
-    A URI: meta.json and tokenizer.json are copied into
-    $RAYGPT_CACHE_DIR/remote/<uri hash>-<meta hash>/ (a new dir when the data was prepared
-    again); shards follow on demand (TokenSplit). A local path must exist on this node."""
-    from raygpt.data.prepare import META_FILE, cache_dir
-    from raygpt.data.sources import filesystem, is_uri
-
-    s = str(path)
-    if not is_uri(s):
-        p = Path(s).expanduser()
-        if not (p / META_FILE).is_file():
-            raise UserError(f"data directory {s} has no {META_FILE} on {socket.gethostname()}: "
-                            f"run `raygpt prepare --out {s}`, or give a path every node can "
-                            f"reach or a storage URI")
-        return p
-    fs, base = filesystem(s)
-    base = base.rstrip("/")
-    try:
-        with fs.open_input_stream(f"{base}/{META_FILE}") as f:
-            meta_bytes = f.read()
-    except FileNotFoundError:
-        raise UserError(f"{s} has no {META_FILE}: run `raygpt prepare --out {s}`") from None
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"{s} is unreachable: {str(e).splitlines()[0] if str(e) else e}") from None
-    key = (hashlib.sha256(s.encode()).hexdigest()[:12] + "-"
-           + hashlib.sha256(meta_bytes).hexdigest()[:12])
-    d = cache_dir() / "remote" / key
-    if (d / META_FILE).is_file():
-        return d
-    d.mkdir(parents=True, exist_ok=True)
-    _fetch(fs, f"{base}/tokenizer.json", d / "tokenizer.json")
-    _atomic_write(d / SOURCE_FILE, json.dumps({"uri": s}).encode())
-    _atomic_write(d / META_FILE, meta_bytes)  # last: the cache dir is complete
-    return d
-
-
-def _atomic_write(p: Path, data: bytes) -> None:
-    tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_bytes(data)
-    os.replace(tmp, p)
-
-
-def _fetch(fs, src: str, dst: Path) -> None:
-    """Copy one file from the filesystem into the cache (temp name, then rename)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with fs.open_input_stream(src) as f, open(tmp, "wb") as out:
-            while True:
-                chunk = f.read(8 << 20)
-                if not chunk:
-                    break
-                out.write(chunk)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def worker_data_dir(data_cfg, driver_dir=None) -> Path:
     """Where a training worker reads its data on this node: the driver's directory when it
     is here too, else data.path (a URI through the node-local cache; a local path must
     exist here), else the bundled corpus / data.corpus prepared on this node."""
-    from raygpt.data.prepare import META_FILE, ensure_data
+    from raygpt.data.prepare import ensure_data
+    from raygpt.data.store import META_FILE
 
     if driver_dir and (Path(driver_dir) / META_FILE).is_file():
         return Path(driver_dir)

@@ -71,9 +71,9 @@ from raygpt.data.tokenizer import (
     train_bpe_tokenizer,
     train_char_tokenizer,
 )
+from raygpt.data.store import META_FILE, cache_dir, local_data_dir  # noqa: F401  (re-exported)
 from raygpt.errors import UserError
 
-META_FILE = "meta.json"
 SPLITS = ("train", "val")
 BUNDLED_NAME = "tinyshakespeare"
 BUNDLED_LABEL = f"bundled:{BUNDLED_NAME}"
@@ -868,10 +868,6 @@ def read_meta(path: str | os.PathLike) -> dict:
 # ----------------------------------------------------------------------------- cache
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("RAYGPT_CACHE_DIR") or "~/.cache/raygpt").expanduser()
-
-
 def _cache_key(data_cfg) -> str:
     if data_cfg.corpus is None:
         name = BUNDLED_NAME
@@ -905,8 +901,6 @@ def ensure_data(data_cfg, log: Log | None = None) -> Path:
     rename wins and the others keep its result."""
     if data_cfg.path:
         if is_uri(data_cfg.path):
-            from raygpt.data.loader import local_data_dir
-
             return local_data_dir(data_cfg.path)  # meta + tokenizer in this node's cache
         p = Path(data_cfg.path).expanduser()
         if not (p / META_FILE).is_file():

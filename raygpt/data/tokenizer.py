@@ -18,6 +18,7 @@ ByteLevel decoder), trained offline; it round-trips any UTF-8 text. One special 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -237,3 +238,42 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     except Exception as e:  # bad JSON, not a tokenizer, ...
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{target} is not a valid tokenizer.json: {msg}") from None
+
+
+# ----------------------------------------------------------------------------- same tokenizer?
+
+
+def _tokenizer_file(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    return p / TOKENIZER_FILE if p.is_dir() else p
+
+
+def tokenizer_fingerprint(path: str | os.PathLike) -> str:
+    """Hash of a tokenizer.json's content (formatting-independent)."""
+    f = _tokenizer_file(path)
+    if not f.is_file():
+        raise UserError(f"no tokenizer at {f}")
+    try:
+        obj = json.loads(f.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise UserError(f"{f} is not valid JSON: {e}") from None
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def same_tokenizer(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    return tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
+
+
+def check_same_tokenizer(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
+                         what: str = "model") -> None:
+    """UserError unless the data directory was encoded with the model's tokenizer."""
+    mt, dt = _tokenizer_file(model_dir), _tokenizer_file(data_dir)
+    if not mt.is_file():
+        raise UserError(f"{what} directory {model_dir} has no {TOKENIZER_FILE}")
+    if not dt.is_file():
+        raise UserError(f"data directory {data_dir} has no {TOKENIZER_FILE}")
+    if not same_tokenizer(mt, dt):
+        raise UserError(
+            f"data {data_dir} was encoded with another tokenizer than the {what} {model_dir}: "
+            f"encode its text with the {what}'s tokenizer (pass the text file or directory "
+            f"instead, or `raygpt prepare --tokenizer MODEL_DIR/tokenizer.json`)")

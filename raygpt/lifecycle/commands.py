@@ -84,11 +84,11 @@ def distill_cmd(
     if print_config:
         typer.echo(cfg.to_yaml())
         return
-    from raygpt.train.commands import _print_summary
+    from raygpt.train.commands import print_summary
     from raygpt.train.launch import run_training
 
     summary = run_training(cfg)
-    _print_summary(summary)
+    print_summary(summary)
     if export:
         from raygpt.train.checkpoint import export_checkpoint
 

@@ -14,49 +14,12 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from raygpt.data.tokenizer import (_tokenizer_file, check_same_tokenizer, same_tokenizer,  # noqa: F401
+                                   tokenizer_fingerprint)
 from raygpt.errors import UserError
 
 TOKENIZER = "tokenizer.json"
 META = "meta.json"
-
-
-# ----------------------------------------------------------------------------- tokenizers
-
-
-def _tokenizer_file(path: str | os.PathLike) -> Path:
-    p = Path(path).expanduser()
-    return p / TOKENIZER if p.is_dir() else p
-
-
-def tokenizer_fingerprint(path: str | os.PathLike) -> str:
-    """Hash of a tokenizer.json's content (formatting-independent)."""
-    f = _tokenizer_file(path)
-    if not f.is_file():
-        raise UserError(f"no tokenizer at {f}")
-    try:
-        obj = json.loads(f.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise UserError(f"{f} is not valid JSON: {e}") from None
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def same_tokenizer(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    return tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
-
-
-def check_same_tokenizer(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
-                         what: str = "model") -> None:
-    """UserError unless the data directory was encoded with the model's tokenizer."""
-    mt, dt = _tokenizer_file(model_dir), _tokenizer_file(data_dir)
-    if not mt.is_file():
-        raise UserError(f"{what} directory {model_dir} has no {TOKENIZER}")
-    if not dt.is_file():
-        raise UserError(f"data directory {data_dir} has no {TOKENIZER}")
-    if not same_tokenizer(mt, dt):
-        raise UserError(
-            f"data {data_dir} was encoded with another tokenizer than the {what} {model_dir}: "
-            f"encode its text with the {what}'s tokenizer (pass the text file or directory "
-            f"instead, or use raygpt.lifecycle.data.prepare_with_tokenizer)")
 
 
 # ----------------------------------------------------------------------------- prepare

@@ -25,7 +25,7 @@ def build_distill_config(teacher: str, config: str | None, preset: str | None,
     """-> a validated Config with distill.teacher set. run_kw: build_run_config's flags."""
     from raygpt.lifecycle.data import check_same_tokenizer, data_for_model, resolve_data_arg
     from raygpt.model.io import TOKENIZER, read_model_config
-    from raygpt.train.commands import build_run_config
+    from raygpt.train.runconfig import build_run_config
 
     log = log or (lambda _m: None)
     tdir = Path(teacher).expanduser().resolve()

@@ -27,13 +27,10 @@ from pathlib import Path
 
 import torch
 
+from raygpt.model.files import CONFIG, TOKENIZER, WEIGHTS, ModelDirError, atomic_dir
 from raygpt.model.gpt import GPT, GPTConfig
-from raygpt.model.io import ModelDirError, atomic_dir
 
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 GENERATION_CONFIG = "generation_config.json"
 PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")

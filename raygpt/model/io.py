@@ -10,47 +10,21 @@ renamed into place, so a reader never sees a half-written model.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from raygpt.errors import UserError
+from raygpt.model.files import CONFIG, TOKENIZER, WEIGHTS, ModelDirError, atomic_dir  # noqa: F401
 from raygpt.model.gpt import GPT, GPTConfig
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-TOKENIZER = "tokenizer.json"
 # lm_head.weight is tied to wte.weight: stored once.
 _TIED = "lm_head.weight"
-
-
-class ModelDirError(UserError, ValueError):
-    """A model directory that is missing, incomplete or inconsistent."""
-
-
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike):
-    """Yield a temp dir beside `out`; on success it replaces `out` whole, on an error it
-    is removed: a reader never sees a half-written model directory."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_model_dir(model: GPT, out: str | os.PathLike, tokenizer_path: str | os.PathLike | None,

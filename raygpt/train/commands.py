@@ -46,7 +46,7 @@ def train_cmd(
         typer.echo(f"raygpt: run '{e.paths.name}' stopped at step {e.step}; resume it with:\n"
                    f"  {resume_command(e.paths)}", err=True)
         raise SystemExit(130) from None  # (typer.Exit under standalone_mode=False returns 0)
-    _print_summary(summary)
+    print_summary(summary)
 
 
 def resume_command(paths) -> str:
@@ -60,7 +60,7 @@ def resume_command(paths) -> str:
                        "--storage", redact_uri(paths.storage)])
 
 
-def _print_summary(s: dict) -> None:
+def print_summary(s: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 

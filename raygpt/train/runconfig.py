@@ -28,7 +28,7 @@ def build_run_config(config, preset, sets, *, num_workers=None, use_gpu=None, cp
                      gpus_per_worker=None, storage=None, name=None, address=None, max_failures=None,
                      init_from=None, resources=None, profile=None):
     from raygpt.config import load_config
-    from raygpt.model.presets import DEFAULT_PRESET
+    from raygpt.presets import DEFAULT_PRESET
 
     run: dict = {}
     if num_workers is not None:

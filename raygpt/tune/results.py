@@ -23,10 +23,15 @@ def _num(v) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def trial_values(config: dict) -> dict[str, Any]:
+    """The "section.field" values of a trial (flat keys, or a throughput plan's dict)."""
+    values = {k: v for k, v in config.items() if "." in k}
+    values.update({k: v for k, v in (config.get("plan") or {}).items() if "." in k})
+    return values
+
+
 def collect(grid, spec, base_cfg: Config, cluster, space) -> tuple[list[dict], dict]:
     """ResultGrid -> one row per trial, and per-trial (step, val_loss) curves."""
-    from raygpt.tune.runner import trial_values
-
     rows, curves = [], {}
     throughput = spec.mode == "throughput"
     max_steps = (spec.steps or 10) if throughput else base_cfg.train.max_steps

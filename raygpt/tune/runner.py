@@ -19,6 +19,7 @@ from typing import Any
 
 from raygpt.config import Config, ConfigError, validate
 from raygpt.errors import UserError
+from raygpt.tune.results import trial_values  # noqa: F401  (also imported from here)
 from raygpt.tune.reaper import (REAPER_NAMESPACE, get_reaper, reap_callback, reaper_name,  # noqa: F401
                                  register_with_reaper, release)
 
@@ -123,13 +124,6 @@ def _infeasible(reason: str, **extra) -> None:
 
     ray.tune.report({"infeasible": True, "reason": reason, "step": 0, "val_loss": math.inf,
                      "tokens_per_s": 0.0, "finished": False, **extra})
-
-
-def trial_values(config: dict) -> dict[str, Any]:
-    """The "section.field" values of a trial (flat keys, or a throughput plan's dict)."""
-    values = {k: v for k, v in config.items() if "." in k}
-    values.update({k: v for k, v in (config.get("plan") or {}).items() if "." in k})
-    return values
 
 
 def _trial(config: dict, ctx: dict) -> None:

@@ -25,7 +25,8 @@ from typing import Any
 
 import yaml
 
-from raygpt.config import SECTIONS, Config, ConfigError, _suggest, parse_override, validate
+from raygpt.config import SECTIONS, Config, ConfigError, parse_override, validate
+from raygpt.errors import suggest as _suggest
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid", "randint")
 DISCRETE = ("choice", "grid")

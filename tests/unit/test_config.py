@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from raygpt.config import ConfigError, dump_config, load_config
-from raygpt.model.presets import PRESETS
+from raygpt.presets import PRESETS
 
 
 def test_defaults_and_presets_validate():
