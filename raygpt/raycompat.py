@@ -6,7 +6,25 @@ which Ray internal it stands on.
 """
 from __future__ import annotations
 
+import sys
 import time
+
+TESTED_RAY = "2.60"  # the Ray release this build's private-API uses were checked against
+_warned = False
+
+
+def check_ray_version(write=sys.stderr.write) -> bool:
+    """One line when the installed Ray is not the one this build was tested with (the
+    functions below may then break). Returns whether it matches."""
+    global _warned
+    import ray
+
+    ok = ray.__version__ == TESTED_RAY or ray.__version__.startswith(TESTED_RAY + ".")
+    if not ok and not _warned:
+        _warned = True
+        write(f"raygpt: warning: tested with Ray {TESTED_RAY}.*, found Ray {ray.__version__}; "
+              f"fault handling (drain notices, elastic sizing) uses Ray internals that may have changed\n")
+    return ok
 
 # Ray's drain reasons (autoscaler.proto DrainNodeReason), by our short names.
 DRAIN_REASONS = {"preemption": "DRAIN_NODE_REASON_PREEMPTION", "idle": "DRAIN_NODE_REASON_IDLE_TERMINATION"}

@@ -87,3 +87,17 @@ def test_unanswering_raylets_are_probed_at_once_not_one_after_another(silent_lis
     live.close()
     assert answers == [False] * 5 + [True]
     assert took < 3.0, f"5 silent raylets took {took:.1f} s (one after another: >= 5 s)"
+
+
+def test_another_ray_than_the_tested_one_gets_one_line(monkeypatch):
+    import ray
+
+    from raygpt import raycompat
+
+    lines: list[str] = []
+    assert raycompat.check_ray_version(lines.append)  # this environment pins the tested one
+    monkeypatch.setattr(ray, "__version__", "2.99.0")
+    monkeypatch.setattr(raycompat, "_warned", False)
+    assert not raycompat.check_ray_version(lines.append)
+    assert not raycompat.check_ray_version(lines.append)  # once per process
+    assert len(lines) == 1 and "tested with Ray 2.60.*, found Ray 2.99.0" in lines[0] and "\n" == lines[0][-1]
