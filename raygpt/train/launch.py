@@ -99,6 +99,9 @@ def default_name(cfg: Config) -> str:
 def init_ray(address: str | None, num_cpus: int | None = None):
     import ray
 
+    from raygpt.raycompat import check_ray_version
+
+    check_ray_version()
     if ray.is_initialized():
         return False
     # Ray Train gives a worker group 60 s to start; importing torch in every worker on a
