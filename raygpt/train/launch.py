@@ -398,6 +398,9 @@ class _Launch:
                 signal.signal(sig, h)
             self.watchdog.stop()
             self.drains.stop()
+            from raygpt.train.metrics import flush_events
+
+            flush_events(self.pre.paths.run_dir)  # hang events the storage refused when they came
             if self.prog:
                 self.prog.stop()
                 th.join(timeout=2)
@@ -473,7 +476,13 @@ def finish_summary(pre: Preflight, result, interrupted: bool) -> dict:
         ck = f"{scheme}://{ck}" + (f"?{query}" if query else "")
     summary["checkpoint"] = ck
     summary["run_dir"] = redact_uri(run_uri) if run_uri else str(run_dir)
-    write_json_atomic(run_dir / "summary.json", summary)
+    try:
+        write_json_atomic(run_dir / "summary.json", summary)
+    except OSError as e:  # the run is done and its checkpoints stand: say so, do not fail it
+        from raygpt.train.checkpoint import describe_os_error
+
+        print(f"raygpt: warning: summary.json not written ({describe_os_error(e)}); the summary is "
+              "returned (and printed by raygpt train)", flush=True)
     if run_uri:
         upload_dir(run_dir, run_uri)
     return summary

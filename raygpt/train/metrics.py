@@ -71,64 +71,158 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> floa
 
 
 class RunWriter:
-    """Appends to <run_dir>/metrics.jsonl (survives restarts: the step says where)."""
+    """Appends to <run_dir>/metrics.jsonl (survives restarts: the step says where).
+
+    Storage that refuses writes (read-only, full, an I/O error) never stops training:
+    the lines it refused stay in memory, in order, and go out first at the next write it
+    takes (one warning when it starts refusing, one line when it takes them again).
+    TensorBoard (a copy of the same figures) is switched off at its first failure."""
 
     def __init__(self, run_dir: str | os.PathLike, enabled: bool):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self._tb = None
+        self._fd: int | None = None
+        self._unwritten: list[bytes] = []  # refused by the storage, oldest first
         if enabled:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._f = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+            self._flush()  # opens the file (or keeps trying at each record)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
-            except Exception:  # tensorboard is optional at run time
+            except Exception:  # tensorboard is optional at run time (and needs writable storage)
                 self._tb = None
+
+    def _flush(self) -> bool:
+        """Write the unwritten lines, oldest first. -> whether all of them went out."""
+        try:
+            if self._fd is None:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                # O_APPEND, one write per line: never interleaves with the driver's events
+                self._fd = os.open(self.run_dir / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            while self._unwritten:
+                n = os.write(self._fd, self._unwritten[0])
+                if n < len(self._unwritten[0]):  # storage full mid-line: the rest at the next try
+                    self._unwritten[0] = self._unwritten[0][n:]
+                    continue
+                self._unwritten.pop(0)
+        except OSError as e:
+            if not getattr(self, "_refused", False):
+                self._refused = True
+                _warn(f"{self.run_dir / 'metrics.jsonl'} refuses writes ({_os_error(e)}): records kept in "
+                      "memory until it takes them; training goes on")
+            return False
+        if getattr(self, "_refused", False):
+            self._refused = False
+            _warn(f"{self.run_dir / 'metrics.jsonl'} takes writes again: the records kept in memory are written")
+        return True
 
     def log(self, rec: dict) -> None:
         if not self.enabled:
             return
         rec = {"time": round(time.time(), 3), **rec}
-        self._f.write(json.dumps(rec) + "\n")
+        self._unwritten.append((json.dumps(rec) + "\n").encode())
+        self._flush()
         if self._tb is not None:
-            step = rec["step"]
-            for k, v in rec.items():
-                if k not in ("step", "time", "event") and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, step)
+            try:
+                step = rec["step"]
+                for k, v in rec.items():
+                    if k not in ("step", "time", "event") and isinstance(v, (int, float)):
+                        self._tb.add_scalar(k, v, step)
+            except Exception as e:  # its writer thread's storage error comes back here
+                self._tb_off(e)
+
+    def _tb_off(self, e: Exception) -> None:
+        tb, self._tb = self._tb, None
+        _warn(f"tensorboard logging off for this run segment ({_os_error(e)}); metrics.jsonl keeps every record")
+        try:
+            tb.close()
+        except Exception:
+            pass
 
     def event(self, name: str, **fields) -> None:
         self.log({"event": name, **fields})
 
     def close(self) -> None:
-        if self.enabled:
-            self._f.close()
-            if self._tb is not None:
+        if not self.enabled:
+            return
+        if not self._flush():
+            _warn(f"{len(self._unwritten)} record(s) could not be written to {self.run_dir / 'metrics.jsonl'}")
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._tb is not None:
+            try:
                 self._tb.close()
+            except Exception as e:
+                self._tb_off(e)
+
+
+def _os_error(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        from raygpt.train.checkpoint import describe_os_error
+
+        return describe_os_error(e)
+    return f"{type(e).__name__}: {e}"
+
+
+def _warn(msg: str) -> None:
+    # stdout like the trainer's own lines (Ray Train patches print); one line each
+    import sys
+
+    sys.stdout.write(f"[raygpt] warning: {msg}\n")
+    sys.stdout.flush()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Readers see the old file or the new one, never half of it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no half-written temp file left behind
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # read-only: it was never created
+            pass
+        raise
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2))
 
 
-def append_event(run_dir: str | os.PathLike, name: str, **fields) -> None:
+_UNWRITTEN_EVENTS: dict[str, list[bytes]] = {}  # append_event lines the storage refused, per file
+
+
+def append_event(run_dir: str | os.PathLike, name: str, **fields) -> bool:
     """An event from outside rank 0 (the driver's hang watchdog): one line appended with
-    O_APPEND, so it never interleaves with rank 0's lines."""
+    O_APPEND, so it never interleaves with rank 0's lines. A line the storage refuses is
+    kept in memory and written before the next one (or by flush_events): -> False then."""
     line = json.dumps({"time": round(time.time(), 3), "event": name, **fields}) + "\n"
-    fd = os.open(Path(run_dir) / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    _UNWRITTEN_EVENTS.setdefault(str(Path(run_dir) / "metrics.jsonl"), []).append(line.encode())
+    return flush_events(run_dir)
+
+
+def flush_events(run_dir: str | os.PathLike) -> bool:
+    """Write the events append_event could not. -> whether none is left."""
+    path = str(Path(run_dir) / "metrics.jsonl")
+    lines = _UNWRITTEN_EVENTS.get(path)
+    if not lines:
+        return True
     try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            while lines:
+                os.write(fd, lines[0])  # a line is small: all of it, or an error
+                lines.pop(0)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        _warn(f"{path} refuses writes ({_os_error(e)}): {len(lines)} event(s) kept in memory")
+        return False
+    return True
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

@@ -616,7 +616,12 @@ class Trainer:
         # An empty segment (restored at the end, or stopped before a step) keeps the
         # summary the previous segment wrote.
         if self.rank == 0 and self.run_dir is not None and self.step > self.start_step:
-            write_json_atomic(Path(self.run_dir) / "summary.json", summary)
+            try:
+                write_json_atomic(Path(self.run_dir) / "summary.json", summary)
+            except OSError as e:  # storage that refuses writes: the run still ends well
+                from raygpt.train.checkpoint import describe_os_error
+
+                log(self.rank, f"warning: summary.json not written ({describe_os_error(e)})")
             try:
                 plot_loss(self.run_dir)
             except Exception as e:  # a plot must never fail a finished run

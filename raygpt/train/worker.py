@@ -117,22 +117,26 @@ def _inject_before_step(inject: dict, trainer: "T.Trainer", step: int, run_dir) 
         time.sleep(max(0.0, (float(slow["factor"]) - 1.0) * trainer.progress.last_compute_s))
 
 
-def _register_worker(run_dir: Path, rank: int, world: int) -> None:
+def _register_worker(run_dir: Path, rank: int, world: int, node_id: str) -> None:
     """<run_dir>/.workers/rank<r>.json: where each rank runs (used by raygpt chaos)."""
     import json
 
-    import ray
-
     d = run_dir / ".workers"
-    d.mkdir(parents=True, exist_ok=True)
-    for stale in d.glob("rank*.json"):
-        if rank == 0 and int(stale.stem[4:]) >= world:
-            stale.unlink(missing_ok=True)
     info = {"rank": rank, "world_size": world, "pid": os.getpid(),
-            "node_id": ray.get_runtime_context().get_node_id(), "time": time.time()}
+            "node_id": node_id, "time": time.time()}
     tmp = d / f".rank{rank}.tmp"
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, d / f"rank{rank}.json")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        for stale in d.glob("rank*.json"):
+            if rank == 0 and int(stale.stem[4:]) >= world:
+                stale.unlink(missing_ok=True)
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, d / f"rank{rank}.json")
+    except OSError as e:  # only chaos reads it: storage that refuses writes must not stop training
+        from raygpt.train.checkpoint import describe_os_error
+
+        sys.stdout.write(f"[raygpt] warning: rank {rank}: worker registration not written ({describe_os_error(e)})\n")
+        sys.stdout.flush()
 
 
 class _StopWatcher:
@@ -304,7 +308,7 @@ class _WorkerRun:
 
     def train(self, trainer: "T.Trainer") -> dict:
         if self.run_dir is not None:
-            _register_worker(self.run_dir, self.rank, self.world)
+            _register_worker(self.run_dir, self.rank, self.world, self.node_id)
         watcher = _StopWatcher(self.lc.get("run_id"), self.gen)
         try:
             return trainer.train()
