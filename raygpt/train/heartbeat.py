@@ -89,6 +89,7 @@ class Publisher:
         self.node_id, self.run_dir, self.progress = node_id, run_dir, progress
         self.started = time.time()
         self.seq = 0
+        self.rtt_ms: float | None = None  # the last beat's KV put round trip (raygpt.train.links)
         self._done = threading.Event()
         self._th = threading.Thread(target=self._run, name="raygpt-heartbeat", daemon=True)
         self._th.start()
@@ -97,7 +98,8 @@ class Publisher:
         p = self.progress
         return {"gen": self.gen, "rank": self.rank, "world": self.world, "pid": os.getpid(),
                 "node": self.node_id, "seq": self.seq, "phase": p.phase, "step": p.step, "ticks": p.ticks,
-                "steps_done": p.steps_done, "step_s_max": round(p.step_s_max, 4), "started": self.started}
+                "steps_done": p.steps_done, "step_s_max": round(p.step_s_max, 4), "started": self.started,
+                "rtt_ms": self.rtt_ms}
 
     def _run(self) -> None:
         from ray.experimental import internal_kv as kv
@@ -108,7 +110,10 @@ class Publisher:
             first = False
             try:
                 self.seq += 1
+                t0 = time.perf_counter()
                 kv._internal_kv_put(key, json.dumps(self.record()), overwrite=True, namespace=NAMESPACE)
+                # published with the next beat: a slow link to the head shows here
+                self.rtt_ms = round(1000 * (time.perf_counter() - t0), 2)
                 raw = kv._internal_kv_get(vkey, namespace=NAMESPACE)
             except Exception:  # the GCS briefly away: beat again next second
                 continue

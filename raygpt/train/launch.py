@@ -364,6 +364,7 @@ class _Launch:
     drain watch, signal handlers put back after."""
 
     def __init__(self, pre: Preflight, inject: dict | None, progress: bool):
+        from raygpt.train.links import LinkStragglerDetector
         from raygpt.train.preemption import DrainWatch
         from raygpt.train.watchdog import HangWatchdog
 
@@ -373,13 +374,24 @@ class _Launch:
                                      per_worker=pre.per_worker, inject=inject, run_id=self.run_id)
         self.prog = _Progress(paths.run_dir, cfg.train.max_steps) if progress else None
         self.watchdog = HangWatchdog(self.run_id, paths.run_dir, cfg.run.hang_timeout_s, cfg.run.init_timeout_s,
-                                     on_verdict=self._record_hang)
+                                     on_verdict=self._record_hang, on_link=self._record_link,
+                                     links=LinkStragglerDetector(cfg.run.straggler_factor, cfg.run.straggler_steps))
         self.drains = DrainWatch(self.run_id, paths.run_dir)
 
     def _record_hang(self, verdict: dict) -> None:
         from raygpt.train.metrics import append_event
 
         append_event(self.pre.paths.run_dir, "hang", **verdict)
+
+    def _record_link(self, ev: dict) -> None:
+        import sys
+
+        from raygpt.train.metrics import append_event
+
+        append_event(self.pre.paths.run_dir, "straggler", **ev)
+        sys.stderr.write(f"raygpt: slow link: rank {ev['rank']} (node {str(ev['node'])[:8]}) round trip to the head "
+                         f"{ev['rtt_ms']:.0f} ms, {ev['ratio']}x the others' ({ev['others_ms']:.0f} ms) over "
+                         f"{ev['beats']} beats\n")
 
     def fit(self):
         import signal

@@ -45,6 +45,8 @@ class HangWatchdog:
     poll_s: float = 1.0
     on_verdict: object = None  # callable(verdict) for the driver's own record
     verdicts: list = field(default_factory=list)
+    links: object = None       # a raygpt.train.links.LinkStragglerDetector fed the same beats
+    on_link: object = None     # callable(event) per slow link it flags
 
     def __post_init__(self):
         self._seen: dict[int, _Seen] = {}
@@ -77,11 +79,19 @@ class HangWatchdog:
                 verdict = self.check(self._read(), time.monotonic())
                 if verdict is not None:
                     self._publish(verdict)
+                self._check_links()
             except Exception as e:  # the watchdog must never take the run down
                 sys.stderr.write(f"raygpt: hang watchdog skipped a check: {e}\n")
 
     def _read(self) -> list[dict]:
         return read_beats(self.run_id)
+
+    def _check_links(self) -> None:
+        if self.links is None:
+            return
+        for ev in self.links.update([s.rec for s in self._seen.values()]):
+            if self.on_link is not None:
+                self.on_link(ev)
 
     # ---------------------------------------------------------------- judgement
     def _current(self, recs: list[dict], now: float) -> list[_Seen]:
