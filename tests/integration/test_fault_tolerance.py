@@ -19,6 +19,8 @@ from raygpt.train.checkpoint import (export_checkpoint, is_complete, latest_chec
 from raygpt.train.launch import run_training
 from raygpt.train.metrics import read_metrics
 
+from ledger_checks import check_ledger
+
 
 def _cfg(data, storage, name, *sets, workers=2):
     # A model big enough that a step takes ~0.1 s on one core, so a kill lands mid-run.
@@ -57,6 +59,7 @@ def test_killed_worker_resumes_to_identical_parameters_with_async_saves(ray_sess
     assert [s["step"] for s in starts] == [0, 10] and starts[1]["restored"]
     saves = [(r["step"], r["asynchronous"]) for r in recs if r.get("event") == "checkpoint"]
     assert saves == [(10, True), (20, True), (30, True), (40, False)]  # the final save is synchronous
+    check_ledger(tmp_path / "killed", summary, chaos, known_by="group_failed")
     a = _params(tmp_path / "straight", tmp_path / "a")
     b = _params(tmp_path / "killed", tmp_path / "b")
     worst = max((a[k] - b[k]).abs().max().item() for k in a)

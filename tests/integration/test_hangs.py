@@ -17,6 +17,8 @@ from raygpt.train.chaos import Action, run_with_chaos
 from raygpt.train.launch import run_training
 from raygpt.train.metrics import read_metrics
 
+from ledger_checks import check_ledger
+
 pytestmark = pytest.mark.slow
 
 
@@ -59,6 +61,8 @@ def test_a_stuck_worker_is_named_and_the_run_recovers_to_the_same_loss(fault, st
     print(f"{fault}: named after {detected_after:.1f} s, first step after restore {rec['recovery_s']:.1f} s "
           f"after the fault, {rec['steps_lost']} steps re-run")
     assert abs(summary["final_val_loss"] - straight["final_val_loss"]) < 1e-5
+    if fault == "freeze":  # the goodput ledger: re-run steps and the time until the hang verdict
+        check_ledger(tmp_path / fault, summary, chaos, known_by="hang")
     stacks = {p.name: p.read_text() for p in (tmp_path / fault / "hangs").glob("*/rank*.txt")}
     assert "rank0.txt" in stacks, sorted(stacks)
     if fault == "hang":  # the blocked thread's own stack says where it stands
