@@ -113,10 +113,12 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: 
     else:
         logprobs, echo = req.logprobs, req.echo
     return SamplingParams(
-        max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k or None,
+        max_tokens=max_tokens, temperature=req.temperature,
+        top_k=req.top_k if req.top_k and req.top_k > 0 else None,  # 0 and vLLM's -1: off
         top_p=req.top_p, stop=stop, seed=seed, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, logit_bias=req.token_bias(),
-        logprobs=logprobs, echo=echo)
+        logprobs=logprobs, echo=echo, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+        ignore_eos=req.ignore_eos, stop_token_ids=tuple(req.stop_token_ids or ()))
 
 
 def check_max_tokens(max_tokens: int, limit: int, param: str = "max_tokens") -> None:
@@ -146,8 +148,9 @@ class LegacyLogprobs:
             s = self._s(e.token_id)
             out["tokens"].append(s)
             out["token_logprobs"].append(e.logprob)
+            # the top k and the sampled token (k + 1 when it is not among them: OpenAI, vLLM)
             out["top_logprobs"].append(
-                None if e.logprob is None else {self._s(t): lp for t, lp in e.top} or {})
+                None if e.logprob is None else {**{self._s(t): lp for t, lp in e.top}, s: e.logprob})
             out["text_offset"].append(self.offset)
             self.offset += len(s)
         return out

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import logging
 import queue
 import threading
@@ -48,6 +49,53 @@ log = logging.getLogger("raygpt.serving.engine")
 GREEDY_EPS = 1e-5
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
 MAX_LOGPROBS = 5
+# A stop string longer than this is refused: the hold-back scan costs its length per token.
+MAX_STOP_CHARS = 256
+
+
+class _DenseRow:
+    """One request's per-token vectors on the engine's device: the logit bias, counts of
+    its generated tokens (presence/frequency penalties) and the tokens seen in prompt or
+    output (repetition penalty). Built on first use, then updated one token at a time."""
+
+    @staticmethod
+    def wanted(p: SamplingParams) -> bool:
+        return bool(p.logit_bias or p.presence_penalty or p.frequency_penalty
+                    or p.repetition_penalty != 1.0 or (p.min_p > 0 and not p.greedy))
+
+    def __init__(self, r: "Request", vocab: int, device):
+        p = r.params
+        self.bias = self.counts = self.seen = None
+        if p.logit_bias:
+            self.bias = torch.zeros(vocab, device=device)
+            self.bias[torch.tensor(list(p.logit_bias), device=device)] = torch.tensor(
+                list(p.logit_bias.values()), device=device)
+        if p.presence_penalty or p.frequency_penalty:
+            self.counts = torch.zeros(vocab, device=device)
+            for t, c in r.counts.items():
+                self.counts[t] = c
+        if p.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(r.prompt_ids + r.generated, device=device)] = True
+
+    def add(self, tok: int) -> None:
+        if self.counts is not None:
+            self.counts[tok] += 1
+        if self.seen is not None:
+            self.seen[tok] = True
+
+    def apply(self, row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+        if self.bias is not None:
+            row = row + self.bias
+        if self.counts is not None:
+            row = row - self.counts * p.frequency_penalty - (self.counts > 0) * p.presence_penalty
+        if self.seen is not None:
+            rp = p.repetition_penalty
+            row = torch.where(self.seen, torch.where(row > 0, row / rp, row * rp), row)
+        if p.min_p > 0 and not p.greedy:
+            # p_i < min_p * p_max  <=>  logit_i < logit_max + T * ln(min_p)
+            row = row.masked_fill(row < row.max() + p.temperature * math.log(p.min_p), float("-inf"))
+        return row
 
 
 class EngineError(Exception):
@@ -89,6 +137,11 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     logprobs: int | None = None          # None: no logprobs; k: the chosen token's + top k
     echo: bool = False                   # also compute the prompt's logprobs
+    # vLLM's extensions, with its semantics
+    min_p: float = 0.0                   # drop tokens below min_p x the likeliest's probability
+    repetition_penalty: float = 1.0      # on tokens in the prompt or output: logit / p if > 0 else x p
+    ignore_eos: bool = False             # keep generating past the end-of-text token
+    stop_token_ids: Sequence[int] = ()   # these tokens end the output like end-of-text
 
     def validate(self, vocab_size: int | None = None) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0 or (
@@ -119,6 +172,16 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidRequest("stop strings must be non-empty strings", "stop")
+            if len(s) > MAX_STOP_CHARS:
+                raise InvalidRequest(f"stop strings are limited to {MAX_STOP_CHARS} characters", "stop")
+        if not 0 <= self.min_p <= 1:
+            raise InvalidRequest(f"min_p must be in [0, 1], got {self.min_p!r}", "min_p")
+        if not self.repetition_penalty > 0:
+            raise InvalidRequest(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}",
+                                 "repetition_penalty")
+        for t in self.stop_token_ids:
+            if vocab_size is not None and not 0 <= t < vocab_size:
+                raise InvalidRequest(f"stop_token_ids: {t} is outside the vocabulary", "stop_token_ids")
 
     @property
     def greedy(self) -> bool:
@@ -185,6 +248,7 @@ class Request:
         self.prefilled = 0                       # prompt tokens already in the KV cache
         self.generated: list[int] = []
         self.counts: dict[int, int] = {}         # generated token -> count (penalties)
+        self.dense: "_DenseRow | None" = None    # bias/penalty vectors, built once (engine thread)
         self.prefix_offset = self.read_offset = 0  # incremental detokenization window
         self.text = ""                           # decoded output so far (before stop cut)
         self.emitted_chars = 0
@@ -679,20 +743,15 @@ class Engine:
         return logits
 
     def _process(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        """Mask, logit_bias and presence/frequency penalties (OpenAI's definitions)."""
+        """Mask, logit_bias, presence/frequency penalties (OpenAI's definitions),
+        repetition penalty and min_p (vLLM's). A request's vectors are built once and
+        kept up to date as tokens come (a full-vocabulary bias costs one add per step)."""
         logits = self._mask(logits.float()).clone()  # never modify the caller's tensor
         for i, r in enumerate(reqs):
-            p = r.params
-            if p.logit_bias:
-                ids = torch.tensor(list(p.logit_bias), device=logits.device)
-                vals = torch.tensor(list(p.logit_bias.values()), device=logits.device,
-                                    dtype=logits.dtype)
-                logits[i, ids] += vals
-            if (p.presence_penalty or p.frequency_penalty) and r.counts:
-                ids = torch.tensor(list(r.counts), device=logits.device)
-                cnt = torch.tensor(list(r.counts.values()), device=logits.device,
-                                   dtype=logits.dtype)
-                logits[i, ids] -= cnt * p.frequency_penalty + p.presence_penalty
+            if _DenseRow.wanted(r.params):
+                if r.dense is None:
+                    r.dense = _DenseRow(r, logits.shape[-1], logits.device)
+                logits[i] = r.dense.apply(logits[i], r.params)
         return logits
 
     def _sample_and_emit(self, raw: torch.Tensor, reqs: list[Request]) -> None:
@@ -777,13 +836,15 @@ class Engine:
         r.last_token_at = now
         r.generated.append(tok)
         r.counts[tok] = r.counts.get(tok, 0) + 1
+        if r.dense is not None:
+            r.dense.add(tok)
         if lp is not None:
             r.logprobs.append(lp)
         with self._cv:
             self.tokens_generated += 1
         p = r.params
         finish = None
-        if self.eos_id is not None and tok == self.eos_id:
+        if (self.eos_id is not None and tok == self.eos_id and not p.ignore_eos) or tok in p.stop_token_ids:
             finish = "stop"
             r.generated.pop()  # not part of the text; put back below for the ids
             r.text += self._detok(r, final=True)

@@ -3,16 +3,20 @@
 Every documented field of /v1/completions and /v1/chat/completions is accepted, and
 `null` means "the default" wherever OpenAI allows it (SDKs and eval tools send
 `max_tokens: null`, `best_of: 1`, `logprobs: null`, ...). A field we do not implement is
-accepted at its default value and refused (400, `param` naming it) at any other value;
-a field OpenAI does not document is refused as unknown.
+accepted at its default value and refused (400, `param` naming it) at any other value.
+vLLM's extensions that clients written for it send are honoured (`min_p`,
+`repetition_penalty`, `ignore_eos`, `stop_token_ids`, `top_k: -1`,
+`stream_options.continuous_usage_stats`). Any other field is ignored with a warning, as
+vLLM does, nested ones included; `strict_requests` (a serve setting) refuses them (400).
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from raygpt.serving.engine import MAX_LOGPROBS, SEED_MAX, SEED_MIN
+from raygpt.serving.engine import MAX_LOGPROBS, MAX_STOP_CHARS, SEED_MAX, SEED_MIN
 
 StrictInt = Annotated[int, Field(strict=True)]
 StrictFloat = Annotated[float, Field(strict=True)]
@@ -66,6 +70,7 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: StrictBool | None = False
     include_obfuscation: StrictBool | None = None  # accepted; we never add obfuscation
+    continuous_usage_stats: StrictBool | None = False  # vLLM: usage in every chunk too
 
 
 Seed = Annotated[int, Field(strict=True, ge=SEED_MIN, le=SEED_MAX)]
@@ -91,8 +96,13 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     temperature: StrictFloat = Field(1.0, ge=0, le=2)
     top_p: StrictFloat = Field(1.0, gt=0, le=1)
-    top_k: StrictInt | None = Field(None, ge=0)  # extension (vLLM has it too)
+    top_k: StrictInt | None = Field(None, ge=-1)  # extension, as vLLM's: 0 and -1 = off
     user: str | None = None
+    # vLLM's sampling extensions (clients written for vLLM send them)
+    min_p: StrictFloat = Field(0.0, ge=0, le=1)
+    repetition_penalty: StrictFloat = Field(1.0, gt=0, le=10)
+    ignore_eos: StrictBool = False
+    stop_token_ids: list[StrictInt] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -122,6 +132,9 @@ class _Request(BaseModel):
             raise ApiError(400, "at most 4 stop sequences", param="stop")
         if any(not s for s in stop):
             raise ApiError(400, "stop sequences must not be empty", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise ApiError(400, f"stop sequences are limited to {MAX_STOP_CHARS} characters each",
+                           param="stop", code="stop_too_long")
         return stop
 
 
@@ -134,6 +147,7 @@ class CompletionRequest(_Request):
 
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: StrictInt = Field(16, ge=0)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)  # chat's name, sent here by some clients
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool = False
     best_of: StrictInt | None = None
@@ -212,27 +226,54 @@ class DetokenizeRequest(BaseModel):
     tokens: list[StrictInt]
 
 
-def parse(model: type[BaseModel], body: bytes) -> Any:
-    """Validate a JSON body -> the model, or an ApiError(400) naming the field."""
+def parse(model: type[BaseModel], body: bytes, strict: bool = False,
+          ignored: list[str] | None = None) -> Any:
+    """Validate a JSON body -> the model, or an ApiError(400) naming the field. Not
+    strict: fields the model does not know (at any depth) are dropped and their dotted
+    names appended to `ignored`."""
     from pydantic import ValidationError
 
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as e:
-        errs = e.errors()
-        for err in errs:
-            msg = str(err.get("msg", ""))
-            if "unsupported:" in msg:
-                name = msg.split("unsupported:", 1)[1]
-                raise ApiError(400, f"{name}={_raw(body, name)} is not supported by this server "
-                               "(leave it unset or at its default)", param=name,
-                               code="unsupported_parameter") from None
-        raise validation_error(errs) from None
+    for _ in range(32):  # each pass drops the unknown fields pydantic reported
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as e:
+            errs = e.errors()
+            _refuse_unsupported(errs, body)
+            extra = [err["loc"] for err in errs if err.get("type") == "extra_forbidden"]
+            if strict or not extra:
+                raise validation_error(errs) from None
+            body = _drop(body, extra)
+            if ignored is not None:
+                ignored.extend(".".join(str(x) for x in loc) for loc in extra)
+    raise ApiError(400, "too many unknown fields", code="unknown_field")
+
+
+def _refuse_unsupported(errs: list[dict], body: bytes) -> None:
+    for err in errs:
+        msg = str(err.get("msg", ""))
+        if "unsupported:" in msg:
+            name = msg.split("unsupported:", 1)[1]
+            raise ApiError(400, f"{name}={_raw(body, name)} is not supported by this server "
+                           "(leave it unset or at its default)", param=name,
+                           code="unsupported_parameter") from None
+
+
+def _drop(body: bytes, locs: list[tuple]) -> bytes:
+    data = json.loads(body)
+    for loc in locs:
+        node = data
+        for key in loc[:-1]:
+            if isinstance(node, list) and isinstance(key, int) and key < len(node):
+                node = node[key]
+            elif isinstance(node, dict) and key in node:
+                node = node[key]
+            # else: a union member's tag in the error path (e.g. "list[TextPart]"): not in the data
+        if isinstance(node, dict):
+            node.pop(loc[-1], None)
+    return json.dumps(data).encode()
 
 
 def _raw(body: bytes, name: str) -> str:
-    import json
-
     try:
         return json.dumps(json.loads(body).get(name))[:80]
     except Exception:

@@ -272,3 +272,48 @@ def test_incremental_detokenization_matches_full_decode(model, tok):
         assert c.text == tok.decode(c.token_ids)
     finally:
         e.abort()
+
+
+def test_vllm_sampling_extensions(engine, model, tok):
+    """min_p, repetition_penalty, stop_token_ids (vLLM's semantics); a request's bias and
+    penalty vectors are built once and kept up to date, not rebuilt every step."""
+    ref = reference(model, tok, "First", 12)
+    # min_p = 1: only the likeliest token survives, so sampling at temperature 1 is greedy
+    c = engine.generate("First", SamplingParams(max_tokens=12, temperature=1.0, min_p=1.0, seed=3))
+    assert c.token_ids == ref
+    # a repetition penalty changes a greedy continuation that repeats its tokens
+    rp = engine.generate("First", SamplingParams(max_tokens=12, temperature=0, repetition_penalty=5.0))
+    assert rp.token_ids != ref
+    assert len(set(rp.token_ids)) >= len(set(ref))
+    # a token forced by logit_bias that is also a stop token ends the output at once
+    x = tok.encode("z")[0]
+    c = engine.generate("First", SamplingParams(max_tokens=12, temperature=0, logit_bias={x: 100.0},
+                                                stop_token_ids=(x,)))
+    assert c.finish_reason == "stop" and c.token_ids == [x] and c.text == ""
+    with pytest.raises(InvalidRequest, match="min_p"):
+        SamplingParams(min_p=1.5).validate()
+    with pytest.raises(InvalidRequest, match="stop strings are limited"):
+        SamplingParams(stop=["x" * 100_000]).validate()
+
+
+def test_full_vocabulary_bias_is_built_once(model, tok, monkeypatch):
+    """A full-vocabulary logit_bias: the vector is made on the request's first step and
+    reused (the old path rebuilt it from the dict on every step)."""
+    from raygpt.serving import engine as eng
+
+    built = []
+    init = eng._DenseRow.__init__
+    monkeypatch.setattr(eng._DenseRow, "__init__", lambda self, *a: (built.append(1), init(self, *a))[1])
+    e = Engine(model, tok, max_slots=4).start()
+    try:
+        bias = {t: -1.0 for t in range(tok.vocab_size)}
+        bias[tok.encode("e")[0]] = 50.0
+        r = e.submit(tok.encode("First"), SamplingParams(max_tokens=6, temperature=0, logit_bias=bias),
+                     loop=False)
+        res = r.result(timeout=60)
+        assert res.token_ids == tok.encode("eeeeee")
+        dense = r.dense
+        assert dense is not None and dense.bias is not None and float(dense.bias.max()) == 50.0
+        assert len(built) == 1  # one build for 6 steps
+    finally:
+        e.abort()
