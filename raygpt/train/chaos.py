@@ -9,6 +9,8 @@ restarted -> first step after restore, and the steps lost.
 
 `raygpt chaos` runs a scenario on a local multi-node cluster (several raylets on this
 machine), e.g. `raygpt chaos --kill-worker-at 15 --remove-node-at 30 --add-node-at 40`.
+With --partition-node-at / --slow-link-at the worker nodes live in network namespaces
+(raygpt.train.netns; root) and their links are cut or slowed (raygpt.train.chaos_links).
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ class Action:
     rank: int = 1  # kill-worker / sigterm-worker / remove-node / preempt: the worker (or its node) to hit
     after_event: str | None = None  # also wait for this metrics.jsonl event (e.g. checkpoint_reported)
     deadline_s: float = 30.0  # preempt: the drain's deadline, when the node is taken away
+    heal_after_s: float | None = None  # partition: the link returns after this (None: stays cut)
+    rate: str = "10mbit"  # slow-link: the link's rate (tc tbf)
     done: bool = False
 
 
@@ -76,11 +80,14 @@ def _alive(pid: int) -> bool:
 
 class Chaos:
     def __init__(self, run_dir: str | os.PathLike, actions: list[Action], cluster=None,
-                 timeline: Timeline | None = None):
+                 timeline: Timeline | None = None, fabric=None):
         self.run_dir = Path(run_dir)
         self.actions = sorted(actions, key=lambda a: a.at_step)
         self.cluster = cluster
         self.timeline = timeline or Timeline()
+        from raygpt.train.chaos_links import LinkFaults  # namespaced nodes (raygpt.train.netns)
+
+        self.links = LinkFaults(self, fabric, cluster.address) if fabric is not None else None
         self._pos = 0
         self._step = 0
         self._starts = 0
@@ -138,7 +145,8 @@ class Chaos:
                 self.timeline.add("checkpoint committed before the move", step=r["step"],
                                   deadline_left_s=r.get("deadline_left_s"))
             elif r.get("event") == "straggler":
-                self.timeline.add("straggler flagged", step=r["step"], rank=r["rank"], ratio=r["ratio"])
+                self.timeline.add("straggler flagged", step=r["step"], rank=r["rank"], ratio=r["ratio"],
+                                  kind=r.get("kind", "compute"), **({"rtt_ms": r["rtt_ms"]} if "rtt_ms" in r else {}))
             elif r.get("event") == "await-grow":
                 self.timeline.add("holding for grow-back", step=r["step"], world_size=r["world_size"],
                                   want=r["want"])
@@ -167,6 +175,8 @@ class Chaos:
                 self.timeline.add("failure detected (old worker group gone)",
                                   after_s=round(p["detected_t"] - p["t"], 3))
         self._reclaim_due()
+        if self.links is not None:
+            self.links.due()
         for a in self.actions:
             if not a.done and self._step >= a.at_step and (a.after_event is None
                                                             or a.after_event in self._seen_events):
@@ -220,6 +230,8 @@ class Chaos:
         elif a.kind == "add-node":
             self.cluster.add_node(**self.node_args)
             self.timeline.add("node added", step=self._step)
+        elif a.kind in ("partition", "slow-link"):
+            self.links.do(a, workers)
         elif a.kind == "preempt":
             self._preempt(a, workers, old_pids)
 
@@ -273,14 +285,14 @@ class Chaos:
 
 
 def run_with_chaos(cfg, actions: list[Action], cluster=None, timeline: Timeline | None = None,
-                   inject: dict | None = None):
+                   inject: dict | None = None, fabric=None):
     """Run training in a thread; inject `actions` from this (main) thread, where
     Cluster.add_node/remove_node must be called. `inject`: worker-side fault-injection
     keys (e.g. await_world, see worker._await_grow). Returns (summary, chaos, error)."""
     from raygpt.train.launch import RunPaths, resolve_storage, run_training
 
     run_dir = RunPaths.resolve(resolve_storage(cfg), cfg.run.name).run_dir
-    chaos = Chaos(run_dir, actions, cluster=cluster, timeline=timeline)
+    chaos = Chaos(run_dir, actions, cluster=cluster, timeline=timeline, fabric=fabric)
     result: dict = {}
     done = threading.Event()
 
@@ -303,6 +315,19 @@ def run_with_chaos(cfg, actions: list[Action], cluster=None, timeline: Timeline 
 # -------------------------------------------------------------------- CLI
 
 
+def _check_link_faults(node_actions) -> None:
+    """Before any cluster starts: one line when link faults cannot run here."""
+    from raygpt.errors import UserError
+    from raygpt.train.netns import unusable_reason
+
+    why = unusable_reason()
+    if why:
+        raise UserError(f"--partition-node-at/--slow-link-at: {why}")
+    if node_actions:
+        raise UserError("--partition-node-at/--slow-link-at put the worker nodes in network namespaces; "
+                        "--remove-node-at/--add-node-at/--preempt-node-at act on in-process nodes: use one kind per run")
+
+
 def chaos_cmd(
     preset: str = typer.Option("debug", "--preset", "-p"),
     config: Optional[str] = typer.Option(None, "--config", "-c"),
@@ -323,6 +348,15 @@ def chaos_cmd(
                                       "notice); the node is taken away at the deadline"),
     preempt_deadline: float = typer.Option(30.0, "--preempt-deadline", help="seconds from the notice to the reclaim"),
     add_node_at: List[int] = typer.Option([], "--add-node-at", help="step(s) to add a node back"),
+    partition_node_at: Optional[int] = typer.Option(
+        None, "--partition-node-at", help="step at which the link of rank 1's node is cut (a network partition; "
+                                          "worker nodes in network namespaces, root only)"),
+    partition_for: Optional[float] = typer.Option(
+        None, "--partition-for", help="seconds until the link returns (a node Ray declared dead rejoins with a "
+                                      "fresh `ray start`); default: stays cut"),
+    slow_link_at: Optional[int] = typer.Option(
+        None, "--slow-link-at", help="step from which the link of rank 1's node runs at --link-rate (namespaces, root)"),
+    link_rate: str = typer.Option("10mbit", "--link-rate", help="rate of the slowed link (tc tbf, e.g. 10mbit)"),
     out: str = typer.Option("runs/chaos", "--out", help="storage dir; timeline.json goes in the run dir"),
     max_failures: int = typer.Option(5, "--max-failures"),
     resize_interval: float = typer.Option(5.0, "--resize-interval", help="elastic resize check period (s)"),
@@ -340,7 +374,7 @@ def chaos_cmd(
 
     from raygpt.train.runconfig import build_run_config
 
-    if not (kill_worker_at or freeze_worker_at or remove_node_at or add_node_at or hang_worker_at
+    if not (partition_node_at is not None or slow_link_at is not None or kill_worker_at or freeze_worker_at or remove_node_at or add_node_at or hang_worker_at
             or slow_worker_at or preempt_node_at):
         kill_worker_at = [steps // 3]
     name = f"chaos-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -353,6 +387,11 @@ def chaos_cmd(
                + [Action("remove-node", s) for s in remove_node_at]
                + [Action("preempt", s, deadline_s=preempt_deadline) for s in preempt_node_at]
                + [Action("add-node", s) for s in add_node_at])
+    fabric_needed = partition_node_at is not None or slow_link_at is not None
+    if fabric_needed:
+        _check_link_faults(remove_node_at or add_node_at or preempt_node_at)
+        actions += [Action("partition", s, heal_after_s=partition_for) for s in [partition_node_at] if s is not None]
+        actions += [Action("slow-link", s, rate=link_rate) for s in [slow_link_at] if s is not None]
     inject = {}
     if hang_worker_at is not None:
         inject["hang_at"] = {"step": hang_worker_at, "rank": 1}
@@ -370,20 +409,36 @@ def chaos_cmd(
     # it): a lost node is not waited for (raygpt.train.elastic), so it never runs out.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
                           os.environ.get("RAYGPT_CHAOS_START_TIMEOUT_S", "300"))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    # Tearing a group down waits this long for every rank's destroy_process_group (30 s
+    # by default); a rank behind a cut link never answers, and this wait was half the
+    # partition's recovery time. The controller reads it from the head's environment.
+    os.environ.setdefault("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "5")
+    fabric = None
+    if fabric_needed:
+        from raygpt.train.chaos_links import start_fabric
+
+        fabric, cluster = start_fabric(nodes, lambda ip: Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "node_ip_address": ip}))
+    else:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
-        for _ in range(nodes):
+        for _ in range(0 if fabric else nodes):
             cluster.add_node(num_cpus=1, resources={"w": 1})
         cluster.wait_for_nodes()
         from raygpt.train.launch import init_ray
 
         init_ray(cluster.address)
+        if fabric is not None:
+            fabric.wait_joined()
         timeline = Timeline()
-        timeline.add("cluster up", nodes=nodes + 1)
-        summary, chaos, err = run_with_chaos(cfg, actions, cluster=cluster, timeline=timeline, inject=inject)
+        timeline.add("cluster up", nodes=nodes + 1, **({"namespaces": [n.ns for n in fabric.nodes]} if fabric else {}))
+        summary, chaos, err = run_with_chaos(cfg, actions, cluster=cluster, timeline=timeline, inject=inject,
+                                             fabric=fabric)
     finally:
         ray.shutdown()
         cluster.shutdown()
+        if fabric is not None:
+            fabric.teardown()
     run_dir = Path(out).resolve() / name
     from raygpt.train.metrics import write_json_atomic
 
