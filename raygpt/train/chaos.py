@@ -35,6 +35,8 @@ class Action:
     rank: int = 1  # kill-worker / sigterm-worker / remove-node / preempt: the worker (or its node) to hit
     after_event: str | None = None  # also wait for this metrics.jsonl event (e.g. checkpoint_reported)
     deadline_s: float = 30.0  # preempt: the drain's deadline, when the node is taken away
+    for_s: float | None = None  # storage-fault: writable again after this many seconds,
+    for_steps: int | None = None  # or steps (neither: when the run ends)
     heal_after_s: float | None = None  # partition: the link returns after this (None: stays cut)
     rate: str = "10mbit"  # slow-link: the link's rate (tc tbf)
     done: bool = False
@@ -95,6 +97,8 @@ class Chaos:
         self._victims: set[int] = set()
         self._seen_events: set[str] = set()
         self._reclaims: list[tuple[float, object]] = []  # (when, node): preempted nodes to take away
+        self._faults: list[tuple[object, Action, float, int]] = []  # (ReadOnly, action, since, step)
+        self._ckpt_failed = False  # a checkpoint failed and none succeeded since
 
     # ---------------------------------------------------------------- following
     def _read_new(self) -> list[dict]:
@@ -150,6 +154,8 @@ class Chaos:
             elif r.get("event") == "await-grow":
                 self.timeline.add("holding for grow-back", step=r["step"], world_size=r["world_size"],
                                   want=r["want"])
+            elif r.get("event") in ("checkpoint_failed", "checkpoint", "checkpoint_reported"):
+                self._checkpoint_event(r)
             elif r.get("event") == "await-grow-timeout":
                 self.timeline.add("grow-back did not come", step=r["step"], world_size=r["world_size"],
                                   timeout_s=r["timeout_s"])
@@ -177,6 +183,7 @@ class Chaos:
         self._reclaim_due()
         if self.links is not None:
             self.links.due()
+        self._storage_due()
         for a in self.actions:
             if not a.done and self._step >= a.at_step and (a.after_event is None
                                                             or a.after_event in self._seen_events):
@@ -230,6 +237,8 @@ class Chaos:
         elif a.kind == "add-node":
             self.cluster.add_node(**self.node_args)
             self.timeline.add("node added", step=self._step)
+        elif a.kind == "storage-fault":
+            self._storage_fault(a)
         elif a.kind in ("partition", "slow-link"):
             self.links.do(a, workers)
         elif a.kind == "preempt":
@@ -262,6 +271,54 @@ class Chaos:
             self.timeline.add("deadline passed: preempted node taken away", step=self._step,
                               node=node.node_id[:12])
 
+    def _storage_fault(self, a: Action) -> None:
+        """The run directory (checkpoints, metrics, summary) read-only for every process
+        on this machine (raygpt.train.storage_faults), writable again after a.for_s
+        seconds or a.for_steps steps."""
+        from raygpt.errors import UserError
+        from raygpt.train.storage_faults import ReadOnly
+
+        fault = ReadOnly(self.run_dir)
+        try:
+            fault.apply()
+        except UserError as e:
+            self.timeline.add("storage-fault skipped", step=self._step, why=str(e))
+            return
+        self._faults.append((fault, a, time.time(), self._step))
+        until = {"for_s": a.for_s} if a.for_s is not None else {"for_steps": a.for_steps}
+        self.timeline.add("failure injected: storage made read-only", step=self._step, path=str(fault.path),
+                          **until)
+
+    def _storage_due(self) -> None:
+        for f in list(self._faults):
+            fault, a, since, step = f
+            if (a.for_s is not None and time.time() - since >= a.for_s) or \
+                    (a.for_steps is not None and self._step - step >= a.for_steps):
+                self._writable(f)
+
+    def _writable(self, f) -> None:
+        fault, a, since, step = f
+        self._faults.remove(f)
+        fault.undo()
+        self.timeline.add("storage writable again", step=self._step, read_only_s=round(time.time() - since, 3),
+                          read_only_steps=self._step - step)
+
+    def undo_faults(self) -> None:
+        """Whatever storage fault is still on is taken off (runs on every exit path)."""
+        for f in list(self._faults):
+            self._writable(f)
+
+    def _checkpoint_event(self, r: dict) -> None:
+        """A failed save, and the first one that succeeds after it (a sync save is done at
+        its `checkpoint` event, an async one at `checkpoint_reported`)."""
+        ev = r["event"]
+        if ev == "checkpoint_failed":
+            self._ckpt_failed = True
+            self.timeline.add("checkpoint failed", step=r["step"], error=r.get("error"))
+        elif self._ckpt_failed and (ev == "checkpoint_reported" or not r.get("asynchronous")):
+            self._ckpt_failed = False
+            self.timeline.add("checkpoint saved after the failure", step=r["step"])
+
     node_args: dict = {"num_cpus": 1, "resources": {"w": 1}}
 
     def _node_of(self, worker: dict | None):
@@ -275,10 +332,13 @@ class Chaos:
         return nodes[-1] if nodes else None
 
     def follow(self, done: threading.Event, interval: float = 0.05) -> None:
-        while not done.is_set():
+        try:
+            while not done.is_set():
+                self.poll()
+                done.wait(interval)
             self.poll()
-            done.wait(interval)
-        self.poll()
+        finally:  # a read-only mount never outlives the follower (errors, Ctrl-C included)
+            self.undo_faults()
 
     def recoveries(self) -> list[dict]:
         return [e for e in self.timeline.events if e["event"] == "first step after restore"]
@@ -348,6 +408,11 @@ def chaos_cmd(
                                       "notice); the node is taken away at the deadline"),
     preempt_deadline: float = typer.Option(30.0, "--preempt-deadline", help="seconds from the notice to the reclaim"),
     add_node_at: List[int] = typer.Option([], "--add-node-at", help="step(s) to add a node back"),
+    storage_fault_at: List[int] = typer.Option(
+        [], "--storage-fault-at", help="step(s) at which the run directory turns read-only (root: a read-only "
+                                       "bind mount); checkpoints fail, training goes on"),
+    storage_fault_for: float = typer.Option(10.0, "--storage-fault-for",
+                                            help="seconds until the storage is writable again"),
     partition_node_at: Optional[int] = typer.Option(
         None, "--partition-node-at", help="step at which the link of rank 1's node is cut (a network partition; "
                                           "worker nodes in network namespaces, root only)"),
@@ -375,7 +440,7 @@ def chaos_cmd(
     from raygpt.train.runconfig import build_run_config
 
     if not (partition_node_at is not None or slow_link_at is not None or kill_worker_at or freeze_worker_at or remove_node_at or add_node_at or hang_worker_at
-            or slow_worker_at or preempt_node_at):
+            or slow_worker_at or preempt_node_at or storage_fault_at):
         kill_worker_at = [steps // 3]
     name = f"chaos-{time.strftime('%Y%m%d-%H%M%S')}"
     sets = ["train.log_every=1", f"train.max_steps={steps}", f"run.elastic_resize_interval_s={resize_interval}",
@@ -386,7 +451,12 @@ def chaos_cmd(
                + [Action("freeze-worker", s) for s in freeze_worker_at]
                + [Action("remove-node", s) for s in remove_node_at]
                + [Action("preempt", s, deadline_s=preempt_deadline) for s in preempt_node_at]
-               + [Action("add-node", s) for s in add_node_at])
+               + [Action("add-node", s) for s in add_node_at]
+               + [Action("storage-fault", s, for_s=storage_fault_for) for s in storage_fault_at])
+    if storage_fault_at:
+        from raygpt.train.storage_faults import check_root
+
+        check_root("--storage-fault-at")  # before a cluster starts
     fabric_needed = partition_node_at is not None or slow_link_at is not None
     if fabric_needed:
         _check_link_faults(remove_node_at or add_node_at or preempt_node_at)

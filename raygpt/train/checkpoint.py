@@ -236,6 +236,12 @@ def is_complete(path: str | os.PathLike) -> bool:
     return checkpoint_status(path) == COMPLETE
 
 
+def inspect_checkpoint(path: str | os.PathLike) -> tuple[str, int | None, str]:
+    """(checkpoint_status, its step when the state file reads, why it is not complete)."""
+    status, state, why = _inspect(Path(path))
+    return status, (state or {}).get("step"), why
+
+
 def _inspect(p: Path) -> tuple[str, dict | None, str]:
     """(status, the trainer state when it reads, why it is not complete)."""
     try:

@@ -182,16 +182,24 @@ def _report_checkpoint(path: Path, step: int, metrics: dict, mode: str) -> None:
                          delete_local_checkpoint_after_upload=True)
 
 
-def _registered_step(ray_ckpt) -> int | None:
+def _registered_step(ray_ckpt, rank: int) -> int | None:
+    """The step of Ray's latest registered checkpoint; -1 when it is not a complete one
+    that reads (a read error on it: choose_restore then takes the newest complete one in
+    the run directory; nothing is deleted)."""
     if ray_ckpt is None:
         return None
     from raygpt.train import checkpoint as ckpt_lib
 
     try:
         with ray_ckpt.as_directory() as d:
-            return ckpt_lib.read_state(d)["step"]
-    except Exception:
+            status, step, why = ckpt_lib.inspect_checkpoint(d)
+    except Exception as e:
+        status, step, why = ckpt_lib.UNREADABLE, None, f"{type(e).__name__}: {e}"
+    if status != ckpt_lib.COMPLETE:
+        T.log(rank, f"the latest registered checkpoint {ray_ckpt.path} is {status} ({why}): kept, "
+                    "not restored from; restoring the newest complete one")
         return -1
+    return step
 
 
 def _group_token(world: int) -> str:
@@ -299,7 +307,7 @@ class _WorkerRun:
         import ray.train
 
         ray_ckpt = ray.train.get_checkpoint()
-        choice = trainer.ckpt.choose_restore(_registered_step(ray_ckpt))
+        choice = trainer.ckpt.choose_restore(_registered_step(ray_ckpt, trainer.rank))
         if choice == "registered":
             with ray_ckpt.as_directory() as d:
                 trainer.restore(d)
