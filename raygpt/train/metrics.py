@@ -90,6 +90,7 @@ class RunWriter:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+                _quiet_tensorboard_thread()
             except Exception:  # tensorboard is optional at run time (and needs writable storage)
                 self._tb = None
 
@@ -156,6 +157,23 @@ class RunWriter:
                 self._tb.close()
             except Exception as e:
                 self._tb_off(e)
+
+
+def _quiet_tensorboard_thread() -> None:
+    """TensorBoard's writer thread prints a traceback when the storage refuses a write;
+    RunWriter says it in one line when the same error reaches the training thread."""
+    import threading
+
+    prev = threading.excepthook
+    if getattr(prev, "_raygpt", False):
+        return
+
+    def hook(args):
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+            prev(args)
+
+    hook._raygpt = True
+    threading.excepthook = hook
 
 
 def _os_error(e: BaseException) -> str:
