@@ -120,11 +120,14 @@ class HangWatchdog:
         # still "init" when steps are fast): the live ranks say which phase the group is in.
         live = [s for s in ranks if now - s.beat_t < STALE_BEAT_S] or ranks
         recs = [s.rec for s in live]
-        if any(r["steps_done"] == 0 or r["phase"] in LONG_PHASES for r in recs):
+        if any(r["steps_done"] == 0 for r in recs):
             return self.init_timeout_s
-        if self.hang_timeout_s:
-            return self.hang_timeout_s
-        return max(MIN_HANG_S, STEP_FACTOR * max(r["step_s_max"] for r in recs))
+        step_limit = self.hang_timeout_s or max(MIN_HANG_S, STEP_FACTOR * max(r["step_s_max"] for r in recs))
+        # A rank in a long phase (a save, an eval) still beats: one whose beats stopped
+        # (frozen, or behind a cut link) while the others save is judged as in a step.
+        if any(r["phase"] in LONG_PHASES for r in recs) and len(live) == len(ranks):
+            return self.init_timeout_s
+        return step_limit
 
     def check(self, recs: list[dict], now: float) -> dict | None:
         ranks = self._current(recs, now)

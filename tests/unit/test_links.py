@@ -68,3 +68,16 @@ def test_a_restarted_group_starts_afresh():
     beats(det, [[2.0, 300.0]] * 2)
     assert beats(det, [[2.0]] * 5, gen="g2") == []  # one rank left: nothing to compare with
     assert det.flagged == set()
+
+
+def test_link_faults_refuse_in_process_node_actions_in_one_line():
+    import pytest
+
+    from raygpt.errors import UserError
+    from raygpt.train.chaos import _check_link_faults
+    from raygpt.train.netns import unusable_reason
+
+    with pytest.raises(UserError) as e:
+        _check_link_faults([30])
+    msg = str(e.value)
+    assert "\n" not in msg and (unusable_reason() or "one kind per run") in msg

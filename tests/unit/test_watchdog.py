@@ -86,3 +86,19 @@ def test_straggler_detector_flags_a_rank_after_k_slow_steps_and_again_after_it_r
     assert det.flagged == set()  # cleared after 3 good steps in a row
     assert det.update(11, [0.1, 0.1, 0.3]) == [] and det.update(12, [0.1, 0.1, 0.3]) == []
     assert [e["rank"] for e in det.update(13, [0.1, 0.1, 0.3])] == [2]
+
+
+def test_a_rank_whose_beats_stop_while_the_others_save_is_named_after_the_step_timeout():
+    """A network partition during a checkpoint: the live rank waits in the save's
+    collective (a long phase) but still beats; the silent rank is not given the init
+    timeout."""
+    dog = _dog(init=600.0)
+    silent = _rec(1, 1, 50)
+    dog.check([_rec(0, 1, 50, phase="checkpoint"), silent], 0.0)
+    v = None
+    for t in range(1, 30):
+        v = dog.check([_rec(0, 1 + t, 50, phase="checkpoint"), silent], float(t))
+        if v:
+            break
+    assert v is not None and v["timeout_s"] == 15.0 and 15 <= v["idle_s"] <= 16
+    assert [s["rank"] for s in v["stuck"]] == [1] and "frozen" in v["reason"]
