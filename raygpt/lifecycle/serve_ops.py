@@ -4,7 +4,7 @@ The serving app (raygpt.serving.app) takes its model from the deployment's
 `user_config: {model_dir: ..., version: ...}`; a change of user_config alone is a Serve *lightweight
 update*: every replica's `reconfigure` loads the new directory beside the old model and
 swaps it in, in-flight requests finish on the old one, and a directory that fails to load
-is refused (GET /v1/models then shows `last_update_error`). Nothing restarts.
+is refused (GET /admin/model then shows `last_update_error`). Nothing restarts.
 
 How the new user_config reaches Serve depends on how the application was deployed:
 
@@ -143,13 +143,18 @@ def _headers(api_key: str | None) -> dict:
 
 
 def model_card(url: str, api_key: str | None = None, timeout: float = 10.0) -> dict:
-    """GET {url}/v1/models -> the served model's card (model_dir, version, ...)."""
+    """GET {url}/admin/model -> the served model's card (model_dir, version,
+    last_update_error, ...); GET /v1/models of a server older than /admin/model."""
     import httpx
 
-    r = httpx.get(f"{url}/v1/models", headers=_headers(api_key), timeout=timeout)
+    r = httpx.get(f"{url}/admin/model", headers=_headers(api_key), timeout=timeout)
+    if r.status_code == 404:
+        r = httpx.get(f"{url}/v1/models", headers=_headers(api_key), timeout=timeout)
+        if r.status_code == 200:
+            return r.json()["data"][0]
     if r.status_code != 200:
-        raise UserError(f"GET {url}/v1/models: HTTP {r.status_code}: {r.text[:200]}")
-    return r.json()["data"][0]
+        raise UserError(f"GET {r.request.url}: HTTP {r.status_code}: {r.text[:200]}")
+    return r.json()
 
 
 def served_model(app: str, url: str | None = None, api_key: str | None = None,

@@ -8,6 +8,20 @@ import typer
 from raygpt.errors import UserError
 
 
+def key_args(api_key_env: str, address: str | None, app: str = "raygpt") -> dict:
+    """Serve args that let replicas find the API key without it being in the Serve config
+    (which `serve status` and the dashboard API show): a local Ray's replicas inherit our
+    environment, so the variable's name is enough; on a cluster (--address) the key goes
+    into Ray's KV store and the config names only the entry. Needs a connected Ray."""
+    import os
+
+    if not address:
+        return {"api_key_env": api_key_env}
+    from raygpt.serving.replicas import put_api_keys
+
+    return {"api_key_kv": put_api_keys(app, os.environ[api_key_env])}
+
+
 def serve_cmd(
     model_dir: str = typer.Argument(..., help="exported model directory (raygpt export)"),
     port: int = typer.Option(8000, "--port", help="HTTP port"),
@@ -56,7 +70,7 @@ def serve_cmd(
     from ray import serve
 
     from raygpt.serving.app import make_app
-    from raygpt.serving.replicas import drain_app, set_drain
+    from raygpt.serving.replicas import delete_api_keys, drain_app, set_drain
 
     stop = threading.Event()
     if address:
@@ -78,10 +92,7 @@ def serve_cmd(
         args = {"model_dir": str(md), "max_slots": max_slots, "model_name": name,
                 "rate_limit_rps": rate_limit, "step_delay_s": step_delay}
         if api_key_env:
-            args["api_key_env"] = api_key_env
-            if address:  # a local Ray inherits our environment; a cluster's nodes do not
-                opts["ray_actor_options"]["runtime_env"] = {
-                    "env_vars": {api_key_env: os.environ[api_key_env]}}
+            args.update(key_args(api_key_env, address))
         if not stop.is_set():
             set_drain("raygpt", False)  # a drain left by an earlier run on this cluster
             serve.run(make_app(args, **opts), name="raygpt", route_prefix="/")
@@ -106,6 +117,8 @@ def serve_cmd(
                        + ("" if d["drained"] else " (timed out: in-flight requests cut)"), err=True)
             serve.delete("raygpt", _blocking=True)
             set_drain("raygpt", False)
+            if api_key_env and address:
+                delete_api_keys("raygpt")
         typer.echo("stopped", err=True)
     finally:
         try:

@@ -3,6 +3,9 @@
 - Each replica publishes its state under `KV_PREFIX/<app>/<replica id>`: the model it
   serves (`raygpt promote` waits on every replica's), and while draining whether it is
   idle.
+- `raygpt serve --address` puts the API key(s) under `SECRET_PREFIX/<app>/api_keys`; the
+  Serve config names only that entry (anyone who can run a Ray driver on the cluster can
+  read it, as they could any replica's memory; the dashboard's Serve API cannot).
 - A driver that shuts an app down (`raygpt serve` on SIGTERM) sets the app's drain key
   first. Every replica polls it and answers new requests 503 + Retry-After (retryable:
   the openai SDK and load balancers retry a 503, not the 404 Serve's proxy gives once the
@@ -17,6 +20,7 @@ import time
 
 KV_PREFIX = "raygpt/serve"
 DRAIN_PREFIX = "raygpt/serve-drain"
+SECRET_PREFIX = "raygpt/serve-secret"
 SERVER_DEPLOYMENT = "GPTServer"
 
 
@@ -41,6 +45,26 @@ def published_states(details: dict, app: str, deployment: str = SERVER_DEPLOYMEN
         raw = _internal_kv_get(state_key(app, r["replica_id"]))
         out[r["replica_id"]] = json.loads(raw) if raw else None
     return out
+
+
+def secret_key(app: str) -> str:
+    return f"{SECRET_PREFIX}/{app}/api_keys"
+
+
+def put_api_keys(app: str, keys: str) -> str:
+    """Store an app's API key(s) in Ray's KV store -> the entry's name, which is all the
+    Serve config holds (settings.api_key_kv). Not a runtime_env env var: Serve keeps
+    those in the deployment config, which `serve status`/the dashboard API show."""
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(secret_key(app), keys.encode(), overwrite=True)
+    return secret_key(app)
+
+
+def delete_api_keys(app: str) -> None:
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    _internal_kv_del(secret_key(app))
 
 
 def set_drain(app: str, on: bool) -> None:

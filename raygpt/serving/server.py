@@ -6,14 +6,17 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions (stream or not), GET /v1/models,
 POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /health, GET /healthz,
-GET /metrics (Prometheus), GET /v1/stats (engine counters), GET / (playground page).
+GET /metrics (Prometheus), GET /v1/stats (engine counters), GET / (playground page),
+GET /admin/model (model_dir, last_update_error), GET /docs, GET /openapi.json. With API
+keys set, everything but /, /health and /healthz needs one (public_metrics, public_docs).
 
 Model updates: `user_config: {model_dir: ..., version: ...}`. `reconfigure` loads the new
 directory in a thread while the old engine keeps serving, warms it up, then swaps it in;
 requests hold the engine they started on, so in-flight requests finish on the old model.
 The same path with a new version (a re-export) is reloaded; a directory that fails to
 load, or whose version is not the one asked for, is refused: the old model keeps serving
-and the error shows in GET /v1/models (`last_update_error`). Each replica publishes what it
+and the error shows in GET /admin/model (`last_update_error`; GET /v1/models shows clients
+neither paths nor errors). Each replica publishes what it
 serves in Ray's KV store (`replica_state`), so promote can check every replica.
 
 Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}: 4xx for every
@@ -46,6 +49,7 @@ from raygpt.serving import adapter
 from raygpt.serving.protocol import (ApiError, ChatCompletionRequest, CompletionRequest,
                                      DetokenizeRequest, TokenizeRequest, error_body, parse,
                                      validation_error)
+from raygpt.serving.limits import ConcurrencyLimiter, RateLimiter, TooManyConcurrent
 from raygpt.serving.replicas import drain_requested, state_key
 from raygpt.serving.settings import ServerSettings
 
@@ -54,49 +58,10 @@ log = logging.getLogger("ray.serve")
 STATIC = Path(__file__).parent / "static"
 
 
-# --------------------------------------------------------------------------- rate limit
-
-
-class TokenBucket:
-    def __init__(self, rate: float, burst: float):
-        self.rate, self.burst = rate, burst
-        self.tokens, self.t = burst, time.monotonic()
-
-    def take(self, cost: float = 1.0) -> float:
-        """-> 0 when allowed (and taken), else seconds until `cost` is available."""
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
-        self.t = now
-        if self.tokens >= cost:
-            self.tokens -= cost
-            return 0.0
-        return (cost - self.tokens) / self.rate
-
-
-class RateLimiter:
-    """Token buckets per client (API key when keys are set, else client IP)."""
-
-    def __init__(self, rate: float, burst: float | None, max_clients: int = 10000):
-        self.rate, self.burst = rate, burst if burst is not None else max(1.0, rate)
-        self.buckets: dict[str, TokenBucket] = {}
-        self.max_clients = max_clients
-
-    def check(self, client: str, cost: float = 1.0) -> float:
-        if self.rate <= 0:
-            return 0.0
-        b = self.buckets.get(client)
-        if b is None:
-            if len(self.buckets) >= self.max_clients:  # forget idle clients (full buckets)
-                now = time.monotonic()
-                self.buckets = {k: v for k, v in self.buckets.items()
-                                if v.tokens + (now - v.t) * v.rate < v.burst}
-            b = self.buckets[client] = TokenBucket(self.rate, self.burst)
-        return b.take(min(cost, self.burst))
-
-
 # --------------------------------------------------------------------------- the app
 
-app = FastAPI(title="raygpt", docs_url="/docs", redoc_url=None)
+# /docs and /openapi.json are GPTServer routes: behind the API key unless public_docs
+app = FastAPI(title="raygpt", docs_url=None, openapi_url=None, redoc_url=None)
 
 
 @app.exception_handler(ApiError)
@@ -120,7 +85,13 @@ class CatchAll:
     """A bug never answers with a plain-text 500 nor leaves engine work without a reader:
     cancel what the request submitted (`request.state.submitted`) and answer in the OpenAI
     error shape. Pure ASGI (BaseHTTPMiddleware would re-buffer every SSE chunk); also
-    counts /v1/* responses by status for the metrics."""
+    counts /v1/* responses by status for the metrics.
+
+    However the request ends (answered, failed, or cancelled by a client disconnect:
+    asyncio.CancelledError is no Exception, and a stream cancelled before its generator
+    ran never reaches the generator's `finally`), nothing reads its engine requests any
+    more: cancel the unfinished ones so their slots free, and run `request.state.release`
+    (the per-client concurrency slot)."""
 
     def __init__(self, app):
         self.app = app
@@ -129,7 +100,7 @@ class CatchAll:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         state = scope.setdefault("state", {})
-        state["submitted"] = []
+        state["submitted"], state["release"] = [], []
         status = None
 
         async def send_and_record(msg):
@@ -150,6 +121,11 @@ class CatchAll:
                                               "server_error", None, "internal_error"),
                                    status_code=500)(scope, receive, send)
         finally:
+            for r in state["submitted"]:
+                if not r.done:
+                    r.cancel()
+            for release in state["release"]:
+                release()
             # scope["app"]: the app Serve runs (a copy of the module's `app`, pickled with
             # the deployment), where GPTServer put its metrics
             m = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
@@ -249,6 +225,29 @@ def _replica_id() -> str | None:
         return None
 
 
+def _load_keys(env: str | None, kv: str | None) -> list[str]:
+    """Comma-separated keys from an environment variable and/or a Ray KV entry (where
+    `raygpt serve --address` puts them: the Serve config then holds only the entry's
+    name). Fails closed: a source that is named but empty is an error, not "no auth"."""
+    keys: list[str] = []
+    for name, raw in ((env, lambda n: os.environ.get(n)), (kv, _kv_text)):
+        if not name:
+            continue
+        got = [k.strip() for k in (raw(name) or "").split(",") if k.strip()]
+        if not got:
+            where = "environment variable" if name == env else "Ray KV entry"
+            raise UserError(f"API keys: the {where} {name!r} is empty or missing in the replica")
+        keys += got
+    return keys
+
+
+def _kv_text(name: str) -> str | None:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    v = _internal_kv_get(name)
+    return v.decode() if v else None
+
+
 @serve.deployment(
     name="GPTServer",
     max_ongoing_requests=64,
@@ -267,15 +266,11 @@ class GPTServer:
             import torch
 
             torch.set_num_threads(self.s.num_threads)
-        self.api_keys: list[str] = []
-        if self.s.api_key_env:
-            raw = os.environ.get(self.s.api_key_env) or ""
-            self.api_keys = [k.strip() for k in raw.split(",") if k.strip()]
-            if not self.api_keys:  # fail closed: an API key was asked for but is not there
-                raise UserError(f"api_key_env={self.s.api_key_env!r} is set but that environment "
-                                "variable is empty in the replica")
+        self.api_keys = _load_keys(self.s.api_key_env, self.s.api_key_kv)
+        self.admin_keys = _load_keys(self.s.admin_key_env, None) or self.api_keys
         self.limiter = RateLimiter(self.s.rate_limit_rps, self.s.rate_limit_burst)
         self.token_limiter = RateLimiter(self.s.rate_limit_tps, self.s.rate_limit_token_burst)
+        self.concurrency = ConcurrencyLimiter(self.s.max_concurrent_per_client)
         from raygpt.serving.metrics import ServerMetrics
 
         try:
@@ -448,19 +443,23 @@ class GPTServer:
         c = request.client
         return "ip:" + (c.host if c else "unknown")
 
+    def _auth(self, request: Request, keys: list[str] | None = None) -> str | None:
+        """-> the API key given (None when the server has none); 401 without a valid one."""
+        keys = self.api_keys if keys is None else keys
+        if not keys:
+            return None
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        given_b = given.strip().encode()
+        key = next((k for k in keys if hmac.compare_digest(given_b, k.encode())), None)
+        if scheme.lower() != "bearer" or key is None:
+            raise ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                           "invalid_request_error", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+        return key
+
     def _guard(self, request: Request) -> str:
         """Auth and the request-rate limit. -> the client id (for the token limit)."""
-        key = None
-        if self.api_keys:
-            auth = request.headers.get("authorization", "")
-            scheme, _, given = auth.partition(" ")
-            given = given.strip().encode()
-            key = next((k for k in self.api_keys if hmac.compare_digest(given, k.encode())), None)
-            if scheme.lower() != "bearer" or key is None:
-                raise ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)",
-                               "invalid_request_error", code="invalid_api_key",
-                               headers={"WWW-Authenticate": "Bearer"})
-        client = self._client_id(request, key)
+        client = self._client_id(request, self._auth(request))
         wait = self.limiter.check(client)
         if wait > 0:
             raise ApiError(429, f"rate limit of {self.s.rate_limit_rps:g} requests/s exceeded",
@@ -468,15 +467,31 @@ class GPTServer:
                            headers={"Retry-After": str(max(1, int(wait + 0.999)))})
         return client
 
+    def _hold_slot(self, request: Request, client: str) -> None:
+        """The per-client concurrency cap; CatchAll releases the slot when the request ends
+        (streams included)."""
+        try:
+            request.state.release.append(self.concurrency.acquire(client))
+        except TooManyConcurrent:
+            raise ApiError(429, f"more than {self.s.max_concurrent_per_client} concurrent "
+                           "requests from this client (max_concurrent_per_client)", "requests",
+                           code="too_many_concurrent_requests",
+                           headers={"Retry-After": "1"}) from None
+
     def _charge_tokens(self, client: str, tokens: int) -> None:
+        """Charged in full before anything reaches the engine; a request above the burst
+        waits for a full bucket and leaves it in debt (limits.TokenBucket)."""
         wait = self.token_limiter.check(client, tokens)
         if wait > 0:
-            raise ApiError(429, f"token rate limit of {self.s.rate_limit_tps:g} tokens/s exceeded "
-                           f"(this request: {tokens} prompt + max completion tokens)", "tokens",
-                           code="rate_limit_exceeded",
+            burst = self.token_limiter.burst
+            raise ApiError(429, f"token rate limit of {self.s.rate_limit_tps:g} tokens/s (burst "
+                           f"{burst:g}) exceeded (this request: {tokens} prompt + max completion "
+                           f"tokens; retry in {wait:.1f} s)", "tokens", code="rate_limit_exceeded",
                            headers={"Retry-After": str(max(1, int(wait + 0.999)))})
 
     async def _read_body(self, request: Request) -> bytes:
+        """The body, within max_body_bytes (413) and body_timeout_s (408: a slow upload
+        must not hold a replica's request slot)."""
         limit = self.s.max_body_bytes
         too_big = ApiError(413, f"request body is larger than {limit} bytes",
                            code="request_too_large")
@@ -488,11 +503,17 @@ class GPTServer:
             except ValueError:
                 raise ApiError(400, "invalid Content-Length header") from None
         chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                raise too_big
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.s.body_timeout_s):
+                async for chunk in request.stream():
+                    total += len(chunk)
+                    if total > limit:
+                        raise too_big
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ApiError(408, f"request body not received within {self.s.body_timeout_s:g} s "
+                           "(body_timeout_s)", code="request_timeout",
+                           headers={"Connection": "close"}) from None
         return b"".join(chunks)
 
     def _check_model(self, name: str | None) -> None:
@@ -530,25 +551,51 @@ class GPTServer:
         return r if isinstance(r, Response) else Response(status_code=200)
 
     @app.get("/metrics", include_in_schema=False)
-    async def prometheus(self):
+    async def prometheus(self, request: Request):
+        if not self.s.public_metrics:  # no rate limit: a scraper must not be refused
+            self._auth(request)
         self._engine_gauges()
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request):
+        if not self.s.public_docs:
+            self._auth(request)
+        return JSONResponse(request.app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request):
+        if not self.s.public_docs:
+            self._auth(request)
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="raygpt")
 
     def _engine_gauges(self):
         if self.engine is not None:
             st = self.engine.stats()
             self.metrics.engine_state(st["waiting"], st["active"])
 
-    def _model_card(self) -> dict:
+    def _model_card(self, admin: bool = False) -> dict:
+        """The served model; where it was loaded from and why the last update was refused
+        only for admins (/admin/model): clients see no paths on the server nor its errors."""
         e = self.engine
         card = {"id": self.s.model_name, "object": "model", "owned_by": "raygpt",
                 "created": getattr(e, "loaded_at", None)}
         if e is not None:
-            card.update(version=e.version, model_dir=e.model_dir,
+            card.update(version=e.version,
                         context_length=e.block_size, vocab_size=e.cfg.vocab_size,
                         replica=_replica_id())
-        card["last_update_error"] = self.last_error
+        if admin:
+            card.update(model_dir=getattr(e, "model_dir", None), last_update_error=self.last_error)
         return card
+
+    @app.get("/admin/model", include_in_schema=False)
+    async def admin_model(self, request: Request):
+        """The model card with model_dir and last_update_error (raygpt promote reads it)."""
+        self._auth(request, self.admin_keys)
+        return self._model_card(admin=True)  # also with no model loaded: why not
 
     @app.get("/v1/models")
     async def models(self, request: Request):
@@ -624,6 +671,7 @@ class GPTServer:
     async def completions(self, request: Request):
         client = self._guard(request)
         self._admit()
+        self._hold_slot(request, client)
         req = parse(CompletionRequest, await self._read_body(request))
         self._check_model(req.model)
         engine = await self._current_engine()
@@ -640,6 +688,7 @@ class GPTServer:
     async def chat_completions(self, request: Request):
         client = self._guard(request)
         self._admit()
+        self._hold_slot(request, client)
         req = parse(ChatCompletionRequest, await self._read_body(request))
         self._check_model(req.model)
         engine = await self._current_engine()
@@ -662,15 +711,12 @@ class GPTServer:
             raise ApiError(400, f"{len(prompts)} prompts x n={req.n} = {fan} generations is above "
                            f"this server's limit of {self.s.max_fanout} per request", param="n",
                            code="fanout_too_large")
-        reqs, engine = await self._submit_all(request, engine, prompts, req, max_tokens, stop)
-        n_prompt = sum(len(reqs[k * req.n].prompt_ids) for k in range(len(prompts)))
+        # each prompt encoded once, and the tokens charged before anything is queued
+        ids = self._encode_all(engine, prompts, adapter.sampling_params(req, max_tokens, stop, 0))
+        n_prompt = sum(len(x) for x in ids)
         if self.s.rate_limit_tps > 0:
-            try:
-                self._charge_tokens(client, n_prompt + max_tokens * fan)
-            except ApiError:
-                for r in reqs:
-                    r.cancel()
-                raise
+            self._charge_tokens(client, n_prompt + max_tokens * fan)
+        reqs, engine = await self._submit_all(request, engine, prompts, ids, req, max_tokens, stop)
         kind = ("chat.completion.chunk" if req.stream else "chat.completion") if chat else \
             "text_completion"
         base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "object": kind,
@@ -699,13 +745,30 @@ class GPTServer:
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_comp,
                           "total_tokens": n_prompt + n_comp}}
 
-    async def _submit_all(self, request, engine, prompts, req, max_tokens, stop):
+    @staticmethod
+    def _encode_all(engine, prompts: list, params) -> list[list[int]]:
+        """Token ids of each prompt (400 on a bad prompt or bad sampling params: checked
+        here so that a refused request is not charged)."""
+        from raygpt.serving.engine import InvalidRequest
+
+        try:
+            params.validate(engine.cfg.vocab_size)
+            return [engine.encode(p) for p in prompts]
+        except InvalidRequest as e:
+            raise ApiError(400, str(e), param=e.param, code=e.code) from None
+        except UserError as e:
+            raise ApiError(400, str(e), param="prompt") from None
+
+    async def _submit_all(self, request, engine, prompts, ids, req, max_tokens, stop):
         from raygpt.serving.engine import EngineClosed, EngineOverloaded, InvalidRequest
 
         for attempt in range(5):
             reqs = []
+            if attempt:  # another model now: its tokenizer may split the prompts otherwise
+                ids = self._encode_all(engine, prompts,
+                                       adapter.sampling_params(req, max_tokens, stop, 0))
             try:
-                for p in prompts:
+                for p in ids:
                     for j in range(req.n):
                         sp = adapter.sampling_params(req, max_tokens, stop, j)
                         r = engine.submit(p, sp)

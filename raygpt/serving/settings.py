@@ -30,6 +30,12 @@ class ServerSettings(BaseModel):
     rate_limit_tps: float = Field(0.0, ge=0)  # tokens/s per client (prompt + max_tokens); 0 = off
     rate_limit_token_burst: float | None = Field(None, gt=0)
     trusted_proxy_header: str | None = None  # e.g. X-Forwarded-For: client IP set by your proxy
+    api_key_kv: str | None = None         # Ray KV entry holding API key(s) (raygpt serve --address)
+    admin_key_env: str | None = None      # env var with admin key(s) for /admin/*; unset -> the API keys
+    public_metrics: bool = False          # /metrics without the API key
+    public_docs: bool = False             # /docs and /openapi.json without the API key
+    max_concurrent_per_client: int | None = Field(None, ge=1)  # in-flight requests per client (429 beyond); None = off
+    body_timeout_s: float = Field(30.0, gt=0)  # the whole request body within this (408 beyond)
     chat_template: str | None = None      # file with a chat template (default: model dir's, else built in)
     max_failed_steps: int = Field(5, ge=1)  # consecutive failed engine steps -> unhealthy
     step_delay_s: float = Field(0.0, ge=0)  # testing aid: slows each engine step down

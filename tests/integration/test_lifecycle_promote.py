@@ -104,9 +104,10 @@ def dashboard(ray_session):
 
 
 def card(base, app):
-    r = httpx.get(f"{base}/{app}/v1/models", timeout=30)
+    """The admin card (model_dir and last_update_error are not on /v1/models)."""
+    r = httpx.get(f"{base}/{app}/admin/model", timeout=30)
     assert r.status_code == 200, r.text
-    return r.json()["data"][0]
+    return r.json()
 
 
 def replica_ids(app):

@@ -71,6 +71,7 @@ class Ref:
         from raygpt.model.io import load_model_dir
 
         self.model, self.meta = load_model_dir(model_dir)
+        self.model_dir = model_dir
         self.tok = load_tokenizer(Path(model_dir) / "tokenizer.json")
         self.version = self.meta["version"]
         self._cache = {}
@@ -274,7 +275,11 @@ def test_models_health_playground(cluster, refs):
         m = h.get("/v1/models").json()
         (card,) = m["data"]
         assert card["id"] == "raygpt" and card["version"] == refs["a"].version
-        assert card["context_length"] == BLOCK and card["last_update_error"] is None
+        assert card["context_length"] == BLOCK
+        # no server paths nor update errors for clients; the admin card has them
+        assert "model_dir" not in card and "last_update_error" not in card
+        admin = h.get("/admin/model").json()
+        assert admin["model_dir"] == refs["a"].model_dir and admin["last_update_error"] is None
         assert h.get("/v1/models/raygpt").json()["version"] == refs["a"].version
         assert_error(h.get("/v1/models/nope"), 404)
         hz = h.get("/healthz")
@@ -445,7 +450,7 @@ def test_model_update_under_load(cluster, refs, models):
                 errors.append(repr(e))
 
     async def version(client):
-        return (await client.get("/v1/models")).json()["data"][0]
+        return (await client.get("/admin/model")).json()
 
     async def main():
         async with httpx.AsyncClient(base_url=f"{cluster.base}/upd", timeout=120) as client:
