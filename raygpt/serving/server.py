@@ -284,6 +284,7 @@ class GPTServer:
         self.last_error: dict | None = None
         self.retired: list = []  # engines draining after a swap (their stats still count)
         self.draining = False
+        self._ignored_seen: set = set()  # request fields warned about (once each)
         self._reconf_lock = asyncio.Lock()
         self._totals = {"decode_steps": 0, "tokens_generated": 0, "requests_finished": 0,
                         "prefills": 0}
@@ -585,7 +586,7 @@ class GPTServer:
                 "created": getattr(e, "loaded_at", None)}
         if e is not None:
             card.update(version=e.version,
-                        context_length=e.block_size, vocab_size=e.cfg.vocab_size,
+                        context_length=e.block_size, max_model_len=e.block_size, vocab_size=e.cfg.vocab_size,
                         replica=_replica_id())
         if admin:
             card.update(model_dir=getattr(e, "model_dir", None), last_update_error=self.last_error)
@@ -672,24 +673,36 @@ class GPTServer:
         client = self._guard(request)
         self._admit()
         self._hold_slot(request, client)
-        req = parse(CompletionRequest, await self._read_body(request))
+        req = self._parse(CompletionRequest, await self._read_body(request))
         self._check_model(req.model)
         engine = await self._current_engine()
         prompts = _prompts(req.prompt)
         if len(prompts) > self.s.max_prompts:
             raise ApiError(400, f"at most {self.s.max_prompts} prompts per request", param="prompt")
-        if req.max_tokens == 0 and not req.echo:
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens == 0 and not req.echo:
             raise ApiError(400, "max_tokens must be >= 1 (0 only with echo)", param="max_tokens")
-        adapter.check_max_tokens(req.max_tokens, self.s.max_tokens_limit or engine.block_size)
-        return await self._generate(request, client, engine, prompts, req, req.max_tokens,
+        adapter.check_max_tokens(max_tokens, self.s.max_tokens_limit or engine.block_size)
+        return await self._generate(request, client, engine, prompts, req, max_tokens,
                                     req.stop_list(), chat=False)
+
+    def _parse(self, model, body: bytes):
+        """The request, with fields it does not know ignored (a warning once per field
+        name) unless strict_requests."""
+        ignored: list[str] = []
+        req = parse(model, body, strict=self.s.strict_requests, ignored=ignored)
+        new = sorted(set(ignored) - self._ignored_seen)
+        if new:
+            self._ignored_seen.update(new)
+            log.warning("ignoring request fields this server does not know: %s", ", ".join(new))
+        return req
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         client = self._guard(request)
         self._admit()
         self._hold_slot(request, client)
-        req = parse(ChatCompletionRequest, await self._read_body(request))
+        req = self._parse(ChatCompletionRequest, await self._read_body(request))
         self._check_model(req.model)
         engine = await self._current_engine()
         limit = self.s.max_tokens_limit or engine.block_size
@@ -739,6 +752,10 @@ class GPTServer:
             for r in reqs:
                 if not r.done:
                     r.cancel()
+        if any(res.finish_reason == "cancelled" for res in results):
+            # the engine stopped under it (a drain or a model swap): not a 200
+            raise ApiError(503, "generation was cancelled (the replica is draining or swapping "
+                           "models); retry", "server_error", code="cancelled", headers={"Retry-After": "1"})
         choices = [fmt.full(i, res) for i, res in enumerate(results)]
         n_comp = sum(res.completion_tokens for res in results)
         return {**base, "choices": choices,
@@ -814,6 +831,7 @@ class GPTServer:
 
         tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
         n_comp = 0
+        continuous = bool(getattr(fmt.req.stream_options, "continuous_usage_stats", False))
         try:
             for c in fmt.stream_start(base, len(reqs)):
                 yield "data: " + json.dumps(c) + "\n\n"
@@ -823,13 +841,18 @@ class GPTServer:
                 if ev.finish_reason is not None:
                     left -= 1
                 n_comp += len(ev.token_ids)
-                if ev.finish_reason == "error":
-                    yield "data: " + json.dumps(error_body(
-                        f"generation failed: {ev.error}", "server_error")) + "\n\n"
+                if ev.finish_reason in ("error", "cancelled"):  # never a "cancelled" finish
+                    why = (f"generation failed: {ev.error}" if ev.finish_reason == "error" else
+                           "generation was cancelled (the replica is draining or swapping models); retry")
+                    yield "data: " + json.dumps(error_body(why, "server_error")) + "\n\n"
                     continue
                 if not ev.text and ev.finish_reason is None and not fmt.wants_every_token:
                     continue
-                yield "data: " + json.dumps({**base, "choices": [fmt.delta(i, ev, reqs[i])]}) + "\n\n"
+                chunk = {**base, "choices": [fmt.delta(i, ev, reqs[i])]}
+                if include_usage and continuous:  # vLLM's continuous_usage_stats
+                    chunk["usage"] = {"prompt_tokens": n_prompt, "completion_tokens": n_comp,
+                                      "total_tokens": n_prompt + n_comp}
+                yield "data: " + json.dumps(chunk) + "\n\n"
             if include_usage:
                 yield "data: " + json.dumps({**base, "choices": [], "usage": {
                     "prompt_tokens": n_prompt, "completion_tokens": n_comp,

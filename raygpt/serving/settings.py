@@ -37,6 +37,7 @@ class ServerSettings(BaseModel):
     max_concurrent_per_client: int | None = Field(None, ge=1)  # in-flight requests per client (429 beyond); None = off
     body_timeout_s: float = Field(30.0, gt=0)  # the whole request body within this (408 beyond)
     chat_template: str | None = None      # file with a chat template (default: model dir's, else built in)
+    strict_requests: bool = False         # unknown request fields: 400 (default: ignored with a warning, as vLLM)
     max_failed_steps: int = Field(5, ge=1)  # consecutive failed engine steps -> unhealthy
     step_delay_s: float = Field(0.0, ge=0)  # testing aid: slows each engine step down
     fault_file: str | None = None         # testing aid: steps fail while this file names the replica

@@ -117,7 +117,7 @@ class Cluster:
             "applications": [
                 _app("main", m["a"], {"max_slots": 64},
                      {"max_ongoing_requests": 100, "max_queued_requests": 200}),
-                _app("over", m["a"], {"max_slots": 2, "step_delay_s": 0.05},
+                _app("over", m["a"], {"max_slots": 2, "step_delay_s": 0.05, "strict_requests": True},
                      {"max_ongoing_requests": 2, "max_queued_requests": 2,
                       "backpressure_config": {"status_code": 503, "retry_after_s": 2}}),
                 _app("guard", m["a"], {"api_key_env": "RAYGPT_TEST_API_KEY", "rate_limit_rps": 1,
@@ -293,7 +293,8 @@ def test_models_health_playground(cluster, refs):
 
 BAD = [
     ("{not json", 400, None),
-    ('{"prompt": "a", "unknown_field": 1}', 400, "unknown_field"),
+    ('{"prompt": "a", "unknown_field": 1, "top_k": -2}', 400, "top_k"),  # unknown ignored, known checked
+    ('{"prompt": "a", "stop": "%s"}' % ("x" * 100_000), 400, "stop"),
     ('{"max_tokens": 5}', 400, "prompt"),
     ('{"prompt": "a", "max_tokens": 0}', 400, "max_tokens"),
     ('{"prompt": "a", "max_tokens": -3}', 400, "max_tokens"),
@@ -778,3 +779,29 @@ def test_rate_limit_per_client_ip_from_trusted_proxy_header(cluster):
         b = {"X-Forwarded-For": "10.0.0.9, 192.0.2.2"}  # another client behind the proxy
         assert h.get("/v1/models", headers=b).status_code == 200
         assert h.get("/v1/models", headers=a).status_code == 429
+
+
+def test_requests_written_for_vllm_are_served(cluster):
+    """A `vllm bench serve`-style request (vLLM's fields, one it does not know), streamed
+    with usage in every chunk; the same request is refused by a strict_requests app."""
+    body = {"model": "raygpt", "prompt": "ROMEO:", "max_tokens": 6, "ignore_eos": True,
+            "repetition_penalty": 1.1, "min_p": 0.05, "top_k": -1, "stop_token_ids": [],
+            "use_beam_search": False, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with cluster.client("main") as h:
+        with h.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200, r.read()
+            raw = r.read().decode()
+        ev = sse_events(raw)
+        assert ev[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in ev[:-1]]
+        assert all("usage" in c for c in chunks)  # continuous usage stats
+        assert chunks[-1]["usage"]["completion_tokens"] == 6
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4,
+                "min_p": 0.1, "repetition_penalty": 1.2, "top_k": -1, "chat_template_kwargs": {}}
+        c = h.post("/v1/chat/completions", json=chat)
+        assert c.status_code == 200 and c.json()["usage"]["completion_tokens"] <= 4, c.text
+        card = h.get("/v1/models").json()["data"][0]
+        assert card["max_model_len"] == BLOCK
+    with cluster.client("over") as h:
+        assert_error(h.post("/v1/completions", json={**body, "stream": False}), 400, "use_beam_search")
