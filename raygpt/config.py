@@ -185,6 +185,9 @@ class CheckpointConfig(_Section):
     # (one checkpoint process per rank, started at the first save; staging buffers then
     # live in shared memory, so a save hands it handles, not copies).
     async_mode: Literal["thread", "process"] = "thread"
+    # The run's final checkpoint, when the storage refuses it, is tried again with
+    # backoff for this long before the run gives up on it (a storage hiccup passes).
+    final_retry_s: float = Field(60.0, ge=0)
 
 
 class RunConfig(_Section):

@@ -42,6 +42,14 @@ def failure_signatures(err: BaseException) -> set[str]:
     return {m for t in texts for m in _SIGNATURE.findall(t)}
 
 
+def _controller_storage_error(err: BaseException) -> bool:
+    from ray.train.v2.api.exceptions import ControllerError
+
+    from raygpt.train.checkpoint import storage_error
+
+    return isinstance(err, ControllerError) and storage_error(err.controller_failure) is not None
+
+
 def moved_off_drain(err: BaseException) -> bool:
     """Every worker error is raygpt's exit after a drain notice's checkpoint."""
     from raygpt.train.preemption import PREEMPTED_MARK
@@ -61,6 +69,7 @@ class RepeatAwareFailurePolicy(DefaultFailurePolicy):
         self._run_id = run_id
         self._run_dir = run_dir
         self._moves = 0
+        self._storage_faults = 0
 
     def make_decision(self, training_failed_error):
         decision = self._decide(training_failed_error)
@@ -75,6 +84,13 @@ class RepeatAwareFailurePolicy(DefaultFailurePolicy):
         return decision
 
     def _decide(self, training_failed_error):
+        if _controller_storage_error(training_failed_error):
+            # Ray Train's controller writes its checkpoint-manager snapshot to the run's
+            # storage on every report: a read-only or full storage at that moment is a
+            # storage fault, not a bug; restart from the latest checkpoint (budgeted).
+            self._storage_faults += 1
+            limit = self.failure_config.max_failures
+            return FailureDecision.RETRY if limit == -1 or self._storage_faults <= limit else FailureDecision.RAISE
         if moved_off_drain(training_failed_error):
             # Every rank checkpointed and left on a drain notice: a planned move, not a
             # failure. Ray's preemption budget bounds it.

@@ -56,7 +56,7 @@ def close_failed_launch(run_dir: str | os.PathLike) -> None:
 def write_tensorboard(run_dir: str | os.PathLike, led: Ledger, step: int | None) -> None:
     """goodput/* scalars beside the run's own, when the run writes TensorBoard."""
     tb = Path(run_dir) / "tensorboard"
-    if not tb.is_dir():
+    if not tb.is_dir() or not os.access(tb, os.W_OK):  # read-only storage: its writer thread would raise
         return
     from torch.utils.tensorboard import SummaryWriter
 

@@ -73,6 +73,10 @@ class Stopped(RuntimeError):
     """Raised after the checkpoint a SIGTERM asked for (the runtime restarts from it)."""
 
 
+class CheckpointUnwritable(RuntimeError):
+    """The run's last checkpoint could not be written: its steps would be lost."""
+
+
 class Preempted(Stopped):
     """Raised after the checkpoint a drain notice asked for: the group restarts from it
     off the draining nodes, without charging the failure budget."""
@@ -434,6 +438,30 @@ class Trainer:
         self.save(final=True)
         self.ckpt.wait()
 
+    def _save_final(self, metrics: dict) -> None:
+        """The last save of a run has no next interval: one the storage refuses is tried
+        again (2, 4, 8, ... s, up to checkpoint.final_retry_s in all). Every rank sees
+        the same failure (DCP), so every rank retries in step. Gives up with an error
+        naming the step and the storage's reason."""
+        import time as _t
+
+        failed = self.ckpt.failed_saves
+        self.save(metrics, final=True)
+        waited, delay = 0.0, 2.0
+        while self.ckpt.failed_saves > failed and waited < self.cfg.checkpoint.final_retry_s:
+            delay = min(delay, self.cfg.checkpoint.final_retry_s - waited)
+            log(self.rank, f"final checkpoint at step {self.step} refused by the storage; "
+                           f"trying again in {delay:.0f} s")
+            _t.sleep(delay)
+            waited += delay
+            delay *= 2
+            failed = self.ckpt.failed_saves
+            self._saved_at = None
+            self.save(metrics, final=True)
+        if self.ckpt.failed_saves > failed:
+            raise CheckpointUnwritable(f"the final checkpoint at step {self.step} could not be written "
+                                       f"(tried for {waited:.0f} s): the storage refuses it")
+
     # ---------------------------------------------------------------- loop
     def _event(self, name: str, **kw) -> None:
         self.writer.event(name, **kw)
@@ -556,8 +584,10 @@ class Trainer:
                 if is_eval or is_ckpt:
                     report = {k: v for k, v in self.last_rec.items() if isinstance(v, (int, float))}
                     report.update(step=step, done=step == t.max_steps)
-                    if is_ckpt:
-                        self.save(report, final=step == t.max_steps)
+                    if is_ckpt and step == t.max_steps:
+                        self._save_final(report)
+                    elif is_ckpt:
+                        self.save(report)
                     else:
                         self.hooks.report_metrics(report)
                 t_free = time.perf_counter()  # logging, evals and save blocking are not step time

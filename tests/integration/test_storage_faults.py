@@ -102,3 +102,17 @@ def test_unreadable_latest_checkpoint_resumes_from_the_previous_one_and_deletes_
         meta.rmdir()
         (tmp_path / "metadata.aside").rename(meta)
     assert ckpt_lib.is_complete(twenty) and _digest(twenty) == before
+
+
+def test_a_final_save_the_storage_refuses_is_tried_again_until_it_is_writable(ray_session, char_data, tmp_path):
+    """Read-only from step 17 for 6 s: the saves due in the window fail, including the
+    final one at step 20, which has no next interval; it is tried again (2, 4 s ...) and
+    lands once the storage is writable: the run ends with a complete checkpoint at 20."""
+    cfg = _cfg(char_data, tmp_path, "final", "train.max_steps=20", "optim.decay_steps=20")
+    summary, chaos, err = run_with_chaos(cfg, [Action("storage-fault", 17, for_s=6.0)])
+    assert err is None, err
+    assert summary["steps"] == 20
+    recs = read_metrics(tmp_path / "final")
+    assert 20 in [r["step"] for r in recs if r.get("event") == "checkpoint_failed"]
+    latest = ckpt_lib.latest_checkpoint(tmp_path / "final")
+    assert latest.name == "checkpoint_0000020" and ckpt_lib.is_complete(latest)
