@@ -109,10 +109,35 @@ def test_atomic_write_on_full_storage_leaves_no_temp_file(storage):
 
 
 def test_training_ends_when_the_run_directory_turns_read_only(one_rank, char_data, tmp_path, read_only):  # noqa: F811
-    """Read-only from step 7 of 12 to the end: saves at 9 and 12 fail (events), summary.json
-    cannot be written (that raised), train() returns the summary, every record is kept."""
+    """Read-only from step 7 of 12 to the end: the save at 9 fails (an event), training
+    goes on; the final save at 12 fails too and, once checkpoint.final_retry_s is spent,
+    the run says so (CheckpointUnwritable naming step 12) instead of ending as if its
+    last steps were saved; every record is kept."""
+    from raygpt.train.trainer import CheckpointUnwritable
+
     def fault(tr, step):
         if step == 7:
+            read_only.apply()
+
+    hooks = Hooks(stop_code=lambda: STOP_NONE, after_step=fault)
+    tr = Trainer(_cfg(char_data, "checkpoint.final_retry_s=0"), char_data, run_dir=read_only.path,
+                 ckpt_root=read_only.path, hooks=hooks, use_async=False)
+    with pytest.raises(CheckpointUnwritable, match="step 12"):
+        tr.train()
+    read_only.undo()
+    tr.writer.close()  # the records held back while read-only go out now
+    recs = _lines(read_only.path)
+    assert [r["step"] for r in recs if r.get("event") == "checkpoint_failed"] == [9, 12]
+    assert [r["step"] for r in recs if "loss" in r] == list(range(1, 13))
+    assert sorted(p.name for p in read_only.path.glob("checkpoint_*")) == ["checkpoint_0000003", "checkpoint_0000006"]
+
+
+def test_a_summary_the_storage_refuses_does_not_end_the_run_with_an_error(one_rank, char_data, tmp_path,  # noqa: F811
+                                                                         read_only):
+    """Read-only right after the final save: summary.json cannot be written (that raised),
+    train() returns the summary, every record is kept."""
+    def fault(tr, step):
+        if step == 12:
             read_only.apply()
 
     hooks = Hooks(stop_code=lambda: STOP_NONE, after_step=fault)
@@ -122,8 +147,7 @@ def test_training_ends_when_the_run_directory_turns_read_only(one_rank, char_dat
     read_only.undo()
     assert summary["steps"] == 12
     recs = _lines(read_only.path)
-    assert [r["step"] for r in recs if r.get("event") == "checkpoint_failed"] == [9, 12]
     assert [r["step"] for r in recs if "loss" in r] == list(range(1, 13))
     assert recs[-1]["event"] == "end"
     assert not (read_only.path / "summary.json").exists()
-    assert sorted(p.name for p in read_only.path.glob("checkpoint_*")) == ["checkpoint_0000003", "checkpoint_0000006"]
+    assert not [r for r in recs if r.get("event") == "checkpoint_failed"]
