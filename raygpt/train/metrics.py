@@ -277,8 +277,14 @@ def plot_loss(run_dir: str | os.PathLike) -> Path | None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    out = Path(run_dir) / "loss.png"
-    tmp = out.with_name(".loss.tmp.png")
+    return save_figure(fig, Path(run_dir) / "loss.png")
+
+
+def save_figure(fig, out: Path) -> Path:
+    """Write a matplotlib figure under a temp name, then rename: never a half-written PNG."""
+    import matplotlib.pyplot as plt
+
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
     fig.tight_layout()
     fig.savefig(tmp, dpi=110)
     plt.close(fig)

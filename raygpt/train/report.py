@@ -176,13 +176,9 @@ def plot_goodput(run_dir: Path, recs: list[dict], led: Ledger) -> Path:
     bar.set_yticks([])
     bar.set_xlabel("% of wall time")
     bar.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.6), frameon=False)
-    out = run_dir / "goodput.png"
-    tmp = out.with_name(".goodput.tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    from raygpt.train.metrics import save_figure
+
+    return save_figure(fig, run_dir / "goodput.png")
 
 
 def report(run_dir: str) -> tuple[Ledger, Path]:
