@@ -6,6 +6,7 @@ work takes `factor` x the others' median for `steps` steps in a row.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import statistics
 import time
@@ -53,36 +54,34 @@ class StragglerDetector:
     factor: float = 1.5
     steps: int = 5
     nodes: list = field(default_factory=list)  # node id per rank, for the event
-    _streak: dict = field(default_factory=dict)
-    _good: dict = field(default_factory=dict)
+    _window: dict = field(default_factory=dict)  # rank -> its last `steps` ratios
     _flagged: set = field(default_factory=set)
 
     def update(self, step: int, own_s: list[float]) -> list[dict]:
         """One step's own-work seconds per rank -> new `straggler` events. A rank is
-        flagged once per streak and cleared after `steps` good steps in a row (one noisy
-        step neither flags nor clears it, so events do not flap); then it can be flagged
-        again."""
+        flagged when the median of its last `steps` ratios (own work / the others'
+        median) reaches `factor`, and cleared when that median falls under it: one noisy
+        step on a busy machine neither flags nor clears it; a flagged rank is flagged
+        again only after it was cleared."""
         if len(own_s) < 2:
             return []
         out = []
         for r, t in enumerate(own_s):
             others = [x for i, x in enumerate(own_s) if i != r]
             med = statistics.median(others)
-            ratio = t / med if med > 0 else 1.0
-            if ratio >= self.factor:
-                self._streak[r] = self._streak.get(r, 0) + 1
-                self._good[r] = 0
-            else:
-                self._streak[r] = 0
-                self._good[r] = self._good.get(r, 0) + 1
-                if self._good[r] >= self.steps:
-                    self._flagged.discard(r)
-            if self._streak[r] >= self.steps and r not in self._flagged:
+            w = self._window.setdefault(r, collections.deque(maxlen=self.steps))
+            w.append(t / med if med > 0 else 1.0)
+            if len(w) < self.steps:
+                continue
+            ratio = statistics.median(w)
+            if ratio < self.factor:
+                self._flagged.discard(r)
+            elif r not in self._flagged:
                 self._flagged.add(r)
                 out.append({"step": step, "rank": r, "ratio": round(ratio, 2),
                             "node": self.nodes[r] if r < len(self.nodes) else None,
                             "own_ms": round(1000 * t, 2), "others_median_ms": round(1000 * med, 2),
-                            "steps": self._streak[r]})
+                            "steps": self.steps})
         return out
 
     @property

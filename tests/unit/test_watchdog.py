@@ -74,18 +74,20 @@ def test_a_restarted_group_is_judged_afresh():
 def test_straggler_detector_flags_a_rank_after_k_slow_steps_and_again_after_it_recovered():
     det = StragglerDetector(factor=1.5, steps=3, nodes=["a", "b", "c"])
     assert det.update(1, [0.1, 0.1, 0.1]) == []
-    assert det.update(2, [0.1, 0.2, 0.1]) == [] and det.update(3, [0.1, 0.2, 0.1]) == []
-    (ev,) = det.update(4, [0.1, 0.2, 0.1])
-    assert ev["rank"] == 1 and ev["node"] == "b" and ev["ratio"] == 2.0 and ev["step"] == 4
-    assert det.update(5, [0.1, 0.2, 0.1]) == [] and det.flagged == {1}  # once per streak
-    det.update(6, [0.1, 0.1, 0.1])
+    assert det.update(2, [0.1, 0.2, 0.1]) == []  # 1 slow step of the last 3
+    (ev,) = det.update(3, [0.1, 0.2, 0.1])  # 2 of the last 3: the median ratio is 2
+    assert ev["rank"] == 1 and ev["node"] == "b" and ev["ratio"] == 2.0 and ev["step"] == 3
+    assert det.update(4, [0.1, 0.2, 0.1]) == [] and det.flagged == {1}  # once while it stays slow
+    det.update(5, [0.1, 0.1, 0.1])
     assert det.flagged == {1}  # one good step does not clear it ...
-    assert det.update(7, [0.1, 0.2, 0.1]) == [] and det.flagged == {1}  # ... nor re-flag it
-    for s in (8, 9, 10):
-        det.update(s, [0.1, 0.1, 0.1])
-    assert det.flagged == set()  # cleared after 3 good steps in a row
-    assert det.update(11, [0.1, 0.1, 0.3]) == [] and det.update(12, [0.1, 0.1, 0.3]) == []
-    assert [e["rank"] for e in det.update(13, [0.1, 0.1, 0.3])] == [2]
+    assert det.update(6, [0.1, 0.2, 0.1]) == [] and det.flagged == {1}  # ... nor re-flag it
+    det.update(7, [0.1, 0.1, 0.1])
+    assert det.flagged == set()  # 2 good steps of the last 3: cleared
+    # a single noisy step in a slow streak does not reset it (a busy 2-core machine)
+    assert det.update(8, [0.1, 0.1, 0.3]) == []
+    assert det.update(9, [0.1, 0.1, 0.1]) == []
+    assert [e["rank"] for e in det.update(10, [0.1, 0.1, 0.3])] == [2]
+
 
 
 def test_a_rank_whose_beats_stop_while_the_others_save_is_named_after_the_step_timeout():
