@@ -221,7 +221,7 @@ class RunConfig(_Section):
     hang_timeout_s: float | None = Field(None, ge=0)
     init_timeout_s: float = Field(600.0, gt=0)
     # Stragglers: a rank whose own work (data + compute, before it waits on the others)
-    # takes straggler_factor x the others' median for straggler_steps steps in a row.
+    # takes straggler_factor x the others' median (the median of its last straggler_steps steps).
     straggler_factor: float = Field(1.5, gt=1)
     straggler_steps: int = Field(5, ge=1)
     # What a flagged straggler does: "warn" (an event and the progress line), or "drain"
