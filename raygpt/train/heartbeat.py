@@ -53,6 +53,17 @@ def read_beats(run_id: str) -> list[dict]:
     return out
 
 
+def delete_keys(*keys: str, prefix: bool = False) -> None:
+    """Remove a run's keys from Ray's KV store (best effort: the run is ending)."""
+    try:
+        from ray.experimental import internal_kv as kv
+
+        for key in keys:
+            kv._internal_kv_del(key, del_by_prefix=prefix, namespace=NAMESPACE)
+    except Exception:
+        pass
+
+
 def position(rec: dict) -> tuple[int, int]:
     """(step, order in the step) of a heartbeat: comparable across ranks."""
     return int(rec.get("step", 0)), STEP_PHASES.get(rec.get("phase", ""), -1)

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raygpt.train.heartbeat import NAMESPACE, read_beats
+from raygpt.train.heartbeat import NAMESPACE, delete_keys, read_beats
 
 PREEMPTED_MARK = "[raygpt-preempted]"
 POLL_S = 1.0
@@ -56,13 +56,7 @@ class DrainWatch:
         self._stop.set()
         if self._th.is_alive():
             self._th.join(timeout=5)
-        try:
-            from ray.experimental import internal_kv as kv
-
-            for key in (notice_key(self.run_id), drain_request_key(self.run_id)):
-                kv._internal_kv_del(key, namespace=NAMESPACE)
-        except Exception:
-            pass
+        delete_keys(notice_key(self.run_id), drain_request_key(self.run_id))
 
     def _run(self) -> None:
         from raygpt import raycompat

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raygpt.train.heartbeat import LONG_PHASES, NAMESPACE, position, read_beats, verdict_key
+from raygpt.train.heartbeat import LONG_PHASES, NAMESPACE, delete_keys, position, read_beats, verdict_key
 
 STALE_BEAT_S = 5.0     # no heartbeat for this long: the process is frozen
 MIN_HANG_S = 15.0      # the auto timeout's floor
@@ -65,13 +65,7 @@ class HangWatchdog:
         self._stop.set()
         if self._th.is_alive():
             self._th.join(timeout=5)
-        try:
-            from ray.experimental import internal_kv as kv
-
-            for prefix in (f"hb:{self.run_id}:", f"hang:{self.run_id}:"):
-                kv._internal_kv_del(prefix, del_by_prefix=True, namespace=NAMESPACE)
-        except Exception:
-            pass
+        delete_keys(f"hb:{self.run_id}:", f"hang:{self.run_id}:", prefix=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):

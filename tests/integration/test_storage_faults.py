@@ -8,23 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from raygpt.config import load_config
 from raygpt.train import checkpoint as ckpt_lib
 from raygpt.train.chaos import Action, run_with_chaos
 from raygpt.train.launch import run_training
 from raygpt.train.metrics import read_metrics
+from test_hangs import _cfg  # the same tiny 2-worker run
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a read-only or unreadable storage fault needs "
                                                           "root (mount; chmod does not stop root)")
 
 
-def _cfg(data, storage, name, *sets):
-    return load_config("debug", overrides=[
-        f"data.path={data}", f"run.storage={storage}", f"run.name={name}", "run.num_workers=2",
-        "run.cpus_per_worker=1", "parallel.strategy=ddp", "model.n_embd=64", "model.block_size=64",
-        "train.global_batch=16", "train.micro_batch=8", "train.max_steps=40", "train.log_every=1",
-        "train.eval_every=20", "checkpoint.every=10", "optim.decay_steps=40", *sets,
-    ])
 
 
 def test_read_only_storage_mid_run_fails_a_save_and_a_later_one_succeeds(ray_session, char_data, tmp_path):
