@@ -27,21 +27,25 @@ class LinkStragglerDetector:
     _seq: dict = field(default_factory=dict)       # rank -> the last beat counted
     _rtts: dict = field(default_factory=dict)      # rank -> deque of round trips (ms)
     _flagged: set = field(default_factory=set)
+    _good: dict = field(default_factory=dict)      # rank -> new beats under the bar in a row
 
     def update(self, recs: list[dict]) -> list[dict]:
         """The current group's latest heartbeat records (one per rank) -> new events. A
-        rank is flagged once; it is cleared when its median falls back below the bar,
+        rank is flagged once; it is cleared only after `beats` new beats in a row under
+        the bar (a median hovering at the bar must not flap: one event per slow link),
         and can be flagged again after."""
         if not recs:
             return []
         gen = recs[0].get("gen")
         if gen != self._gen:  # a restarted group: new ranks, new links
-            self._gen, self._seq, self._rtts, self._flagged = gen, {}, {}, set()
+            self._gen, self._seq, self._rtts, self._flagged, self._good = gen, {}, {}, set(), {}
         by_rank = {r["rank"]: r for r in recs if r.get("gen") == gen}
+        fresh = set()
         for rank, r in by_rank.items():
             if r.get("rtt_ms") is not None and r.get("seq") != self._seq.get(rank):
                 self._seq[rank] = r.get("seq")
                 self._rtts.setdefault(rank, deque(maxlen=self.beats)).append(float(r["rtt_ms"]))
+                fresh.add(rank)
         medians = {k: statistics.median(v) for k, v in self._rtts.items()}
         out = []
         for rank, q in self._rtts.items():
@@ -52,8 +56,13 @@ class LinkStragglerDetector:
             mine = medians[rank]
             slow = mine >= self.floor_ms and mine >= self.factor * base
             if not slow:
-                self._flagged.discard(rank)
-            elif rank not in self._flagged:
+                if rank in fresh:
+                    self._good[rank] = self._good.get(rank, 0) + 1
+                if self._good.get(rank, 0) >= self.beats:
+                    self._flagged.discard(rank)
+                continue
+            self._good[rank] = 0
+            if rank not in self._flagged:
                 self._flagged.add(rank)
                 rec = by_rank.get(rank, {})
                 out.append({"kind": "link", "step": rec.get("step"), "rank": rank, "node": rec.get("node"),
