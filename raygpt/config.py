@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -177,7 +177,11 @@ class ParallelConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    every: int = Field(500, ge=0)  # 0 = only at the end
+    # Steps between saves (0 = only at the end), or "auto": Young's interval
+    # sqrt(2 x save cost x MTBF) from the measured save cost and run.mtbf_s (or the
+    # failure rate the run has seen), re-estimated as measurements arrive
+    # (raygpt.train.ckpt_interval); the choice is logged and in summary.json.
+    every: Union[int, Literal["auto"]] = 500
     keep: int = Field(2, ge=1)
     async_save: bool = True  # dcp.async_save on GPU; CPU always saves synchronously
     # Where an async save is written: "thread" (a thread of the training process; its
@@ -188,6 +192,15 @@ class CheckpointConfig(_Section):
     # The run's final checkpoint, when the storage refuses it, is tried again with
     # backoff for this long before the run gives up on it (a storage hiccup passes).
     final_retry_s: float = Field(60.0, ge=0)
+
+    @field_validator("every", mode="before")
+    @classmethod
+    def _every(cls, v):
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        if isinstance(v, str) and v.strip().isdigit():
+            return int(v)
+        raise ValueError(f"checkpoint.every={v!r}: neither a step count (0 or more) nor 'auto'")
 
 
 class RunConfig(_Section):
@@ -228,6 +241,12 @@ class RunConfig(_Section):
     # (elastic runs: its node is drained through Ray, the group checkpoints and goes on
     # without it, as on a preemption notice; it may come back as a fresh node).
     straggler_policy: Literal["warn", "drain"] = "warn"
+    # Mean time between failures of this run's cluster, for checkpoint.every=auto
+    # (None: the failure rate the run itself has seen; an hour before its first failure).
+    mtbf_s: float | None = Field(None, gt=0)
+    # Wall seconds from a launch's start after which the run checkpoints and ends, as on
+    # Ctrl-C (a reservation's end); the same run name resumes it. None: no limit.
+    time_limit_s: float | None = Field(None, gt=0)
     # Seconds to wait for workers to be placed before giving up with a clear error.
     placement_timeout_s: float = Field(120.0, gt=0)
 
@@ -409,16 +428,24 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
-def read_yaml(path: str | os.PathLike) -> dict:
+def load_yaml_file(path: str | os.PathLike, error: type[ConfigError] = ConfigError,
+                   missing: str = "config file", invalid: str = "config file") -> Any:
+    """The YAML document in the file at `path` (None when it is empty). Raises `error`
+    "<missing> 'PATH' does not exist" or "<invalid> 'PATH' line N: invalid YAML"."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
+        raise error(f"{missing} {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {str(p)!r}{where}: invalid YAML") from None
+        raise error(f"{invalid} {str(p)!r}{where}: invalid YAML") from None
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    data = load_yaml_file(p)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -449,8 +476,8 @@ def load_config(
 
 def dump_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write YAML atomically (temp name, then rename)."""
+    from raygpt.files import write_atomic
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    tmp.write_text(cfg.to_yaml())
-    os.replace(tmp, p)
+    write_atomic(p, cfg.to_yaml())

@@ -460,6 +460,7 @@ class CheckpointManager:
         self.on_event = on_event or (lambda name, **kw: None)
         self.before_write = before_write or (lambda step: None)
         self.pending = None  # (future, path, mode, step, metrics, created)
+        self.requested = False  # checkpoint.every=auto: the ranks agreed to save at the next step
         self.failed_saves = 0  # consecutive saves the storage refused (0 after a success)
         self._stager = None
         if use_async:
@@ -471,6 +472,8 @@ class CheckpointManager:
                                         shared=self.async_mode == "process")
 
     def due(self, step: int, max_steps: int) -> bool:
+        if self.cfg.every == "auto":
+            return self.requested or step == max_steps
         return bool(self.cfg.every and step % self.cfg.every == 0) or step == max_steps
 
     def _target(self, step: int) -> tuple[Path, str]:
@@ -491,6 +494,7 @@ class CheckpointManager:
         import time
 
         self.wait()
+        self.requested = False
         path, mode = self._target(step)
         created = mode == "upload" or not _exists(path)
         t0 = time.perf_counter()

@@ -26,8 +26,9 @@ from raygpt.train.heartbeat import Progress
 from raygpt.train.stragglers import ComputeClock, StragglerDetector
 
 # Stop reasons, in the order one wins over another when ranks disagree.
-STOP_NONE, STOP_INTERRUPT, STOP_SIGTERM, STOP_PREEMPT = 0, 1, 2, 3
-STOP_NAMES = {STOP_INTERRUPT: "interrupt", STOP_SIGTERM: "sigterm", STOP_PREEMPT: "preemption"}
+STOP_NONE, STOP_INTERRUPT, STOP_SIGTERM, STOP_PREEMPT, STOP_TIME_LIMIT = 0, 1, 2, 3, 4
+STOP_NAMES = {STOP_INTERRUPT: "interrupt", STOP_SIGTERM: "sigterm", STOP_PREEMPT: "preemption",
+              STOP_TIME_LIMIT: "time_limit"}
 
 
 class _StopFlag:
@@ -229,6 +230,8 @@ class Trainer:
         # (set by the runtime adapter) and its first step's time (compile, warm-up).
         self.startup: dict = {}
         self._first_step_s: float | None = None
+        self.auto = None  # checkpoint.every=auto: rank 0's AutoInterval (set at _start)
+        self.deadline: float | None = None  # run.time_limit_s: rank 0's end of this launch (epoch s)
 
     # ---------------------------------------------------------------- build
     def _build_model(self) -> None:
@@ -399,9 +402,13 @@ class Trainer:
         for the straggler check: one tiny CPU all-gather a step."""
         self.progress.mark("agree", self.step)
         code, busy = int(self.hooks.stop_code()), not self.ckpt.local_done()
+        if self.deadline is not None and time.time() >= self.deadline:
+            code = max(code, STOP_TIME_LIMIT)
         compute_s = self.clock.take()
         self.progress.last_compute_s = compute_s
-        mine = [code, int(busy), int(1e6 * self._data_s), int(1e6 * compute_s)]
+        # rank 0's checkpoint.every=auto verdict rides along: every rank saves at the next step
+        want = int(self.auto is not None and self.auto.due(time.time()))
+        mine = [code, int(busy), int(1e6 * self._data_s), int(1e6 * compute_s), want]
         rows = [mine]
         if self.world > 1:
             import torch.distributed as dist
@@ -411,6 +418,7 @@ class Trainer:
             dist.all_gather(out, t, group=self.ctl_group)
             rows = [o.tolist() for o in out]
         code, busy = max(r[0] for r in rows), any(r[1] for r in rows)
+        self.ckpt.requested = self.ckpt.requested or bool(rows[0][4])
         data_s, compute_s = [r[2] / 1e6 for r in rows], [r[3] / 1e6 for r in rows]
         win.add_ranks(data_s, compute_s)
         for ev in self.stragglers.update(self.step, [d + c for d, c in zip(data_s, compute_s)]):
@@ -430,8 +438,46 @@ class Trainer:
             return
         self._saved_at = self.step
         self.progress.mark("checkpoint")
-        self.ckpt.save(self.step, self.parts, self.optimizers, self.trainer_state(),
-                       dict(metrics or {"step": self.step}), self._rng_meta(), final=final)
+        blocked = self.ckpt.save(self.step, self.parts, self.optimizers, self.trainer_state(),
+                                 dict(metrics or {"step": self.step}), self._rng_meta(), final=final)
+        if self.auto is not None:
+            self.auto.saved(time.time(), blocked)
+            self._log_interval()
+
+    def _read_run_history(self) -> None:
+        """Rank 0, at a group's start, from the run's metrics.jsonl (every launch):
+        checkpoint.every=auto's inputs (failures, wall time, save costs) and
+        run.time_limit_s's deadline (from this launch's start). Rank 0 decides both; the
+        per-step agreement carries its verdicts to every rank."""
+        auto, limit = self.cfg.checkpoint.every == "auto", self.cfg.run.time_limit_s
+        if self.rank != 0 or not (auto or limit):
+            return
+        from raygpt.train.ckpt_interval import AutoInterval, History
+
+        now, recs = time.time(), []
+        if self.run_dir is not None:
+            from raygpt.train.metrics import read_metrics
+
+            try:
+                recs = read_metrics(self.run_dir)
+            except (OSError, ValueError) as e:  # no history: the priors, and the limit from now
+                log(self.rank, f"the run's metrics.jsonl is unreadable ({e}): no history for "
+                               "checkpoint.every=auto / run.time_limit_s")
+        if limit:
+            launches = [r["started"] for r in recs if r.get("event") == "launch" and "started" in r]
+            self.deadline = (launches[-1] if launches else now) + limit
+        if auto:
+            self.auto = AutoInterval(self.cfg.run.mtbf_s, History.from_records(recs, now), now)
+            self._log_interval()
+
+    def _log_interval(self) -> None:
+        c = self.auto.changed(time.time())
+        if c is None:
+            return
+        log(self.rank, f"checkpoint.every=auto: a save every {c['interval_s']:.0f} s = sqrt(2 x save "
+                       f"{c['save_s']:.2f} s x MTBF {c['mtbf_s']:.0f} s) (save: {c['save_from']}; MTBF "
+                       f"{c['mtbf_from']})")
+        self.writer.event("checkpoint_interval", step=self.step, **c)
 
     def checkpoint_now(self) -> None:
         """A complete, reported checkpoint at this step (every rank calls it)."""
@@ -516,6 +562,7 @@ class Trainer:
 
     def _start(self) -> None:
         self.ckpt.prune_unfinished(self.step)
+        self._read_run_history()
         self.stragglers.nodes = self._gather_nodes()
         self.writer.event("start", step=self.step, world_size=self.world, plan=self.plan.describe(),
                           micro_batch=self.micro, accum=self.accum, restored=self.restored_from is not None,
@@ -613,6 +660,9 @@ class Trainer:
         return {"deadline_left_s": round(deadline - time.time(), 2)} if deadline else {}
 
     def _announce_stop(self, stopped: str, step: int) -> None:
+        if stopped == "time_limit":
+            log(self.rank, f"run.time_limit_s ({self.cfg.run.time_limit_s:.0f} s) reached: checkpointing "
+                           f"step {step}, then the run ends (the same run name resumes it)")
         if stopped != "preemption":
             log(self.rank, f"stop requested ({stopped}): checkpointing step {step}")
             self.writer.event("stop", step=step, reason=stopped)
@@ -643,6 +693,8 @@ class Trainer:
         }
         if stopped:
             summary["stopped"] = stopped
+        if self.auto is not None:
+            summary["checkpoint_interval"] = {"every": "auto", **self.auto.choice(time.time())}
         # An empty segment (restored at the end, or stopped before a step) keeps the
         # summary the previous segment wrote.
         if self.rank == 0 and self.run_dir is not None and self.step > self.start_step:

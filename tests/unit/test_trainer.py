@@ -5,6 +5,7 @@ when they finish."""
 from __future__ import annotations
 
 import datetime
+import math
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from conftest import free_port as _free_port  # outside the ephemeral range
 from raygpt.config import load_config
 from raygpt.parallel.plan import ParallelPlan
 from raygpt.train import checkpoint as ckpt_lib
+from raygpt.train.metrics import read_metrics
 from raygpt.train.trainer import STOP_INTERRUPT, STOP_NONE, Hooks, Trainer, dropout_seed
 
 
@@ -35,7 +37,7 @@ class _Reports:
 
 
 def _run(data, root: Path, *sets, rank=0, world=1, restore=True, stop_at=None, use_async=False,
-         after_step=None):
+         after_step=None, run_dir=None):
     """One segment: build, restore the latest checkpoint in `root`, train. -> trainer."""
     rep = _Reports()
     state = {"trainer": None}
@@ -44,7 +46,7 @@ def _run(data, root: Path, *sets, rank=0, world=1, restore=True, stop_at=None, u
                   else STOP_NONE)
     if after_step is not None:
         hooks.after_step = after_step
-    tr = Trainer(_cfg(data, *sets), data, rank=rank, world=world, run_dir=None, ckpt_root=root, hooks=hooks,
+    tr = Trainer(_cfg(data, *sets), data, rank=rank, world=world, run_dir=run_dir, ckpt_root=root, hooks=hooks,
                  use_async=use_async)
     state["trainer"] = rep.trainer = tr
     choice = tr.ckpt.choose_restore(None)
@@ -67,14 +69,6 @@ def _params(tr: Trainer) -> dict[str, torch.Tensor]:
 def _max_diff(a, b) -> float:
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=60))
-    yield
-    dist.destroy_process_group()
 
 
 def test_dropout_resume_is_exact_and_stop_resumes_where_it_stopped(one_rank, char_data, tmp_path):
@@ -102,6 +96,42 @@ def test_dropout_resume_is_exact_and_stop_resumes_where_it_stopped(one_rank, cha
         f.unlink()
     reseeded = _run(char_data, tmp_path / "stopped")
     assert _max_diff(_params(straight), _params(reseeded)) > 1e-4
+
+
+def test_a_time_limit_checkpoints_and_ends_the_run(one_rank, char_data, tmp_path):
+    tr = _run(char_data, tmp_path / "ck", "train.max_steps=100000", "run.time_limit_s=2",
+              "checkpoint.every=0", run_dir=tmp_path / "run")
+    assert tr.summary["stopped"] == "time_limit" and 0 < tr.summary["steps"] < 100000
+    assert [s for s, _ in tr.reports.ckpts] == [tr.summary["steps"]]  # the stop's checkpoint, reported
+    assert ckpt_lib.read_state(ckpt_lib.latest_checkpoint(tmp_path / "ck"))["step"] == tr.summary["steps"]
+    recs = read_metrics(tmp_path / "run")
+    start, stop = recs[0]["time"], next(r for r in recs if r.get("event") == "stop")
+    assert stop["reason"] == "time_limit" and stop["time"] - start >= 2 - 0.1  # the limit counts from the start
+
+
+def test_checkpoint_every_auto_saves_at_youngs_interval(one_rank, char_data, tmp_path):
+    """run.mtbf_s=1: sqrt(2 x 1 s (the prior, nothing measured) x 1 s) = 1.41 s before
+    the first save, then sqrt(2 x the measured save x 1 s), well under a second here."""
+    tr = _run(char_data, tmp_path / "ck", "train.max_steps=100000", "run.time_limit_s=4",
+              "checkpoint.every=auto", "run.mtbf_s=1", "train.eval_every=100000", run_dir=tmp_path / "run")
+    recs = read_metrics(tmp_path / "run")
+    choices = [r for r in recs if r.get("event") == "checkpoint_interval"]
+    saves = [r for r in recs if r.get("event") == "checkpoint"]
+    assert choices[0]["interval_s"] == 1.41 and choices[0]["save_from"].startswith("assumed"), choices[0]
+    assert choices[0]["mtbf_from"] == "run.mtbf_s" and choices[0]["mtbf_s"] == 1.0
+    measured = choices[-1]
+    assert measured["save_from"].startswith("median") and measured["interval_s"] < 1.41, choices
+    # the first save no sooner than the first interval after the start; then more, more often
+    start = next(r for r in recs if r.get("event") == "start")
+    assert saves[0]["time"] - start["time"] >= 1.41 - 0.05, (start, saves[0])
+    assert len(saves) >= 3, saves
+    s = tr.summary["checkpoint_interval"]
+    assert s["every"] == "auto" and s["interval_s"] == pytest.approx(
+        math.sqrt(2 * s["save_s"] * 1.0), abs=0.01)
+    # With a long MTBF the same run saves only when the limit stops it.
+    tr = _run(char_data, tmp_path / "ck2", "train.max_steps=100000", "run.time_limit_s=2",
+              "checkpoint.every=auto", "run.mtbf_s=1e9", "train.eval_every=100000", run_dir=tmp_path / "run2")
+    assert [s for s, _ in tr.reports.ckpts] == [tr.summary["steps"]]
 
 
 def test_schedule_horizon_is_kept_from_the_first_start(one_rank, char_data, tmp_path):
