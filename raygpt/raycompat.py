@@ -56,3 +56,132 @@ def drain_node(node_id: str, reason: str = "preemption", message: str = "",
     accepted, why = _gcs_client().drain_node(
         node_id, autoscaler_pb2.DrainNodeReason.Value(DRAIN_REASONS[reason]), message, deadline_ms)
     return bool(accepted), why or ""
+
+
+# ---------------------------------------------------------------- Ray's KV store
+# ray.experimental.internal_kv: the GCS's key-value store, which the driver, every Train
+# worker and every Serve replica reach with no actor of ours to place or keep alive (the
+# heartbeats, hang verdicts, drain notices, stop requests, replica states, API keys).
+# Ray 2.60 has no public KV API; the public route, a named actor holding a dict, would be
+# one more process to schedule, restart and reach, and would go down with its node.
+
+def kv_get(key: str | bytes, namespace: str | None = None) -> bytes | None:
+    from ray.experimental import internal_kv
+
+    return internal_kv._internal_kv_get(key, namespace=namespace)
+
+
+def kv_put(key: str | bytes, value: str | bytes, overwrite: bool = True, namespace: str | None = None) -> bool:
+    from ray.experimental import internal_kv
+
+    return internal_kv._internal_kv_put(key, value, overwrite, namespace=namespace)
+
+
+def kv_del(key: str | bytes, prefix: bool = False, namespace: str | None = None) -> int:
+    """Delete `key` (prefix=True: every key starting with it)."""
+    from ray.experimental import internal_kv
+
+    return internal_kv._internal_kv_del(key, del_by_prefix=prefix, namespace=namespace)
+
+
+def kv_keys(prefix: str | bytes, namespace: str | None = None) -> list[bytes]:
+    from ray.experimental import internal_kv
+
+    return internal_kv._internal_kv_list(prefix, namespace=namespace)
+
+
+# ---------------------------------------------------------------- cluster state
+def cluster_config():
+    """The autoscaler's cluster config as the GCS holds it (node groups: name, resources,
+    max count), or None. ray._private.state: Ray 2.60's public state API
+    (ray.util.state) lists nodes, not the node types the autoscaler may launch."""
+    from ray._private.state import state
+
+    return state.get_cluster_config()
+
+
+# ray.init logs "SIGTERM handler is not set" on this logger (named after the private
+# module); Ray 2.60 has no public switch for that line.
+RAY_WORKER_LOGGER = "ray._private.worker"
+
+
+# ---------------------------------------------------------------- Ray Train v2
+# Ray Train v2's public API (ray.train.v2.api) has no base class for a custom failure
+# policy, scaling policy or controller/worker-group callback (its UserCallback only sees
+# reports and exceptions), nor a public torch backend to extend: raygpt subclasses these,
+# so they are re-exported here, imported on first use (importing raycompat stays cheap).
+_TRAIN_CLASSES = {
+    "FailureDecision": "ray.train.v2._internal.execution.failure_handling",
+    "DefaultFailurePolicy": "ray.train.v2._internal.execution.failure_handling.default",
+    "ElasticScalingPolicy": "ray.train.v2._internal.execution.scaling_policy",
+    "ControllerCallback": "ray.train.v2._internal.execution.callback",
+    "WorkerGroupCallback": "ray.train.v2._internal.execution.callback",
+    "TorchBackend": "ray.train.torch.config:_TorchBackend",
+}
+
+
+def __getattr__(name: str):
+    if name not in _TRAIN_CLASSES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    mod, _, attr = _TRAIN_CLASSES[name].partition(":")
+    return getattr(importlib.import_module(mod), attr or name)
+
+
+def train_report_logger() -> str:
+    """The logger Ray Train logs every report at INFO on: it is named after the file of
+    ray.train.v2._internal.execution.context (no public logging option in Ray 2.60)."""
+    from ray.train.v2._internal.execution import context
+
+    return context.__file__
+
+
+def train_worker_error_logger() -> str:
+    """The logger Ray Train logs a training function's exception on, with its traceback
+    (ray.train.v2._internal.util; no public option to quiet it in Ray 2.60)."""
+    from ray.train.v2._internal import util
+
+    return util.__name__
+
+
+# ---------------------------------------------------------------- Ray Serve
+# Serve 2.60's public API deploys applications (serve.run, a config file) but cannot
+# change one deployment's user_config of an imperatively deployed app without a new code
+# version (which restarts its replicas), and its public status API has no handle to the
+# controller: raygpt's zero-downtime promote goes through the controller client.
+
+def serve_client():
+    """Serve's controller client, or None when no Serve instance runs
+    (ray.serve.context._get_global_client)."""
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client(raise_if_no_controller_running=False)
+
+
+def serve_get_deploy_args():
+    """ray.serve._private.deploy_utils.get_deploy_args (raises ImportError when this
+    Serve has moved it)."""
+    from ray.serve._private.deploy_utils import get_deploy_args
+
+    return get_deploy_args
+
+
+def serve_deployments(client) -> dict:
+    """{DeploymentID: (DeploymentInfo, route prefix)} from the controller."""
+    import ray
+
+    return ray.get(client._controller.list_deployments_internal.remote())
+
+
+def serve_external_scaler_enabled(client, app: str) -> bool:
+    import ray
+
+    return bool(ray.get(client._controller.get_external_scaler_enabled.remote(app)))
+
+
+def serve_deploy_applications(client, deployment_args: dict, app_args: dict) -> None:
+    """The controller's deploy call (what serve.run sends), with our own arguments."""
+    import ray
+
+    ray.get(client._controller.deploy_applications.remote(deployment_args, app_args))

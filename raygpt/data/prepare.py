@@ -390,7 +390,9 @@ class _RayStart:
         self.thread.start()
 
     def _init(self) -> None:
-        worker_log = logging.getLogger("ray._private.worker")  # "SIGTERM handler is not set"
+        from raygpt.raycompat import RAY_WORKER_LOGGER
+
+        worker_log = logging.getLogger(RAY_WORKER_LOGGER)  # "SIGTERM handler is not set"
         level = worker_log.level
         worker_log.setLevel(logging.ERROR)
         try:

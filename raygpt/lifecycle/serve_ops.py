@@ -14,8 +14,9 @@ How the new user_config reaches Serve depends on how the application was deploye
 - imperatively (`serve.run`, `raygpt serve`): the app's deployments are re-sent to the
   controller with their current code version, replica config and options, only the
   user_config changed (serve.run itself would give them a new random code version, which
-  restarts the replicas). This uses Serve's controller API (ray.serve._private); a Ray
-  version where it changed gives a clear error (redeploy from a config file then).
+  restarts the replicas). This uses Serve's controller API (ray.serve._private, through
+  raygpt.raycompat); a Ray version where it changed gives a clear error (redeploy from
+  a config file then).
 
 Two ways to reach Serve: through Ray (this process joins the cluster: --address), or
 through the dashboard's Serve REST API (--dashboard http://HEAD:8265, what `serve deploy`
@@ -74,9 +75,9 @@ def get_details(dashboard: str | None = None) -> dict:
 
 
 def _client():
-    from ray.serve.context import _get_global_client
+    from raygpt.raycompat import serve_client
 
-    c = _get_global_client(raise_if_no_controller_running=False)
+    c = serve_client()
     if c is None:
         raise UserError("no Ray Serve instance runs on this Ray cluster")
     return c
@@ -227,16 +228,16 @@ def _update_declarative(info: AppInfo, new_user_config: dict, dashboard: str | N
 
 
 def _update_imperative(info: AppInfo, new_user_config: dict) -> None:
-    import ray
+    from raygpt import raycompat
 
     try:
-        from ray.serve._private.deploy_utils import get_deploy_args
+        get_deploy_args = raycompat.serve_get_deploy_args()
         from ray.serve.generated.serve_pb2 import ApplicationArgs, DeploymentArgs
     except ImportError as e:
         raise UserError(f"this Ray version's Serve has no controller API raygpt knows ({e}): "
                         f"deploy app {info.name!r} from a config file (serve deploy) to promote") from None
     c = _client()
-    infos = ray.get(c._controller.list_deployments_internal.remote())
+    infos = raycompat.serve_deployments(c)
     mine = {did.name: (di, route) for did, (di, route) in infos.items()
             if getattr(did, "app_name", None) == info.name}
     if info.deployment not in mine:
@@ -269,12 +270,11 @@ def _update_imperative(info: AppInfo, new_user_config: dict) -> None:
     app_args = ApplicationArgs()
     external = False
     try:
-        external = bool(ray.get(c._controller.get_external_scaler_enabled.remote(info.name)))
+        external = raycompat.serve_external_scaler_enabled(c, info.name)
     except Exception:  # noqa: BLE001
         pass
     app_args.external_scaler_enabled = external
-    ray.get(c._controller.deploy_applications.remote({info.name: args_list},
-                                                      {info.name: app_args.SerializeToString()}))
+    raycompat.serve_deploy_applications(c, {info.name: args_list}, {info.name: app_args.SerializeToString()})
 
 
 def _deployment_settled(app: str, deployment: str, dashboard: str | None = None) -> bool:

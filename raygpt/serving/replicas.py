@@ -35,14 +35,14 @@ def drain_key(app: str) -> str:
 def published_states(details: dict, app: str, deployment: str = SERVER_DEPLOYMENT) -> dict[str, dict | None]:
     """{replica_id: published state} for every RUNNING replica of `deployment` in Serve's
     instance details (None: not published yet). Needs this process in the Ray cluster."""
-    from ray.experimental.internal_kv import _internal_kv_get
+    from raygpt.raycompat import kv_get
 
     d = (((details.get("applications") or {}).get(app) or {}).get("deployments") or {}).get(deployment) or {}
     out: dict[str, dict | None] = {}
     for r in d.get("replicas") or []:
         if str(getattr(r.get("state"), "value", r.get("state"))) != "RUNNING":
             continue
-        raw = _internal_kv_get(state_key(app, r["replica_id"]))
+        raw = kv_get(state_key(app, r["replica_id"]))
         out[r["replica_id"]] = json.loads(raw) if raw else None
     return out
 
@@ -55,42 +55,42 @@ def put_api_keys(app: str, keys: str) -> str:
     """Store an app's API key(s) in Ray's KV store -> the entry's name, which is all the
     Serve config holds (settings.api_key_kv). Not a runtime_env env var: Serve keeps
     those in the deployment config, which `serve status`/the dashboard API show."""
-    from ray.experimental.internal_kv import _internal_kv_put
+    from raygpt.raycompat import kv_put
 
-    _internal_kv_put(secret_key(app), keys.encode(), overwrite=True)
+    kv_put(secret_key(app), keys.encode())
     return secret_key(app)
 
 
 def delete_api_keys(app: str) -> None:
-    from ray.experimental.internal_kv import _internal_kv_del
+    from raygpt.raycompat import kv_del
 
-    _internal_kv_del(secret_key(app))
+    kv_del(secret_key(app))
 
 
 def set_drain(app: str, on: bool) -> None:
-    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+    from raygpt.raycompat import kv_del, kv_put
 
     if on:
-        _internal_kv_put(drain_key(app), str(time.time()).encode(), overwrite=True)
+        kv_put(drain_key(app), str(time.time()).encode())
     else:
-        _internal_kv_del(drain_key(app))
+        kv_del(drain_key(app))
 
 
 def drain_requested(app: str) -> bool:
-    from ray.experimental.internal_kv import _internal_kv_get
+    from raygpt.raycompat import kv_get
 
-    return bool(_internal_kv_get(drain_key(app)))
+    return bool(kv_get(drain_key(app)))
 
 
 def drain_app(app: str, timeout_s: float, poll_s: float = 0.2) -> dict:
     """Ask every replica of `app` to stop admitting, then wait until each running one
     reports idle (in-flight requests, streams included, finished) or `timeout_s` passed.
     -> {"drained": bool, "replicas": n, "seconds": s}. The caller then deletes the app."""
-    from ray.serve.context import _get_global_client
+    from raygpt.raycompat import serve_client
 
     t0 = time.monotonic()
     set_drain(app, True)
-    client = _get_global_client(raise_if_no_controller_running=False)
+    client = serve_client()
     states: dict = {}
     while client is not None:
         states = published_states(client.get_serve_details(), app)

@@ -242,9 +242,9 @@ def _load_keys(env: str | None, kv: str | None) -> list[str]:
 
 
 def _kv_text(name: str) -> str | None:
-    from ray.experimental.internal_kv import _internal_kv_get
+    from raygpt.raycompat import kv_get
 
-    v = _internal_kv_get(name)
+    v = kv_get(name)
     return v.decode() if v else None
 
 
@@ -336,14 +336,13 @@ class GPTServer:
         if rid is None:
             return
         try:
-            from ray.experimental.internal_kv import _internal_kv_put
+            from raygpt.raycompat import kv_put
 
-            _internal_kv_put(state_key(self.app_name, rid), json.dumps(
+            kv_put(state_key(self.app_name, rid), json.dumps(
                 {"model_dir": getattr(self.engine, "model_dir", None),
                  "version": getattr(self.engine, "version", None),
                  "last_update_error": self.last_error, "draining": self.draining, "idle": self._idle(),
-                 "time": time.time()}).encode(),
-                overwrite=True)
+                 "time": time.time()}).encode())
         except Exception as e:  # noqa: BLE001 - observability only
             log.warning("raygpt: cannot publish replica state: %s", e)
 

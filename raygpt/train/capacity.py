@@ -181,9 +181,9 @@ def _alive_nodes() -> list[Node]:
 
 def _types_from_gcs() -> tuple[list[NodeType], int | None] | None:
     try:
-        from ray._private.state import state
+        from raygpt import raycompat
 
-        cfg = state.get_cluster_config()
+        cfg = raycompat.cluster_config()
     except Exception:
         return None
     if cfg is None or not cfg.node_group_configs:

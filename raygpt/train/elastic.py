@@ -20,7 +20,7 @@ import logging
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
-from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
+from raygpt.raycompat import ElasticScalingPolicy
 
 logger = logging.getLogger(__name__)
 

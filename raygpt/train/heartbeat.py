@@ -22,6 +22,8 @@ import time
 import traceback
 from pathlib import Path
 
+from raygpt import raycompat
+
 # The order of the phases inside one step: a rank behind another (same step, earlier
 # phase) is the one the others wait for. "data" and "compute" carry the step being
 # computed, "agree" and "hook" the step just completed.
@@ -43,11 +45,9 @@ def verdict_key(run_id: str, gen: str) -> str:
 
 def read_beats(run_id: str) -> list[dict]:
     """Every rank's latest heartbeat record (old groups' too, until overwritten)."""
-    from ray.experimental import internal_kv as kv
-
     out = []
-    for key in kv._internal_kv_list(f"hb:{run_id}:", namespace=NAMESPACE):
-        raw = kv._internal_kv_get(key, namespace=NAMESPACE)
+    for key in raycompat.kv_keys(f"hb:{run_id}:", namespace=NAMESPACE):
+        raw = raycompat.kv_get(key, namespace=NAMESPACE)
         if raw:
             out.append(json.loads(raw))
     return out
@@ -56,12 +56,19 @@ def read_beats(run_id: str) -> list[dict]:
 def delete_keys(*keys: str, prefix: bool = False) -> None:
     """Remove a run's keys from Ray's KV store (best effort: the run is ending)."""
     try:
-        from ray.experimental import internal_kv as kv
-
         for key in keys:
-            kv._internal_kv_del(key, del_by_prefix=prefix, namespace=NAMESPACE)
+            raycompat.kv_del(key, prefix=prefix, namespace=NAMESPACE)
     except Exception:
         pass
+
+
+def stop_thread(stop: threading.Event, th: threading.Thread, *keys: str, prefix: bool = False) -> None:
+    """End a driver thread (the hang watchdog, the drain watch): signal it, wait up to
+    5 s, then remove its run's keys (delete_keys)."""
+    stop.set()
+    if th.is_alive():
+        th.join(timeout=5)
+    delete_keys(*keys, prefix=prefix)
 
 
 def position(rec: dict) -> tuple[int, int]:
@@ -113,8 +120,6 @@ class Publisher:
                 "rtt_ms": self.rtt_ms}
 
     def _run(self) -> None:
-        from ray.experimental import internal_kv as kv
-
         key, vkey = beat_key(self.run_id, self.rank), verdict_key(self.run_id, self.gen)
         first = True
         while first or not self._done.wait(BEAT_S):  # the first beat at once
@@ -122,10 +127,10 @@ class Publisher:
             try:
                 self.seq += 1
                 t0 = time.perf_counter()
-                kv._internal_kv_put(key, json.dumps(self.record()), overwrite=True, namespace=NAMESPACE)
+                raycompat.kv_put(key, json.dumps(self.record()), namespace=NAMESPACE)
                 # published with the next beat: a slow link to the head shows here
                 self.rtt_ms = round(1000 * (time.perf_counter() - t0), 2)
-                raw = kv._internal_kv_get(vkey, namespace=NAMESPACE)
+                raw = raycompat.kv_get(vkey, namespace=NAMESPACE)
             except Exception:  # the GCS briefly away: beat again next second
                 continue
             if raw:

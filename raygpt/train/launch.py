@@ -445,9 +445,9 @@ def run_failed(paths: RunPaths, run_id: str, error: BaseException, hangs: list[d
     cause = failure_cause(str(error))
     repeated = None
     try:
-        from ray.experimental import internal_kv
+        from raygpt import raycompat
 
-        repeated = internal_kv._internal_kv_get(REPEATED_KEY.format(run_id=run_id), namespace="raygpt")
+        repeated = raycompat.kv_get(REPEATED_KEY.format(run_id=run_id), namespace="raygpt")
     except Exception:
         pass
     why = ("the same failure at the same step twice: not restarted again" if repeated

@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raygpt.train.heartbeat import NAMESPACE, delete_keys, read_beats
+from raygpt import raycompat
+from raygpt.train.heartbeat import NAMESPACE, read_beats, stop_thread
 
 PREEMPTED_MARK = "[raygpt-preempted]"
 POLL_S = 1.0
@@ -53,14 +54,9 @@ class DrainWatch:
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._th.is_alive():
-            self._th.join(timeout=5)
-        delete_keys(notice_key(self.run_id), drain_request_key(self.run_id))
+        stop_thread(self._stop, self._th, notice_key(self.run_id), drain_request_key(self.run_id))
 
     def _run(self) -> None:
-        from raygpt import raycompat
-
         while not self._stop.wait(self.poll_s):
             try:
                 self._serve_drain_request()
@@ -89,9 +85,7 @@ class DrainWatch:
         return notice
 
     def _post(self, notice: dict) -> None:
-        from ray.experimental import internal_kv as kv
-
-        kv._internal_kv_put(notice_key(self.run_id), json.dumps(notice), overwrite=True, namespace=NAMESPACE)
+        raycompat.kv_put(notice_key(self.run_id), json.dumps(notice), namespace=NAMESPACE)
         self.notices.append(notice)
         left = f", deadline in {notice['deadline'] - notice['posted']:.0f} s" if notice["deadline"] else ""
         sys.stderr.write(f"raygpt: node(s) {', '.join(n[:8] for n in notice['nodes'])} draining{left}: "
@@ -99,14 +93,10 @@ class DrainWatch:
 
     def _serve_drain_request(self) -> None:
         """Rank 0 asks for a node to be drained (the straggler policy): drain it once."""
-        from ray.experimental import internal_kv as kv
-
-        from raygpt import raycompat
-
-        raw = kv._internal_kv_get(drain_request_key(self.run_id), namespace=NAMESPACE)
+        raw = raycompat.kv_get(drain_request_key(self.run_id), namespace=NAMESPACE)
         if not raw:
             return
-        kv._internal_kv_del(drain_request_key(self.run_id), namespace=NAMESPACE)
+        raycompat.kv_del(drain_request_key(self.run_id), namespace=NAMESPACE)
         req = json.loads(raw)
         ok, why = raycompat.drain_node(req["node"], "preemption", req.get("why", "raygpt straggler policy"))
         sys.stderr.write(f"raygpt: draining node {req['node'][:8]} ({req.get('why')}): "
@@ -114,15 +104,10 @@ class DrainWatch:
 
 
 def read_notice(run_id: str) -> dict | None:
-    from ray.experimental import internal_kv as kv
-
-    raw = kv._internal_kv_get(notice_key(run_id), namespace=NAMESPACE)
+    raw = raycompat.kv_get(notice_key(run_id), namespace=NAMESPACE)
     return json.loads(raw) if raw else None
 
 
 def request_drain(run_id: str, node: str, why: str) -> None:
     """From a worker: ask the driver to drain `node` (it holds the cluster's view)."""
-    from ray.experimental import internal_kv as kv
-
-    kv._internal_kv_put(drain_request_key(run_id), json.dumps({"node": node, "why": why}), overwrite=True,
-                        namespace=NAMESPACE)
+    raycompat.kv_put(drain_request_key(run_id), json.dumps({"node": node, "why": why}), namespace=NAMESPACE)

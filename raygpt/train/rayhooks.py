@@ -25,11 +25,9 @@ import re
 
 import ray
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.torch.config import _TorchBackend
-from ray.train.v2._internal.execution.failure_handling import FailureDecision
-from ray.train.v2._internal.execution.failure_handling.default import DefaultFailurePolicy
-from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
 
+from raygpt import raycompat
+from raygpt.raycompat import DefaultFailurePolicy, ElasticScalingPolicy, FailureDecision, TorchBackend
 from raygpt.train.elastic import LiveElasticScalingPolicy
 
 _SIGNATURE = re.compile(r"\[raygpt-failure step=\d+ sig=\w+\]")
@@ -102,10 +100,8 @@ class RepeatAwareFailurePolicy(DefaultFailurePolicy):
         self._seen |= sigs
         if repeated:
             if self._run_id:
-                from ray.experimental import internal_kv
-
-                internal_kv._internal_kv_put(REPEATED_KEY.format(run_id=self._run_id), ",".join(sorted(repeated)),
-                                             namespace="raygpt")
+                raycompat.kv_put(REPEATED_KEY.format(run_id=self._run_id), ",".join(sorted(repeated)),
+                                 namespace="raygpt")
             return FailureDecision.RAISE
         return super().make_decision(training_failed_error)
 
@@ -122,7 +118,7 @@ def _flight_recorder_env() -> None:
     os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")
 
 
-class _Backend(_TorchBackend):
+class _Backend(TorchBackend):
     def on_start(self, worker_group, backend_config):
         if worker_group.get_resources_per_worker().get("GPU", 0) > 0:
             worker_group.execute(_flight_recorder_env)
@@ -157,8 +153,6 @@ class RaygptTorchTrainer(TorchTrainer):
         return super()._initialize_and_run_controller(**kwargs)
 
     def _register_sigint_handler(self, controller):
-        from ray.experimental import internal_kv
-
         from raygpt.train.worker import STOP_NAMESPACE, stop_key
 
         run_id = (self.train_loop_config or {}).get("run_id")
@@ -172,7 +166,7 @@ class RaygptTorchTrainer(TorchTrainer):
             what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             if count == 1:
                 self.interrupted = True
-                internal_kv._internal_kv_put(stop_key(run_id), b"interrupt", namespace=STOP_NAMESPACE)
+                raycompat.kv_put(stop_key(run_id), b"interrupt", namespace=STOP_NAMESPACE)
                 sys.stderr.write(f"\nraygpt: {what}: writing a checkpoint at the next step, then stopping "
                                  "(Ctrl-C again aborts without it)\n")
                 sys.stderr.flush()

@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raygpt.train.heartbeat import LONG_PHASES, NAMESPACE, delete_keys, position, read_beats, verdict_key
+from raygpt import raycompat
+from raygpt.train.heartbeat import LONG_PHASES, NAMESPACE, position, read_beats, stop_thread, verdict_key
 
 STALE_BEAT_S = 5.0     # no heartbeat for this long: the process is frozen
 MIN_HANG_S = 15.0      # the auto timeout's floor
@@ -62,10 +63,7 @@ class HangWatchdog:
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._th.is_alive():
-            self._th.join(timeout=5)
-        delete_keys(f"hb:{self.run_id}:", f"hang:{self.run_id}:", prefix=True)
+        stop_thread(self._stop, self._th, f"hb:{self.run_id}:", f"hang:{self.run_id}:", prefix=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
@@ -156,10 +154,7 @@ class HangWatchdog:
         }
 
     def _publish(self, verdict: dict) -> None:
-        from ray.experimental import internal_kv as kv
-
-        kv._internal_kv_put(verdict_key(self.run_id, verdict["gen"]), json.dumps(verdict), overwrite=True,
-                            namespace=NAMESPACE)
+        raycompat.kv_put(verdict_key(self.run_id, verdict["gen"]), json.dumps(verdict), namespace=NAMESPACE)
         who = ", ".join(f"rank {s['rank']} (pid {s['pid']}, node {s['node'][:8]}, step {s['step']}, "
                         f"{s['phase']})" for s in verdict["stuck"])
         sys.stderr.write(f"raygpt: hang: no progress for {verdict['idle_s']:.0f} s (limit {verdict['timeout_s']:.0f} s)"

@@ -34,16 +34,15 @@ def _quiet_ray_train_reports() -> None:
     import logging
 
     try:
-        from ray.train.v2._internal.execution import context as _ctx
+        from raygpt import raycompat
 
-        logging.getLogger(_ctx.__file__).setLevel(logging.WARNING)
+        logging.getLogger(raycompat.train_report_logger()).setLevel(logging.WARNING)
         # A planned move off a draining node leaves the function by an exception: not
         # an error to show with a traceback (our own line says what happened).
-        from ray.train.v2._internal import util as _util
-
         from raygpt.train.preemption import PREEMPTED_MARK
 
-        logging.getLogger(_util.__name__).addFilter(lambda rec: PREEMPTED_MARK not in rec.getMessage())
+        logging.getLogger(raycompat.train_worker_error_logger()).addFilter(
+            lambda rec: PREEMPTED_MARK not in rec.getMessage())
     except Exception:
         pass
 
@@ -150,13 +149,12 @@ class _StopWatcher:
             threading.Thread(target=self._run, args=(run_id,), daemon=True).start()
 
     def _run(self, run_id: str) -> None:
-        from ray.experimental import internal_kv
-
+        from raygpt import raycompat
         from raygpt.train.preemption import read_notice
 
         while not self._done.wait(0.5):
             try:
-                if internal_kv._internal_kv_get(stop_key(run_id), namespace=STOP_NAMESPACE):
+                if raycompat.kv_get(stop_key(run_id), namespace=STOP_NAMESPACE):
                     T.STOP.set(T.STOP_INTERRUPT)
                 notice = read_notice(run_id)
                 if notice and notice.get("gen") == self.gen:

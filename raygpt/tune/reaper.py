@@ -128,7 +128,7 @@ def release(entry: dict | None, timeout_s: float = 30.0) -> int:
 def register_with_reaper(trial_id: str, name: str):
     """The Train-side callback (runs in the controller) that registers a trial's
     controller and worker-group placement groups with the sweep's registry."""
-    from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+    from raygpt.raycompat import ControllerCallback, WorkerGroupCallback
 
     class _RegisterWithReaper(ControllerCallback, WorkerGroupCallback):
         """Runs in the Train controller: tell the sweep's registry what to release."""
