@@ -114,6 +114,7 @@ _TRAIN_CLASSES = {
     "FailureDecision": "ray.train.v2._internal.execution.failure_handling",
     "DefaultFailurePolicy": "ray.train.v2._internal.execution.failure_handling.default",
     "ElasticScalingPolicy": "ray.train.v2._internal.execution.scaling_policy",
+    "NoopDecision": "ray.train.v2._internal.execution.scaling_policy",
     "ControllerCallback": "ray.train.v2._internal.execution.callback",
     "WorkerGroupCallback": "ray.train.v2._internal.execution.callback",
     "TorchBackend": "ray.train.torch.config:_TorchBackend",

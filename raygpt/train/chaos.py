@@ -39,6 +39,10 @@ class Action:
     for_steps: int | None = None  # or steps (neither: when the run ends)
     heal_after_s: float | None = None  # partition: the link returns after this (None: stays cut)
     rate: str = "10mbit"  # slow-link: the link's rate (tc tbf)
+    # Instead of at_step: this many seconds after the chaos began, once the run is
+    # stepping and the previous fault has recovered (a soak: raygpt.train.chaos.soak_actions).
+    at_s: float | None = None
+    replace: bool = False  # remove-node / preempt: a fresh node joins when the old one goes (a cloud's replacement)
     done: bool = False
 
 
@@ -96,9 +100,10 @@ class Chaos:
         self._pending: list[dict] = []  # injected failures awaiting recovery figures
         self._victims: set[int] = set()
         self._seen_events: set[str] = set()
-        self._reclaims: list[tuple[float, object]] = []  # (when, node): preempted nodes to take away
+        self._reclaims: list[tuple[float, object, bool]] = []  # (when, node, replace): preempted nodes to take away
         self._faults: list[tuple[object, Action, float, int]] = []  # (ReadOnly, action, since, step)
         self._ckpt_failed = False  # a checkpoint failed and none succeeded since
+        self._stepping = False  # a step was logged since the last group start or fault
 
     # ---------------------------------------------------------------- following
     def _read_new(self) -> list[dict]:
@@ -123,6 +128,7 @@ class Chaos:
         for r in self._read_new():
             if r.get("event") == "start":
                 self._starts += 1
+                self._stepping = False
                 if self._starts > 1:
                     self.timeline.add("worker group restarted", restored_step=r["step"],
                                       world_size=r["world_size"], accum=r.get("accum"),
@@ -162,6 +168,7 @@ class Chaos:
             if "event" in r or "step" not in r:
                 continue
             self._step = r["step"]
+            self._stepping = True
             for p in self._pending:
                 if "restart_t" in p and "first_step_t" not in p and r["step"] > p["restored_step"]:
                     p["first_step_t"] = time.time()
@@ -185,9 +192,14 @@ class Chaos:
             self.links.due()
         self._storage_due()
         for a in self.actions:
-            if not a.done and self._step >= a.at_step and (a.after_event is None
-                                                            or a.after_event in self._seen_events):
+            if not a.done and self._ready(a):
                 self._do(a)
+
+    def _ready(self, a: Action) -> bool:
+        if a.at_s is not None:  # timed: only into a run that is stepping, one fault at a time
+            return (time.time() - self.timeline.t0 >= a.at_s and self._stepping and not self._pending
+                    and not self._reclaims)
+        return self._step >= a.at_step and (a.after_event is None or a.after_event in self._seen_events)
 
     def _watch_injected_hang(self) -> None:
         """A worker-side hang (inject["hang_at"]) leaves a marker when it starts: the
@@ -214,6 +226,7 @@ class Chaos:
 
     def _do(self, a: Action) -> None:
         a.done = True
+        self._stepping = False
         workers = read_workers(self.run_dir)
         old_pids = [w["pid"] for w in workers.values()]
         if a.kind in self._SIGNALS:
@@ -234,6 +247,8 @@ class Chaos:
             rec = self.timeline.add("failure injected: node removed", step=self._step,
                                     node=node.unique_id[:12])
             self._pending.append({**rec, "t": time.time(), "step": self._step, "old_pids": old_pids})
+            if a.replace:
+                self._replace_node()
         elif a.kind == "add-node":
             self.cluster.add_node(**self.node_args)
             self.timeline.add("node added", step=self._step)
@@ -257,12 +272,13 @@ class Chaos:
         rec = self.timeline.add("preemption notice: node drained", step=self._step, node=node.node_id[:12],
                                 deadline_s=a.deadline_s, accepted=ok, **({"why": why} if why else {}))
         self._pending.append({**rec, "t": time.time(), "step": self._step, "old_pids": old_pids})
-        self._reclaims.append((time.time() + a.deadline_s, node))
+        self._reclaims.append((time.time() + a.deadline_s, node, a.replace))
 
     def _reclaim_due(self) -> None:
         now = time.time()
-        for when, node in [x for x in self._reclaims if x[0] <= now]:
-            self._reclaims.remove((when, node))
+        for x in [x for x in self._reclaims if x[0] <= now]:
+            self._reclaims.remove(x)
+            _, node, replace = x
             if node in list(self.cluster.worker_nodes):
                 try:
                     self.cluster.remove_node(node, allow_graceful=False)
@@ -270,6 +286,12 @@ class Chaos:
                     pass
             self.timeline.add("deadline passed: preempted node taken away", step=self._step,
                               node=node.node_id[:12])
+            if replace:
+                self._replace_node()
+
+    def _replace_node(self) -> None:
+        self.cluster.add_node(**self.node_args)
+        self.timeline.add("replacement node added", step=self._step)
 
     def _storage_fault(self, a: Action) -> None:
         """The run directory (checkpoints, metrics, summary) read-only for every process
@@ -370,6 +392,48 @@ def run_with_chaos(cfg, actions: list[Action], cluster=None, timeline: Timeline 
     th.join()
     chaos.timeline.add("run finished", ok="error" not in result)
     return result.get("summary"), chaos, result.get("error")
+
+
+# -------------------------------------------------------------------- local clusters
+
+
+def chaos_env() -> None:
+    """What a chaos run's driver (and the raylets it starts) need in the environment."""
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # The same worker-group start timeout as `raygpt train` (the raylets inherit it): a
+    # lost node is not waited for (raygpt.train.elastic), so it never runs out.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
+                          os.environ.get("RAYGPT_CHAOS_START_TIMEOUT_S", "300"))
+    # Tearing a group down waits this long for every rank's destroy_process_group (30 s
+    # by default); a rank behind a cut link never answers, and this wait was half the
+    # partition's recovery time. The controller reads it from the head's environment.
+    os.environ.setdefault("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "5")
+
+
+def local_cluster(nodes: int):
+    """A head (1 CPU, no training) and `nodes` worker nodes of 1 CPU and resource "w",
+    all raylets on this machine (ray.cluster_utils)."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        for _ in range(nodes):
+            cluster.add_node(**Chaos.node_args)
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return cluster
+
+
+SOAK_KINDS = ("kill-worker", "freeze-worker", "remove-node", "preempt")
+
+
+def soak_actions(minutes: float, every_min: float, kinds=SOAK_KINDS, deadline_s: float = 30.0) -> list[Action]:
+    """One fault per `every_min` minutes for `minutes`, each in the middle of its period,
+    cycling through `kinds`; a lost or preempted node is replaced (as a cloud would)."""
+    period = every_min * 60
+    return [Action(kinds[i % len(kinds)], 0, at_s=period * (i + 0.5), deadline_s=deadline_s, replace=True)
+            for i in range(int(minutes // every_min))]
 
 
 # -------------------------------------------------------------------- CLI
@@ -474,15 +538,7 @@ def chaos_cmd(
         # last step before Ray's next resize check sees the new node.
         inject["await_world"] = {"step": await_grow_at, "world": cfg.run.num_workers,
                                  "timeout_s": await_timeout}
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    # The same worker-group start timeout as `raygpt train` (the raylets below inherit
-    # it): a lost node is not waited for (raygpt.train.elastic), so it never runs out.
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
-                          os.environ.get("RAYGPT_CHAOS_START_TIMEOUT_S", "300"))
-    # Tearing a group down waits this long for every rank's destroy_process_group (30 s
-    # by default); a rank behind a cut link never answers, and this wait was half the
-    # partition's recovery time. The controller reads it from the head's environment.
-    os.environ.setdefault("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "5")
+    chaos_env()
     fabric = None
     if fabric_needed:
         from raygpt.train.chaos_links import start_fabric
@@ -490,10 +546,8 @@ def chaos_cmd(
         fabric, cluster = start_fabric(nodes, lambda ip: Cluster(initialize_head=True, head_node_args={
             "num_cpus": 1, "node_ip_address": ip}))
     else:
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        cluster = local_cluster(nodes)
     try:
-        for _ in range(0 if fabric else nodes):
-            cluster.add_node(num_cpus=1, resources={"w": 1})
         cluster.wait_for_nodes()
         from raygpt.train.launch import init_ray
 

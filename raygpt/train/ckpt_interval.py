@@ -5,7 +5,9 @@ a restart. With failures every M seconds on average, saving every sqrt(2 C M) se
 loses the least (Young 1974; raygpt.train.goodput_model). Both inputs are measured:
 
 - C: the median of this run's last saves' blocked time (rank 0's `checkpoint` events,
-  earlier groups' and launches' included), PRIOR_SAVE_S before the first;
+  earlier groups' and launches' included); a run that has none saves at its first
+  agreed step to measure one (an interval from a guessed cost is a guess: with 1 s
+  guessed and 0.1 s real, the first interval came out 85 s instead of 27 s);
 - M: `run.mtbf_s` when given; else the run's own failure rate, its wall time so far
   over the failures the goodput ledger counted (groups that died; a preemption that
   checkpointed first is no failure); before the first failure, max(PRIOR_MTBF_S, the
@@ -89,6 +91,8 @@ class AutoInterval:
                 "rule": "young: sqrt(2 x save_s x mtbf_s)"}
 
     def due(self, now: float) -> bool:
+        if not self._saves:  # nothing measured yet: a first save measures C
+            return True
         return now - self._last_save_t >= self.choice(now)["interval_s"]
 
     def changed(self, now: float) -> dict | None:

@@ -58,7 +58,33 @@ def live_node_ids(node_ids) -> set[str]:
 
 class LiveElasticScalingPolicy(ElasticScalingPolicy):
     """ElasticScalingPolicy that counts only nodes that answer now (see module doc).
-    Runs inside the Train controller actor."""
+    Runs inside the Train controller actor. A resize of a running group is a `resize`
+    event in the run's metrics.jsonl: the group it ends did not fail (the goodput ledger
+    counts its end as a restart, not a failure)."""
+
+    def __init__(self, scaling_config, run_dir: str | None = None):
+        super().__init__(scaling_config)
+        self._run_dir = run_dir
+
+    def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status):
+        decision = super().make_decision_for_running_worker_group(worker_group_state, worker_group_status)
+        to = getattr(decision, "num_workers", None)
+        if to is not None and to < worker_group_state.num_workers:
+            # Never shrink a running group: a node that died fails it anyway, and a
+            # draining one is left by the workers after their checkpoint (a resize here
+            # tore the group down 0.8 s after a drain, before the notice reached it, and
+            # lost the steps since the last save). The restart then sizes it.
+            from raygpt.raycompat import NoopDecision
+
+            return NoopDecision()
+        if to is not None and self._run_dir:
+            from raygpt.train.metrics import append_event
+
+            try:
+                append_event(self._run_dir, "resize", world_from=worker_group_state.num_workers, world_to=to)
+            except OSError:
+                pass
+        return decision
 
     def _get_reserved_resources(self):
         before = self._latest_reserved_resources_query_time

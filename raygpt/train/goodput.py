@@ -19,7 +19,8 @@ interval's seconds go to exactly one category, so the parts add up to the wall t
 - after a group that failed (no `end` event): `detection` from its last record until
   the run knew (the driver's `hang` verdict or the Train controller's `group_failed`,
   whichever is first), then `restart` until the next group's training function begins;
-  after a group that ended itself (a preemption move, a SIGTERM stop): `restart`;
+  after a group that ended itself (a preemption move, a SIGTERM stop) or that an
+  elastic resize ended (the controller's `resize` event): `restart`;
 - after the launch's last group: `other` (or `detection` first, as above).
 
 Pure functions over records (dicts); nothing here starts Ray or reads a clock.
@@ -33,7 +34,8 @@ CATEGORIES = ("productive", "startup", "data", "compile", "checkpoint_save", "ch
               "recomputed", "detection", "restart", "eval", "other")
 BADPUT = CATEGORIES[1:]
 FAILURE_MARKS = ("hang", "group_failed")  # driver-side events: the run knew a group failed
-DRIVER_EVENTS = ("launch", "launch_end", *FAILURE_MARKS)
+PLANNED_MARKS = ("resize",)  # the Train controller ended a healthy group (an elastic resize)
+DRIVER_EVENTS = ("launch", "launch_end", *FAILURE_MARKS, *PLANNED_MARKS)
 
 
 @dataclass
@@ -98,7 +100,9 @@ class _Group:
         self.steps = [r for r in recs[1:] if is_step(r)]
         own = [r for r in recs if r.get("event") not in DRIVER_EVENTS]
         self.last_t = max(r["time"] for r in own)
-        self.ended = any(r.get("event") == "end" for r in own)
+        # ended itself (an `end` event), or was ended by a resize: no failure
+        self.ended = any(r.get("event") == "end" for r in own) or any(
+            r.get("event") in PLANNED_MARKS and r["time"] >= self.last_t for r in recs)
         self.marks = sorted(r["time"] for r in recs if r.get("event") in FAILURE_MARKS and r["time"] >= self.last_t)
         self.saves = sum(float(r.get("blocked_s") or 0) for r in own if r.get("event") == "checkpoint")
         self.evals = sum(float(r.get("eval_s") or 0) for r in self.steps)

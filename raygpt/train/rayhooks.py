@@ -145,7 +145,8 @@ class RaygptTorchTrainer(TorchTrainer):
     def _initialize_and_run_controller(self, **kwargs):
         # RAYGPT_LIVE_ELASTIC=0: Ray's own policy (to compare; see docs/performance.md).
         if type(kwargs.get("scaling_policy")) is ElasticScalingPolicy and os.environ.get("RAYGPT_LIVE_ELASTIC") != "0":
-            kwargs["scaling_policy"] = LiveElasticScalingPolicy(self.scaling_config)
+            kwargs["scaling_policy"] = LiveElasticScalingPolicy(self.scaling_config,
+                                                                (self.train_loop_config or {}).get("run_dir"))
         if type(kwargs.get("failure_policy")) is DefaultFailurePolicy:
             lc = self.train_loop_config or {}
             kwargs["failure_policy"] = RepeatAwareFailurePolicy(self.run_config.failure_config, lc.get("run_id"),

@@ -114,6 +114,9 @@ class RunClock:
         return done
 
 
+RUG_OVER = 30  # more checkpoints than this are ticks, not full-height lines
+
+
 def _marks(recs: list[dict]) -> dict[str, list[float]]:
     """Epoch times of what the timeline marks."""
     out: dict[str, list[float]] = {"checkpoint": [], "failure": [], "restart": [], "preemption": [], "launch": []}
@@ -157,6 +160,10 @@ def plot_goodput(run_dir: Path, recs: list[dict], led: Ledger) -> Path:
              "launch": ("black", "-", "launch")}
     for kind, times in _marks(recs).items():
         color, ls, label = style[kind]
+        if kind == "checkpoint" and len(times) > RUG_OVER:  # a long run's saves: ticks along the bottom
+            ax.plot([clock(t) for t in times], [0] * len(times), "|", color=color, ms=8, label=label,
+                    transform=ax.get_xaxis_transform())
+            continue
         for i, t in enumerate(times):
             ax.axvline(clock(t), color=color, ls=ls, lw=1, alpha=0.8, label=label if i == 0 else None)
     ax.set_xlabel("wall time of the run (s)")

@@ -468,7 +468,6 @@ class Trainer:
             self.deadline = (launches[-1] if launches else now) + limit
         if auto:
             self.auto = AutoInterval(self.cfg.run.mtbf_s, History.from_records(recs, now), now)
-            self._log_interval()
 
     def _log_interval(self) -> None:
         c = self.auto.changed(time.time())
@@ -567,6 +566,8 @@ class Trainer:
         self.writer.event("start", step=self.step, world_size=self.world, plan=self.plan.describe(),
                           micro_batch=self.micro, accum=self.accum, restored=self.restored_from is not None,
                           train_seconds=self.train_seconds_prev, **self.startup)
+        if self.auto is not None:  # after `start`: the ledger cuts groups at their start events
+            self._log_interval()
         t = self.cfg.train
         log(self.rank, f"model {self.n_params / 1e6:.2f}M params | plan {self.plan.describe()} | device "
                        f"{self.device} | global batch {t.global_batch} = dp {self.plan.dp} x micro {self.micro} "
@@ -660,11 +661,10 @@ class Trainer:
         return {"deadline_left_s": round(deadline - time.time(), 2)} if deadline else {}
 
     def _announce_stop(self, stopped: str, step: int) -> None:
-        if stopped == "time_limit":
-            log(self.rank, f"run.time_limit_s ({self.cfg.run.time_limit_s:.0f} s) reached: checkpointing "
-                           f"step {step}, then the run ends (the same run name resumes it)")
         if stopped != "preemption":
-            log(self.rank, f"stop requested ({stopped}): checkpointing step {step}")
+            log(self.rank, f"run.time_limit_s ({self.cfg.run.time_limit_s:.0f} s) reached: checkpointing step "
+                           f"{step}, then the run ends (the same run name resumes it)" if stopped == "time_limit"
+                else f"stop requested ({stopped}): checkpointing step {step}")
             self.writer.event("stop", step=step, reason=stopped)
             return
         n = STOP.notice or {}

@@ -23,6 +23,13 @@ def test_the_interval_is_youngs_from_the_measured_save_and_the_given_mtbf():
     assert c["save_s"] == 0.2 and c["mtbf_from"] == "run.mtbf_s" and c["interval_s"] == pytest.approx(math.sqrt(120), abs=0.01)
 
 
+def test_a_run_with_no_measured_save_saves_at_once_to_measure_one():
+    a = AutoInterval(mtbf_s=3600.0, history=History(), t_start=0.0)
+    assert a.due(0.0)
+    a.saved(0.5, 0.1)
+    assert not a.due(20.0) and a.due(0.5 + math.sqrt(2 * 0.1 * 3600))
+
+
 def test_due_counts_from_the_last_save_or_the_group_start():
     a = AutoInterval(mtbf_s=50.0, history=History(saves_s=[1.0]), t_start=0.0)  # interval 10 s
     assert not a.due(9.9) and a.due(10.0)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from raygpt.config import load_config
-from raygpt.train.elastic import probe_all, raylet_answers
+from raygpt.train.elastic import LiveElasticScalingPolicy, probe_all, raylet_answers
 from raygpt.train.preemption import PREEMPTED_MARK, DrainWatch
 from raygpt.train.rayhooks import moved_off_drain
 
@@ -101,3 +101,35 @@ def test_another_ray_than_the_tested_one_gets_one_line(monkeypatch):
     assert not raycompat.check_ray_version(lines.append)
     assert not raycompat.check_ray_version(lines.append)  # once per process
     assert len(lines) == 1 and "tested with Ray 2.60.*, found Ray 2.99.0" in lines[0] and "\n" == lines[0][-1]
+
+
+class _Reserved(LiveElasticScalingPolicy):
+    """The live policy's decisions on given reserved resources (no coordinator actor)."""
+    reserved: dict = {}
+
+    def _maybe_send_resource_request(self):
+        pass
+
+    def _get_reserved_resources(self):
+        return self.reserved
+
+
+def test_a_running_group_grows_with_a_resize_event_and_never_shrinks(tmp_path):
+    """A shrink of a running group tore it down 0.8 s after a drain, before its ranks
+    could checkpoint (a soak lost 18 steps): a running group is never shrunk. A grow is
+    a `resize` event, so the goodput ledger does not count a failure."""
+    import ray.train
+    from types import SimpleNamespace
+
+    from raygpt.train.metrics import read_metrics
+
+    pol = _Reserved(ray.train.ScalingConfig(num_workers=(1, 3), resources_per_worker={"CPU": 1},
+                                            elastic_resize_monitor_interval_s=0.0), str(tmp_path))
+    group = SimpleNamespace(start_time=0.0, num_workers=2)  # a running group's state (2 workers)
+    pol.reserved = {"a": {"CPU": 1.0}}  # one node left (the other draining)
+    assert type(pol.make_decision_for_running_worker_group(group, None)).__name__ == "NoopDecision"
+    pol.reserved = {"a": {"CPU": 1.0}, "b": {"CPU": 1.0}, "c": {"CPU": 1.0}}
+    d = pol.make_decision_for_running_worker_group(group, None)
+    assert d.num_workers == 3
+    (ev,) = [r for r in read_metrics(tmp_path) if r.get("event") == "resize"]
+    assert ev["world_from"] == 2 and ev["world_to"] == 3

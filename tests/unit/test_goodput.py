@@ -197,6 +197,25 @@ def test_a_failed_group_with_no_mark_is_restart_time_and_a_failed_run_ends_in_de
     assert led.failures == 2
 
 
+def test_an_elastic_resize_is_a_restart_not_a_failure():
+    """The Train controller ends a healthy group to resize it and says so (`resize`):
+    no failure, no detection; the gap is restart time. (A soak counted each grow-back as
+    a failure and shortened checkpoint.every=auto's MTBF.)"""
+    s = Sim()
+    s.launch()
+    s.group(first=True)
+    s.steps(4)
+    s.vanish("restart", 0.5)
+    s.rec(event="resize", world_from=1, world_to=2)
+    s.spend("restart", 4.5)
+    s.group(first=False)
+    s.steps(3)
+    s.end()
+    s.launch_end()
+    led = check(s, detection=0.0, restart=0.02 + 0.5 + 4.5 + 4 + 2)
+    assert led.failures == 0
+
+
 def _restart_run() -> Sim:
     s = Sim()
     s.launch()
