@@ -36,6 +36,7 @@ import numpy as np
 
 from raygpt.data.store import SOURCE_FILE, _fetch, local_data_dir  # noqa: F401  (local_data_dir: re-exported)
 from raygpt.errors import UserError
+from raygpt.files import is_uri
 
 _SPLIT_IDS = {"train": 0, "val": 1}
 SAMPLING = ("random", "epoch")
@@ -215,7 +216,7 @@ class BatchLoader:
                             f"data-parallel size {dp_size}")
         if sampling not in SAMPLING:
             raise UserError(f"data.sampling={sampling!r}: use 'random' or 'epoch'")
-        data_dir = local_data_dir(data_dir) if "://" in str(data_dir) else data_dir
+        data_dir = local_data_dir(data_dir) if is_uri(data_dir) else data_dir
         self.tokens = TokenSplit(data_dir, split)
         if block_size + 1 > self.tokens.num_tokens:
             raise UserError(f"model.block_size={block_size} is larger than the data split "

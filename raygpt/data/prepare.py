@@ -60,7 +60,7 @@ from typing import Callable
 import numpy as np
 
 from raygpt.data import sources as src_lib
-from raygpt.data.sources import BadInput, Corpus, Segment, filesystem, is_uri
+from raygpt.data.sources import BadInput, Corpus, Segment, filesystem
 from raygpt.data.tokenizer import (
     MIN_BPE_VOCAB,
     TOKENIZER_FILE,
@@ -73,6 +73,7 @@ from raygpt.data.tokenizer import (
 )
 from raygpt.data.store import META_FILE, cache_dir, local_data_dir  # noqa: F401  (re-exported)
 from raygpt.errors import UserError
+from raygpt.files import is_uri, write_atomic
 
 SPLITS = ("train", "val")
 BUNDLED_NAME = "tinyshakespeare"
@@ -735,10 +736,7 @@ def _write_meta(target: str, meta: dict) -> None:
     """meta.json last, atomically (local: temp + rename; object stores: one PUT)."""
     data = (json.dumps(meta, indent=2) + "\n").encode()
     if not is_uri(target):
-        p = Path(target) / META_FILE
-        tmp = p.with_name(f".{META_FILE}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.write_bytes(data)
-        os.replace(tmp, p)
+        write_atomic(Path(target) / META_FILE, data)
         return
     fs, base = filesystem(target)
     with fs.open_output_stream(f"{base}/{META_FILE}") as f:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from raygpt.errors import UserError
+from raygpt.files import is_uri
 
 TEXT_SUFFIXES = frozenset({
     ".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".org", ".adoc", ".csv", ".tsv",
@@ -48,10 +49,6 @@ class BadInput(UserError):
     def __init__(self, file: str, msg: str):
         super().__init__(msg)
         self.file = file
-
-
-def is_uri(s: str) -> bool:
-    return "://" in str(s)
 
 
 def filesystem(target: str):

@@ -7,10 +7,10 @@ import hashlib
 import json
 import os
 import socket
-import uuid
 from pathlib import Path
 
 from raygpt.errors import UserError
+from raygpt.files import is_uri, write_atomic
 
 META_FILE = "meta.json"
 SOURCE_FILE = "source.json"  # in a cache dir: {"uri": ...} the shards come from
@@ -26,7 +26,7 @@ def local_data_dir(path) -> Path:
     A URI: meta.json and tokenizer.json are copied into
     $RAYGPT_CACHE_DIR/remote/<uri hash>-<meta hash>/ (a new dir when the data was prepared
     again); shards follow on demand (TokenSplit). A local path must exist on this node."""
-    from raygpt.data.sources import filesystem, is_uri
+    from raygpt.data.sources import filesystem
 
     s = str(path)
     if not is_uri(s):
@@ -52,29 +52,21 @@ def local_data_dir(path) -> Path:
         return d
     d.mkdir(parents=True, exist_ok=True)
     _fetch(fs, f"{base}/tokenizer.json", d / "tokenizer.json")
-    _atomic_write(d / SOURCE_FILE, json.dumps({"uri": s}).encode())
-    _atomic_write(d / META_FILE, meta_bytes)  # last: the cache dir is complete
+    write_atomic(d / SOURCE_FILE, json.dumps({"uri": s}).encode())
+    write_atomic(d / META_FILE, meta_bytes)  # last: the cache dir is complete
     return d
-
-
-def _atomic_write(p: Path, data: bytes) -> None:
-    tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_bytes(data)
-    os.replace(tmp, p)
 
 
 def _fetch(fs, src: str, dst: Path) -> None:
     """Copy one file from the filesystem into the cache (temp name, then rename)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+
+    def copy(tmp: Path) -> None:
         with fs.open_input_stream(src) as f, open(tmp, "wb") as out:
             while True:
                 chunk = f.read(8 << 20)
                 if not chunk:
                     break
                 out.write(chunk)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    write_atomic(dst, copy)

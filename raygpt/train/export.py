@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from raygpt.errors import UserError
+from raygpt.files import is_uri
 
 FORMATS = ("raygpt", "hf")
 
@@ -26,7 +27,7 @@ def export_to(source: str | os.PathLike, out: str | os.PathLike, format: str = "
     if format not in FORMATS:
         raise UserError(f"--format {format!r}: use {' or '.join(FORMATS)}")
     src = Path(str(source)).expanduser()
-    if "://" not in str(source) and _is_model_dir(src):
+    if not is_uri(source) and _is_model_dir(src):
         return convert_model_dir(src, out, format, label=str(src))
     if format == "raygpt":
         return export_checkpoint(source, out)

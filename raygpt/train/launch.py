@@ -13,10 +13,7 @@ from pathlib import Path
 
 from raygpt.config import Config, ConfigError
 from raygpt.errors import UserError
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
+from raygpt.files import is_uri
 
 
 def redact_uri(uri: str) -> str:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from raygpt.files import write_atomic, write_json_atomic, write_text_atomic  # noqa: F401  (also imported from here)
+
 # Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, keyed by the exact name that
 # torch.cuda.get_device_name reports. Exact names, not substrings: an H100 PCIe (756) or
 # NVL (835) is not an H100 SXM (989), and a name not listed gets no MFU rather than a
@@ -192,25 +194,6 @@ def _warn(msg: str) -> None:
     sys.stdout.flush()
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Readers see the old file or the new one, never half of it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:  # a full disk: no half-written temp file left behind
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # read-only: it was never created
-            pass
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2))
-
-
 _UNWRITTEN_EVENTS: dict[str, list[bytes]] = {}  # append_event lines the storage refused, per file
 
 
@@ -284,12 +267,11 @@ def save_figure(fig, out: Path) -> Path:
     """Write a matplotlib figure under a temp name, then rename: never a half-written PNG."""
     import matplotlib.pyplot as plt
 
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    try:
+        return write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def upload_dir(local_dir: str | os.PathLike, uri: str) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from raygpt.config import parse_profile_spec
+from raygpt.files import write_atomic
 
 
 class StepProfiler:
@@ -71,16 +72,12 @@ class StepProfiler:
         self.done = True
         self.out_dir.mkdir(parents=True, exist_ok=True)
         trace = self.out_dir / f"rank{self.rank}.pt.trace.json"
-        tmp = trace.with_name(f".{trace.name}.tmp{os.getpid()}.json")
-        prof.export_chrome_trace(str(tmp))
-        os.replace(tmp, trace)
+        write_atomic(trace, lambda tmp: prof.export_chrome_trace(str(tmp)))
         self.files.append(trace)
         if self._memory:
             snap = self.out_dir / f"rank{self.rank}.memory.pickle"
-            tmp = snap.with_name(f".{snap.name}.tmp{os.getpid()}")
-            torch.cuda.memory._dump_snapshot(str(tmp))
+            write_atomic(snap, lambda tmp: torch.cuda.memory._dump_snapshot(str(tmp)))
             torch.cuda.memory._record_memory_history(enabled=None)
-            os.replace(tmp, snap)
             self.files.append(snap)
 
     def _start(self) -> None:

@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from raygpt.errors import UserError
+from raygpt.files import is_uri
 
 
 def build_spec(config=None, preset=None, sets=None, space=None, mode="quality", num_samples=8,
@@ -40,7 +41,7 @@ def build_spec(config=None, preset=None, sets=None, space=None, mode="quality", 
         s = load_space(space)
         check_constants(base, s)
         sp = s.to_dict()
-    if storage and "://" not in storage:
+    if storage and not is_uri(storage):
         storage = str(Path(storage).expanduser().resolve())
     if out is None:
         out = f"tune/{cfg.preset or 'run'}-{mode}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -19,6 +19,7 @@ from typing import Any
 
 from raygpt.config import Config, ConfigError, validate
 from raygpt.errors import UserError
+from raygpt.files import write_atomic
 from raygpt.tune.results import trial_values  # noqa: F401  (also imported from here)
 from raygpt.tune.reaper import (REAPER_NAMESPACE, get_reaper, reap_callback, reaper_name,  # noqa: F401
                                  register_with_reaper, release)
@@ -63,9 +64,7 @@ class SweepSpec:
     def save(self) -> None:
         p = self.out_path / SWEEP_FILE
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        os.replace(tmp, p)
+        write_atomic(p, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, out: str | os.PathLike) -> "SweepSpec":

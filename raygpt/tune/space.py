@@ -23,9 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from raygpt.config import SECTIONS, Config, ConfigError, parse_override, validate
+from raygpt.config import SECTIONS, Config, ConfigError, load_yaml_file, parse_override, validate
 from raygpt.errors import suggest as _suggest
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid", "randint")
@@ -254,14 +252,7 @@ def parse_space(data: Any, source: str = "<space>") -> Space:
 
 def load_space(path: str | os.PathLike) -> Space:
     p = Path(path)
-    if not p.is_file():
-        raise SpaceError(f"search space file {str(p)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise SpaceError(f"search space {str(p)!r}{where}: invalid YAML") from None
+    data = load_yaml_file(p, SpaceError, missing="search space file", invalid="search space")
     return parse_space(data, repr(str(p)))
 
 

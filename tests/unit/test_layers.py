@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 # Lowest first. `*.commands` modules and raygpt.cli are the CLI layer, whatever their package.
-LAYERS = [("errors", "raycompat"), ("config", "presets"), ("model", "data"), ("parallel",), ("train",),
+LAYERS = [("errors", "raycompat", "files"), ("config", "presets"), ("model", "data"), ("parallel",), ("train",),
           ("tune", "serving", "lifecycle", "client"), ("cli",)]
 PACKAGE = Path(__file__).resolve().parents[2] / "raygpt"
 
