@@ -205,7 +205,8 @@ class _Base:
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
                  timeout: float | httpx.Timeout = 60.0, max_retries: int = 3,
                  backoff: float = 0.5, max_backoff: float = 8.0, max_retry_after: float = 60.0,
-                 model: str | None = None, headers: dict[str, str] | None = None):
+                 model: str | None = None, headers: dict[str, str] | None = None,
+                 http_client: httpx.Client | httpx.AsyncClient | None = None):
         base_url = base_url or os.environ.get("RAYGPT_BASE_URL") or "http://127.0.0.1:8000"
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
@@ -220,6 +221,8 @@ class _Base:
             self._headers["Authorization"] = f"Bearer {self.api_key}"
         self._headers.update(headers or {})
         self.retries_done = 0  # total retries this client made (observability, tests)
+        self._own = http_client is None  # made here: closed here
+        self._http = http_client or self._http_class(timeout=self.timeout)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         d = min(self.max_backoff, self.backoff * (2 ** attempt))
@@ -280,11 +283,7 @@ def _completion_kwargs(max_tokens, temperature, top_p, top_k, n, stop, seed, mod
 class Client(_Base):
     """Synchronous client. Thread-safe (one httpx.Client with a connection pool)."""
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
-                 http_client: httpx.Client | None = None, **kw):
-        super().__init__(base_url, api_key, **kw)
-        self._own = http_client is None
-        self._http = http_client or httpx.Client(timeout=self.timeout)
+    _http_class = httpx.Client
 
     def close(self) -> None:
         if self._own:
@@ -374,11 +373,7 @@ class Client(_Base):
 class AsyncClient(_Base):
     """asyncio client with the same methods (coroutines; `stream` is an async iterator)."""
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
-                 http_client: httpx.AsyncClient | None = None, **kw):
-        super().__init__(base_url, api_key, **kw)
-        self._own = http_client is None
-        self._http = http_client or httpx.AsyncClient(timeout=self.timeout)
+    _http_class = httpx.AsyncClient
 
     async def aclose(self) -> None:
         if self._own:
