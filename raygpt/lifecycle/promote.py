@@ -14,6 +14,7 @@ not-yet-undone promotion replaced.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -85,6 +86,22 @@ def rollback_stack(records: list[dict]) -> list[str]:
     return stack
 
 
+@contextlib.contextmanager
+def _serve_session(address: str | None, dashboard: str | None):
+    """Joined to the Ray cluster Serve runs on for the block (not with `dashboard`: the
+    REST API needs no connection); disconnects only when it connected."""
+    from raygpt.lifecycle import serve_ops
+
+    started = False if dashboard else serve_ops.connect(address)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -105,8 +122,6 @@ def promote(candidate: str | os.PathLike, app: str, *, margin: float = 0.0,
 
     dashboard: reach Serve through the dashboard's REST API (http://HEAD:8265) instead of
     joining the Ray cluster (declaratively deployed apps only)."""
-    import ray
-
     from raygpt.lifecycle import eval as ev
     from raygpt.lifecycle import serve_ops
     from raygpt.model.io import read_model_config
@@ -116,8 +131,7 @@ def promote(candidate: str | os.PathLike, app: str, *, margin: float = 0.0,
         raise UserError("--margin must be a number")
     cand = serve_ops.resolve_model_dir(str(candidate))
     cmeta = read_model_config(cand)
-    started = False if dashboard else serve_ops.connect(address)
-    try:
+    with _serve_session(address, dashboard):
         served = serve_ops.served_model(app, url, api_key, dashboard)
         if not Path(served["model_dir"]).is_dir():
             raise UserError(f"the served model {served['model_dir']} is not readable here: run "
@@ -160,9 +174,6 @@ def promote(candidate: str | os.PathLike, app: str, *, margin: float = 0.0,
                 rec.update(decision="failed", reason=str(e))
         append_log(app, rec, state)
         return rec
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def rollback(app: str, *, to: str | os.PathLike | None = None, address: str | None = None,
@@ -170,8 +181,6 @@ def rollback(app: str, *, to: str | os.PathLike | None = None, address: str | No
              state: str | os.PathLike | None = None, timeout: float = 600.0,
              dashboard: str | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Put back the model the last (not yet undone) promotion replaced, or `to`."""
-    import ray
-
     from raygpt.lifecycle import serve_ops
     from raygpt.model.io import read_model_config
 
@@ -186,8 +195,7 @@ def rollback(app: str, *, to: str | os.PathLike | None = None, address: str | No
         raise UserError(f"no promotion of Serve app {app!r} to roll back "
                         f"(log: {log_path(app, state)})")
     tmeta = read_model_config(target)
-    started = False if dashboard else serve_ops.connect(address)
-    try:
+    with _serve_session(address, dashboard):
         served = serve_ops.served_model(app, url, api_key, dashboard)
         rec = {"time": _now(), "action": "rollback", "app": app, "from": served["model_dir"],
                "from_version": served.get("version"), "to": target,
@@ -201,6 +209,3 @@ def rollback(app: str, *, to: str | os.PathLike | None = None, address: str | No
             rec.update(decision="failed", reason=str(e))
         append_log(app, rec, state)
         return rec
-    finally:
-        if started:
-            ray.shutdown()
