@@ -131,6 +131,62 @@ def char_data(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def one_rank():
+    """A one-rank gloo process group in this process for the module's tests (no Ray)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    yield
+    dist.destroy_process_group()
+
+
+def tiny_model_dir(d, text: str):
+    """A tiny char-level GPT (2 layers, 32 wide, seed 0) with a tokenizer trained on
+    `text`, saved as a model directory d/model (tokenizer d/tokenizer.json). -> its Path."""
+    import torch
+
+    from raygpt.data.tokenizer import train_char_tokenizer
+    from raygpt.model.gpt import GPT, GPTConfig
+    from raygpt.model.io import save_model_dir
+
+    tok = train_char_tokenizer(text)
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=tok.vocab_size))
+    return save_model_dir(m, d / "model", tok.save(d / "tokenizer.json"))
+
+
+def start_serve(args: list[str], env: dict):
+    """`raygpt serve ARGS` as a process, its output (stdout and stderr) collected line by
+    line into a list. -> (proc, that list)."""
+    import subprocess
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "raygpt.cli", "serve", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    out: list[str] = []
+    threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True).start()
+    return proc, out
+
+
+def wait_serve_healthy(proc, out: list[str], base: str, timeout: float = 240) -> None:
+    """Poll BASE/healthz until it answers 200; fails at once (with the output) when the
+    process exits."""
+    import httpx
+
+    def healthy() -> bool:
+        assert proc.poll() is None, "".join(out)
+        try:
+            return httpx.get(f"{base}/healthz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(healthy, timeout, lambda: "raygpt serve healthy:\n" + "".join(out), interval=0.5)
+
+
 @contextlib.contextmanager
 def local_s3(tmp_path, bucket: str):
     """A local S3 API (this environment's moto_server on a free port) with `bucket`

@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import wait_for
+from conftest import tiny_model_dir, wait_for
 from raycluster import BIN, RAY, TERMINAL, Cluster, job_status, run, started, wait_status
 
 from raygpt.config import load_config
@@ -266,20 +266,6 @@ def test_elastic_run_starts_on_one_node_and_grows_to_two(acluster, char_data, tm
     assert all(max(v) - min(v) < 1e-4 for v in repeated.values()), repeated
 
 
-def _tiny_model_dir(d: Path) -> Path:
-    import torch
-
-    from raygpt.data.tokenizer import train_char_tokenizer
-    from raygpt.model.gpt import GPT, GPTConfig
-    from raygpt.model.io import save_model_dir
-
-    tok = train_char_tokenizer("First Citizen:\nBefore we proceed any further, hear me speak.\nROMEO: JULIET?\n")
-    tok_path = tok.save(d / "tokenizer.json")
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=tok.vocab_size))
-    return save_model_dir(m, d / "model", tok_path)
-
-
 def test_serve_replicas_scale_gpu_nodes_with_load(acluster, tmp_path):
     """Replicas that need the node type: load raises replicas and nodes, idleness lowers
     them; every request answers 200 while it scales."""
@@ -289,7 +275,7 @@ def test_serve_replicas_scale_gpu_nodes_with_load(acluster, tmp_path):
 
     drained = acluster.wait_gpu_nodes(0, timeout=240)
     t_start = time.time()
-    model = _tiny_model_dir(tmp_path)
+    model = tiny_model_dir(tmp_path, "First Citizen:\nBefore we proceed any further, hear me speak.\nROMEO: JULIET?\n")
     (port,) = free_ports(1)
     cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
            "applications": [{

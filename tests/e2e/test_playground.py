@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import wait_for
+from conftest import free_port, tiny_model_dir, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -27,31 +26,15 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east.\n"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    import torch
-
-    from raygpt.data.tokenizer import train_char_tokenizer
-    from raygpt.model.gpt import GPT, GPTConfig
-    from raygpt.model.io import save_model_dir
-
-    d = tmp_path_factory.mktemp("playground")
-    tok = train_char_tokenizer(TEXT)
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=tok.vocab_size))
-    return save_model_dir(m, d / "model", tok.save(d / "tokenizer.json"))
+    return tiny_model_dir(tmp_path_factory.mktemp("playground"), TEXT)
 
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     """`raygpt serve MODEL_DIR --port P` with its own local Ray; Ctrl-C (SIGINT) at the end."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_ADDRESS"] = "local"  # never join another test's cluster

@@ -12,15 +12,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import torch
-from conftest import free_port, wait_for, wait_serve_apps
+from conftest import free_port, start_serve, tiny_model_dir, wait_for, wait_serve_apps, wait_serve_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -32,15 +29,7 @@ STEP_S = 0.2  # engine step delay: a 60-token request runs ~12 s
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from raygpt.data.tokenizer import train_char_tokenizer
-    from raygpt.model.gpt import GPT, GPTConfig
-    from raygpt.model.io import save_model_dir
-
-    d = tmp_path_factory.mktemp("limits")
-    tok = train_char_tokenizer(TEXT)
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=tok.vocab_size))
-    return str(save_model_dir(m, d / "model", tok.save(d / "tokenizer.json")))
+    return str(tiny_model_dir(tmp_path_factory.mktemp("limits"), TEXT))
 
 
 def _ray_addresses(ray_session):
@@ -58,23 +47,12 @@ def test_api_key_not_in_serve_status_nor_config(ray_session, model_dir):
     env = {**os.environ, "RAYGPT_LIMITS_KEY": secret,
            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "raygpt.cli", "serve", model_dir, "--port", str(port),
-         "--address", address, "--api-key-env", "RAYGPT_LIMITS_KEY", "--num-cpus", "0.25",
-         "--drain-timeout", "5"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    out: list[str] = []
-    threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True).start()
+    proc, out = start_serve(
+        [model_dir, "--port", str(port), "--address", address, "--api-key-env", "RAYGPT_LIMITS_KEY",
+         "--num-cpus", "0.25", "--drain-timeout", "5"], env)
     base = f"http://127.0.0.1:{port}"
     try:
-        def healthy() -> bool:
-            assert proc.poll() is None, "".join(out)
-            try:
-                return httpx.get(f"{base}/healthz", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(healthy, 240, lambda: "raygpt serve healthy:\n" + "".join(out), interval=0.5)
+        wait_serve_healthy(proc, out, base)
         auth = {"Authorization": f"Bearer {secret}"}
         assert httpx.get(f"{base}/v1/models", timeout=30).status_code == 401
         assert httpx.get(f"{base}/v1/models", headers=auth, timeout=30).status_code == 200

@@ -6,15 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import wait_for
-import torch
+from conftest import free_port, start_serve, tiny_model_dir, wait_for, wait_serve_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -22,39 +18,18 @@ TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
 
 
 def test_sigterm_drains_and_exits_0(tmp_path):
-    from conftest import free_port
-
-    from raygpt.data.tokenizer import train_char_tokenizer
-    from raygpt.model.gpt import GPT, GPTConfig
-    from raygpt.model.io import save_model_dir
-
-    tok = train_char_tokenizer(TEXT)
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=tok.vocab_size))
-    md = tmp_path / "model"
-    save_model_dir(m, md, tok.save(tmp_path / "tokenizer.json"))
+    md = tiny_model_dir(tmp_path, TEXT)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "raygpt.cli", "serve", str(md), "--port", str(port),
+    proc, out = start_serve(
+        [str(md), "--port", str(port),
          # 0.2 s a step: the stream below lasts ~11 s after the signal, the window in
          # which the drain's 503 is checked (seen ~0.5 s after the signal here)
-         "--no-dashboard", "--num-cpus", "0.5", "--step-delay", "0.2", "--drain-timeout", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    out: list[str] = []
-    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
-    reader.start()
+         "--no-dashboard", "--num-cpus", "0.5", "--step-delay", "0.2", "--drain-timeout", "60"], env)
     base = f"http://127.0.0.1:{port}"
     try:
-        def healthy() -> bool:
-            assert proc.poll() is None, "".join(out)
-            try:
-                return httpx.get(f"{base}/healthz", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(healthy, 240, lambda: "raygpt serve healthy:\n" + "".join(out), interval=0.5)
+        wait_serve_healthy(proc, out, base)
         body = {"prompt": "First", "max_tokens": 55, "temperature": 0, "stream": True}
         chunks = []
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:

@@ -72,14 +72,6 @@ def _manager(root: Path, events: list):
                                       on_event=lambda name, **kw: events.append((name, kw)))
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=60))
-    yield
-    dist.destroy_process_group()
-
-
 # ------------------------------------------------------------------ storage that refuses writes
 
 

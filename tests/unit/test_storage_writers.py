@@ -14,7 +14,7 @@ from raygpt.train import metrics as M
 from raygpt.train.storage_faults import ReadOnly
 from raygpt.train.trainer import STOP_NONE, Hooks, Trainer
 from raygpt.train.worker import _register_worker
-from test_checkpoint_faults import _cfg, one_rank, storage  # noqa: F401 (fixtures)
+from test_checkpoint_faults import _cfg, storage  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="read-only or full storage needs root (mount)")
 
