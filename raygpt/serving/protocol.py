@@ -16,7 +16,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from raygpt.serving.engine import MAX_LOGPROBS, MAX_STOP_CHARS, SEED_MAX, SEED_MIN
+from raygpt.serving.constants import MAX_LOGPROBS, MAX_STOP_CHARS, SEED_MAX, SEED_MIN
 
 StrictInt = Annotated[int, Field(strict=True)]
 StrictFloat = Annotated[float, Field(strict=True)]

@@ -317,3 +317,17 @@ def test_full_vocabulary_bias_is_built_once(model, tok, monkeypatch):
         assert len(built) == 1  # one build for 6 steps
     finally:
         e.abort()
+
+
+def test_wire_layer_imports_without_torch():
+    """protocol.py (the wire layer) takes its limits from serving/constants.py, not from
+    the engine, so importing it does not import torch; the engine still re-exports them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, raygpt.serving.protocol, raygpt.serving.request; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    from raygpt.serving import constants, engine as eng
+
+    assert eng.MAX_LOGPROBS == constants.MAX_LOGPROBS and eng.SEED_MAX == constants.SEED_MAX

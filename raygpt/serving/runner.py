@@ -1,0 +1,42 @@
+"""The model runner: one GPT model and its preallocated KV cache; runs batched forwards
+over cache slots (decode rows and prefill chunks alike)."""
+from __future__ import annotations
+
+import torch
+
+from raygpt.model.gpt import GPT, KVCache, as_slots
+
+
+class ModelRunner:
+    """model: a GPT in eval mode (any device/dtype); n_slots: KV-cache slots."""
+
+    def __init__(self, model: GPT, n_slots: int):
+        self.model = model.eval()
+        self.cfg = model.config
+        self.block_size = self.cfg.block_size
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.n_slots = n_slots
+        self.cache = KVCache(self.cfg, n_slots, device=self.device, dtype=self.dtype)
+
+    def forward(self, idx: torch.Tensor, slots, pos, last: list[int] | None = None):
+        """GPT.forward_cached with the head at chosen positions only: `last[b]` is the
+        position within row b whose logits are wanted -> (B,1,V); None -> every position
+        (B,T,V). Padding beyond a row's chunk writes junk k/v in its slot that the next
+        chunk or decode step overwrites before any query can see it."""
+        m = self.model
+        B, T = idx.shape
+        dev = idx.device
+        slots = as_slots(slots, dev)
+        pos = torch.as_tensor(pos, device=dev, dtype=torch.long)
+        qpos = pos[:, None] + torch.arange(T, device=dev)[None, :]
+        L = int(qpos.max()) + 1
+        if L > self.block_size:
+            raise ValueError(f"position {L - 1} >= block_size {self.block_size}")
+        attn_mask = torch.arange(L, device=dev)[None, None, :] <= qpos[:, :, None]
+        x = m.wte(idx) + m.wpe(qpos)
+        for block, layer_cache in zip(m.blocks.values(), self.cache.layers):
+            x = block.forward_cached(x, layer_cache, slots, pos, attn_mask)
+        if last is not None:
+            x = x[torch.arange(B, device=dev), torch.as_tensor(last, device=dev)][:, None]
+        return m.lm_head(m.ln_f(x))
