@@ -66,6 +66,7 @@ from raygpt.serving.request import (  # noqa: F401 - re-exported
 from raygpt.serving.runner import ModelRunner
 from raygpt.serving.sampler import Sampler, _DenseRow  # noqa: F401 - re-exported
 from raygpt.serving.scheduler import Scheduler
+from raygpt.serving.transfer import to_device
 
 log = logging.getLogger("raygpt.serving.engine")
 
@@ -311,8 +312,7 @@ class Engine:
         if not batch:
             return False
         try:
-            idx = torch.tensor([[r.generated[-1]] for r in batch], dtype=torch.long,
-                               device=self.device)
+            idx = to_device([[r.generated[-1]] for r in batch], torch.long, self.device)
             pos = [len(r.prompt_ids) + len(r.generated) - 1 for r in batch]
             logits = self.runner.forward(idx, [r.slot for r in batch], pos)[:, -1]
         except Exception as e:  # a bug or a device error: fail these rows, keep serving
@@ -344,7 +344,7 @@ class Engine:
             ids[i, :n] = torch.tensor(r.prompt_ids[r.prefilled:r.prefilled + n], dtype=torch.long)
         full = group[0][0].prompt_logprobs is not None  # such a row is alone in its group
         last = None if full else [n - 1 for _, n in group]
-        logits = self.runner.forward(ids.to(self.device), [r.slot for r, _ in group],
+        logits = self.runner.forward(to_device(ids, torch.long, self.device), [r.slot for r, _ in group],
                                      [r.prefilled for r, _ in group], last)
         if full:
             self.sampler.record_prompt_logprobs(group[0][0], logits[0, :group[0][1]])
@@ -370,8 +370,8 @@ class Engine:
             else:
                 sampled.append(r)
         if sampled:
-            rows = torch.tensor([done_rows[done_reqs.index(r)] for r in sampled],
-                                device=self.device)
+            rows = to_device([done_rows[done_reqs.index(r)] for r in sampled], torch.long,
+                             self.device)
             last_logits = logits[rows, 0] if not full else logits[0, rows]
             with self._cv:
                 self.scheduler.active.extend(sampled)
@@ -380,29 +380,13 @@ class Engine:
     # ------------------------------------------------------------ sampling and output
 
     def _sample_and_emit(self, raw: torch.Tensor, reqs: list[Request]) -> None:
-        """Sample one token per row; a row whose sampling fails ends with an error alone."""
-        sp = self.sampler
-        try:
-            logits = sp.process(raw, reqs)
-            toks = sp.sample(logits, reqs)
-        except Exception:  # isolate: sample each row on its own
-            logits, toks = None, []
-            for i, r in enumerate(reqs):
-                try:
-                    toks.append(sp.sample(sp.process(raw[i:i + 1], [r]), [r])[0])
-                except Exception as e:
-                    log.warning("sampling failed for one request: %s", e)
-                    self._fail([r], e)
-                    toks.append(None)
-        for i, (r, t) in enumerate(zip(reqs, toks)):
+        """Sample one token per row (the step's one device->host read, see Sampler.step);
+        a row whose sampling fails ends with an error alone."""
+        toks, lps = self.sampler.step(raw, reqs, self._fail)
+        for r, t, lp in zip(reqs, toks, lps):
             if t is None or r.done:
                 continue
             try:
-                lp = None
-                if r.logprobs is not None:
-                    row = logits[i] if logits is not None else sp.process(raw[i:i + 1], [r])[0]
-                    ls = torch.log_softmax(row, dim=-1)
-                    lp = TokenLogprob(t, float(ls[t]), sp.top(ls, r.params.logprobs))
                 self.output.emit(r, t, lp)
             except Exception as e:  # e.g. a token the tokenizer cannot decode
                 log.exception("emit failed")

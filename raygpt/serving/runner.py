@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from raygpt.model.gpt import GPT, KVCache, as_slots
+from raygpt.serving.transfer import to_device
 
 
 class ModelRunner:
@@ -19,24 +20,28 @@ class ModelRunner:
         self.n_slots = n_slots
         self.cache = KVCache(self.cfg, n_slots, device=self.device, dtype=self.dtype)
 
-    def forward(self, idx: torch.Tensor, slots, pos, last: list[int] | None = None):
+    def forward(self, idx: torch.Tensor, slots: list[int], pos: list[int],
+                last: list[int] | None = None):
         """GPT.forward_cached with the head at chosen positions only: `last[b]` is the
         position within row b whose logits are wanted -> (B,1,V); None -> every position
-        (B,T,V). Padding beyond a row's chunk writes junk k/v in its slot that the next
-        chunk or decode step overwrites before any query can see it."""
+        (B,T,V). slots, pos and last are host ints (nothing is read back from the device).
+        Padding beyond a row's chunk writes junk k/v in its slot that the next chunk or
+        decode step overwrites before any query can see it."""
         m = self.model
         B, T = idx.shape
         dev = idx.device
-        slots = as_slots(slots, dev)
-        pos = torch.as_tensor(pos, device=dev, dtype=torch.long)
-        qpos = pos[:, None] + torch.arange(T, device=dev)[None, :]
-        L = int(qpos.max()) + 1
+        L = max(pos) + T  # host ints: reading qpos.max() back would sync with the device
         if L > self.block_size:
             raise ValueError(f"position {L - 1} >= block_size {self.block_size}")
+        slots = as_slots(slots, "cpu")  # a slice when consecutive, else a host tensor
+        if not isinstance(slots, slice):
+            slots = to_device(slots, torch.long, dev)
+        pos = to_device(pos, torch.long, dev)
+        qpos = pos[:, None] + torch.arange(T, device=dev)[None, :]
         attn_mask = torch.arange(L, device=dev)[None, None, :] <= qpos[:, :, None]
         x = m.wte(idx) + m.wpe(qpos)
         for block, layer_cache in zip(m.blocks.values(), self.cache.layers):
             x = block.forward_cached(x, layer_cache, slots, pos, attn_mask)
         if last is not None:
-            x = x[torch.arange(B, device=dev), torch.as_tensor(last, device=dev)][:, None]
+            x = x[torch.arange(B, device=dev), to_device(last, torch.long, dev)][:, None]
         return m.lm_head(m.ln_f(x))

@@ -1,13 +1,20 @@
 """Sampling: per-row logit processing (mask, bias, penalties, min_p), one token per row
-with each row's own parameters, and log-probabilities."""
+with each row's own parameters, and log-probabilities. Everything stays on the device
+until `step` reads the sampled tokens and their logprobs back in one transfer
+(`transfer.read_host`)."""
 from __future__ import annotations
 
+import logging
 import math
+from typing import Callable
 
 import torch
 
 from raygpt.model.gpt import sample_next
+from raygpt.serving import transfer
 from raygpt.serving.request import Request, SamplingParams, TokenLogprob
+
+log = logging.getLogger("raygpt.serving.engine")
 
 
 class _DenseRow:
@@ -25,15 +32,16 @@ class _DenseRow:
         self.bias = self.counts = self.seen = None
         if p.logit_bias:
             self.bias = torch.zeros(vocab, device=device)
-            self.bias[torch.tensor(list(p.logit_bias), device=device)] = torch.tensor(
-                list(p.logit_bias.values()), device=device)
+            self.bias[transfer.to_device(list(p.logit_bias), torch.long, device)] = transfer.to_device(
+                list(p.logit_bias.values()), torch.float32, device)
         if p.presence_penalty or p.frequency_penalty:
             self.counts = torch.zeros(vocab, device=device)
-            for t, c in r.counts.items():
-                self.counts[t] = c
+            if r.counts:
+                self.counts[transfer.to_device(list(r.counts), torch.long, device)] = transfer.to_device(
+                    [float(c) for c in r.counts.values()], torch.float32, device)
         if p.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-            self.seen[torch.tensor(r.prompt_ids + r.generated, device=device)] = True
+            self.seen[transfer.to_device(r.prompt_ids + r.generated, torch.long, device)] = True
 
     def add(self, tok: int) -> None:
         if self.counts is not None:
@@ -72,30 +80,34 @@ class Sampler:
                 mask[n:] = True
         if extra is not None:
             mask |= extra.to(device, torch.bool)
-        return mask if bool(mask.any()) else None
-
-    def top(self, lp: torch.Tensor, k: int) -> list[tuple[int, float]]:
-        if k <= 0:
-            return []
-        v, i = torch.topk(lp, k)
-        return list(zip(i.tolist(), v.tolist()))
-
-    def record_prompt_logprobs(self, r: Request, logits: torch.Tensor) -> None:
-        """logits (n, V) of a chunk: position j predicts prompt token prefilled + j + 1."""
-        lp = torch.log_softmax(self.mask(logits.float()), dim=-1)
-        k = r.params.logprobs or 0
-        start = r.prefilled
-        for j in range(logits.shape[0]):
-            t = start + j + 1
-            if t >= len(r.prompt_ids):
-                break
-            tok = r.prompt_ids[t]
-            r.prompt_logprobs.append(TokenLogprob(tok, float(lp[j, tok]), self.top(lp[j], k)))
+        return mask if bool(mask.any()) else None  # once, at construction
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         if self.vocab_mask is not None:
             logits = logits.masked_fill(self.vocab_mask, float("-inf"))
         return logits
+
+    def record_prompt_logprobs(self, r: Request, logits: torch.Tensor) -> None:
+        """logits (n, V) of a chunk: position j predicts prompt token prefilled + j + 1.
+        One device->host transfer for the chunk."""
+        m = min(logits.shape[0], len(r.prompt_ids) - 1 - r.prefilled)
+        if m <= 0:
+            return
+        lp = torch.log_softmax(self.mask(logits[:m].float()), dim=-1)
+        k = r.params.logprobs or 0
+        toks = r.prompt_ids[r.prefilled + 1:r.prefilled + 1 + m]
+        idx = transfer.to_device(toks, torch.long, lp.device)
+        parts = [lp.gather(1, idx[:, None])[:, 0].double()]
+        if k > 0:
+            v, i = torch.topk(lp, k)
+            parts += [i.double().flatten(), v.double().flatten()]
+        flat = transfer.read_host(torch.cat(parts))
+        for j, tok in enumerate(toks):
+            top = []
+            if k > 0:
+                ids, vals = flat[m + j * k:m + (j + 1) * k], flat[m + m * k + j * k:m + m * k + (j + 1) * k]
+                top = [(int(a), b) for a, b in zip(ids, vals)]
+            r.prompt_logprobs.append(TokenLogprob(tok, flat[j], top))
 
     def process(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """Mask, logit_bias, presence/frequency penalties (OpenAI's definitions),
@@ -109,25 +121,82 @@ class Sampler:
                 logits[i] = r.dense.apply(logits[i], r.params)
         return logits
 
-    def sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
-        """logits (B,V) processed -> one token per row with each row's own parameters.
-        Unseeded rows with the same parameters are sampled together; a seeded row uses its
-        own generator, so its tokens do not depend on the batch. Raises on a bad row."""
-        out: list[int | None] = [None] * len(reqs)
+    def sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """logits (B,V) processed -> (B,) token ids on the device, each row with its own
+        parameters. Unseeded rows with the same parameters are sampled together; a seeded
+        row uses its own generator, so its tokens do not depend on the batch. Raises on a
+        bad row (on a CPU; a GPU reports it at the read)."""
+        dev = logits.device
+        if all(r.params.greedy for r in reqs):
+            return logits.argmax(dim=-1)
+        out = torch.empty(len(reqs), dtype=torch.long, device=dev)
         greedy = [i for i, r in enumerate(reqs) if r.params.greedy]
         if greedy:
-            for i, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
-                out[i] = t
+            g = transfer.to_device(greedy, torch.long, dev)
+            out[g] = logits[g].argmax(dim=-1)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(reqs):
-            if out[i] is None:
-                p = r.params
-                if r.generator is not None:
-                    out[i] = int(sample_next(logits[i:i + 1], p.temperature, p.top_k, p.top_p,
-                                             r.generator)[0])
-                else:
-                    groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+            p = r.params
+            if p.greedy:
+                continue
+            if r.generator is not None:
+                out[i] = sample_next(logits[i:i + 1], p.temperature, p.top_k, p.top_p, r.generator)[0]
+            else:
+                groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
         for (temp, top_k, top_p), rows in groups.items():
-            for i, t in zip(rows, sample_next(logits[rows], temp, top_k, top_p).tolist()):
-                out[i] = t
-        return out  # type: ignore[return-value]
+            if len(rows) == len(reqs):
+                return sample_next(logits, temp, top_k, top_p)
+            g = transfer.to_device(rows, torch.long, dev)
+            out[g] = sample_next(logits[g], temp, top_k, top_p)
+        return out
+
+    def read(self, toks: torch.Tensor, logits: torch.Tensor, reqs: list[Request]
+             ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The sampled tokens and, for rows that asked, their logprob and top-k, packed into
+        one tensor and read back in one transfer (ids are exact in float64)."""
+        B = len(reqs)
+        rows = [i for i, r in enumerate(reqs) if r.logprobs is not None]
+        parts = [toks.double()]
+        k = 0
+        if rows:
+            k = max(reqs[i].params.logprobs for i in rows)
+            g = transfer.to_device(rows, torch.long, logits.device)
+            ls = torch.log_softmax(logits[g], dim=-1)
+            parts.append(ls.gather(1, toks[g][:, None])[:, 0].double())
+            if k > 0:
+                v, i = torch.topk(ls, k)
+                parts += [i.double().flatten(), v.double().flatten()]
+        flat = transfer.read_host(torch.cat(parts) if len(parts) > 1 else parts[0])
+        tokens = [int(t) for t in flat[:B]]
+        lps: list[TokenLogprob | None] = [None] * B
+        R = len(rows)
+        for j, i in enumerate(rows):
+            kr = reqs[i].params.logprobs
+            ids = flat[B + R + j * k:B + R + j * k + kr]
+            vals = flat[B + R + R * k + j * k:B + R + R * k + j * k + kr]
+            lps[i] = TokenLogprob(tokens[i], flat[B + j], [(int(a), b) for a, b in zip(ids, vals)])
+        return tokens, lps
+
+    def step(self, raw: torch.Tensor, reqs: list[Request],
+             fail: Callable[[list[Request], BaseException], None]
+             ) -> tuple[list[int | None], list[TokenLogprob | None]]:
+        """raw logits (B,V) -> one token (and logprob, when asked for) per row, read back in
+        one transfer. A row whose sampling fails ends alone (`fail`) and gets None: the
+        batch is then redone row by row (the error path reads each row on its own)."""
+        try:
+            logits = self.process(raw, reqs)
+            return self.read(self.sample(logits, reqs), logits, reqs)
+        except Exception:  # isolate: sample each row on its own
+            toks: list[int | None] = []
+            lps: list[TokenLogprob | None] = []
+            for i, r in enumerate(reqs):
+                try:
+                    logits = self.process(raw[i:i + 1], [r])
+                    (t,), (lp,) = self.read(self.sample(logits, [r]), logits, [r])
+                except Exception as e:
+                    log.warning("sampling failed for one request: %s", e)
+                    fail([r], e)
+                    t, lp = None, None
+                toks.append(t)
+                lps.append(lp)
+            return toks, lps

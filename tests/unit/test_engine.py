@@ -331,3 +331,121 @@ def test_wire_layer_imports_without_torch():
     from raygpt.serving import constants, engine as eng
 
     assert eng.MAX_LOGPROBS == constants.MAX_LOGPROBS and eng.SEED_MAX == constants.SEED_MAX
+
+
+_READS = ("tolist", "item", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__")
+
+
+def test_decode_step_reads_the_device_once(model, tok, monkeypatch):
+    """Every Tensor -> Python read (what would be a host sync on a GPU) made while the
+    engine runs a decode step, counted on the real engine: exactly one per step, the read
+    of the sampled tokens (logprobs packed into the same transfer), whatever the mix of
+    greedy, seeded, grouped, logprob, bias and penalty rows. The same for a prefill group."""
+    from raygpt.serving import transfer
+
+    counting = threading.local()
+    reads: list[str] = []
+    helper: list[int] = []
+
+    def counted(name):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            if getattr(counting, "on", False):
+                reads.append(name)
+            return real(self, *a, **k)
+        return wrapper
+
+    for name in _READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    real_read = transfer.read_host
+    monkeypatch.setattr(transfer, "read_host", lambda t: (helper.append(1), real_read(t))[1])
+
+    e = Engine(model, tok, max_slots=8)
+    per_step: list[tuple[int, int]] = []
+    for meth in ("_decode", "_prefill_group"):
+        real = getattr(e, meth)
+
+        def wrapped(*a, _real=real, _meth=meth):
+            before, hb = len(reads), len(helper)
+            counting.on = True
+            try:
+                return _real(*a)
+            finally:
+                counting.on = False
+                if _meth == "_decode":
+                    per_step.append((len(reads) - before, len(helper) - hb))
+                else:
+                    prefill_reads.append(len(reads) - before)
+        setattr(e, meth, wrapped)
+    prefill_reads: list[int] = []
+    e.start()
+    try:
+        x = tok.encode("e")[0]
+        params = [
+            SamplingParams(max_tokens=12, temperature=0),
+            SamplingParams(max_tokens=12, temperature=0, logprobs=3),
+            SamplingParams(max_tokens=12, temperature=0.8, seed=7, logprobs=1),
+            SamplingParams(max_tokens=12, temperature=0.8, top_k=5),
+            SamplingParams(max_tokens=12, temperature=0.8, top_k=5),
+            SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, logit_bias={x: 2.0},
+                           frequency_penalty=0.5, presence_penalty=0.5),
+            SamplingParams(max_tokens=12, temperature=1.0, min_p=0.1, repetition_penalty=1.3),
+            SamplingParams(max_tokens=12, temperature=0, echo=True, logprobs=2),
+        ]
+        with e._cv:  # admitted together: every decode step has the whole mix
+            reqs = [e.submit("First", p, loop=False) for p in params]
+        outs = [r.result(timeout=60) for r in reqs]
+        assert all(o.completion_tokens == 12 for o in outs)
+        assert outs[1].logprobs[0].top[0][0] == outs[1].token_ids[0] and len(outs[1].logprobs[0].top) == 3
+        assert len(outs[7].prompt_logprobs) == len("First")
+    finally:
+        e.abort()
+    steps = [s for s in per_step if s != (0, 0)]
+    assert len(steps) >= 11, per_step
+    assert all(s == (1, 1) for s in steps), (per_step, reads)
+    # a prefill group: its sampled tokens, plus one read for an echo row's prompt logprobs
+    assert prefill_reads and all(n <= 2 for n in prefill_reads), prefill_reads
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_step_has_no_other_sync_on_gpu(tok, monkeypatch):
+    """On a GPU, CUDA's own sync check: a decode step that synchronizes anywhere but the
+    read of its sampled tokens raises (the row then ends with an error)."""
+    from raygpt.serving import transfer
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64,
+                      vocab_size=tok.vocab_size)).cuda().eval()
+    real_read = transfer.read_host
+
+    def read(t):
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return real_read(t)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+    monkeypatch.setattr(transfer, "read_host", read)
+    e = Engine(m, tok, max_slots=4)
+    real_decode = e._decode
+
+    def decode():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real_decode()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    e._decode = decode
+    e.start()
+    try:
+        x = tok.encode("e")[0]
+        reqs = [e.submit("First", p, loop=False) for p in (
+            SamplingParams(max_tokens=8, temperature=0, logprobs=2),
+            SamplingParams(max_tokens=8, temperature=0.8, seed=3),
+            SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, logit_bias={x: 1.0},
+                           frequency_penalty=0.5, repetition_penalty=1.2, min_p=0.05))]
+        assert all(r.result(timeout=120).completion_tokens == 8 for r in reqs)
+        assert e.stats()["failed_steps"] == 0
+    finally:
+        e.abort()
