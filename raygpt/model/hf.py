@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from raygpt.model.chat import ChatTemplate
 from raygpt.model.files import CONFIG, TOKENIZER, WEIGHTS, ModelDirError, atomic_dir
 from raygpt.model.gpt import GPT, GPTConfig
 
@@ -295,8 +296,11 @@ def _tokenizer_files(tokenizer_path: Path, block_size: int) -> tuple[str, dict, 
 
 
 def save_hf_dir(model: GPT, out: str | os.PathLike, tokenizer_path: str | os.PathLike | None,
-                extra: dict | None = None) -> Path:
-    """Write a directory GPT2LMHeadModel.from_pretrained and AutoTokenizer load (atomic)."""
+                extra: dict | None = None, chat_template: ChatTemplate | None = None) -> Path:
+    """Write a directory GPT2LMHeadModel.from_pretrained and AutoTokenizer load (atomic).
+    chat_template (default: raygpt's built-in) goes into tokenizer_config.json as Jinja, so
+    `apply_chat_template` and vLLM render what raygpt's chat endpoint renders; config.json's
+    "raygpt" section keeps it as raygpt's keys (its `stop` is what a vLLM client sends)."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -304,6 +308,9 @@ def save_hf_dir(model: GPT, out: str | os.PathLike, tokenizer_path: str | os.Pat
         raise HFDirError(f"--format hf needs the model's tokenizer.json (none at {tokenizer_path})")
     cfg = model.config
     tok_text, tok_cfg, vocab, eos = _tokenizer_files(Path(tokenizer_path), cfg.block_size)
+    chat_template = chat_template or ChatTemplate()
+    tok_cfg["chat_template"] = chat_template.to_jinja()
+    extra = {**(extra or {}), "chat_template": chat_template.to_dict()}
     if vocab > cfg.n_real_vocab:
         raise HFDirError(f"the tokenizer has {vocab} tokens but the model only {cfg.n_real_vocab}")
     with atomic_dir(out) as tmp:

@@ -2,17 +2,13 @@
 engine, the chat template, request -> SamplingParams, engine results -> OpenAI shapes."""
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from raygpt.errors import UserError
+from raygpt.model.chat import CHAT_TEMPLATE_FILE, ChatTemplate  # noqa: F401 (re-exported)
 from raygpt.serving.engine import Engine, SamplingParams, TokenLogprob
-from raygpt.serving.protocol import ApiError, ChatCompletionRequest, ChatMessage, CompletionRequest
+from raygpt.serving.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from raygpt.serving.settings import ServerSettings
-
-CHAT_TEMPLATE_FILE = "chat_template.json"
 
 
 def load_engine(model_dir: str, s: ServerSettings, name: str, observer=None) -> Engine:
@@ -56,48 +52,7 @@ def load_engine(model_dir: str, s: ServerSettings, name: str, observer=None) -> 
 # --------------------------------------------------------------------------- chat
 
 
-@dataclass
-class ChatTemplate:
-    """A plain-text chat template for base models (no special tokens needed).
-
-    Default (documented in docs/serving.md):
-        <system text>\\n\\n            (system/developer messages, if any)
-        User: <text>\\n
-        Assistant: <text>\\n
-        ...
-        Assistant:                    (the model continues from here)
-    with "\\nUser:" as an extra stop string so the model does not speak for the user.
-    A model directory may replace it with chat_template.json holding the same keys.
-    """
-
-    system: str = "{content}\n\n"
-    user: str = "User: {content}\n"
-    assistant: str = "Assistant: {content}\n"
-    tool: str = "Tool: {content}\n"
-    generation_prompt: str = "Assistant:"
-    stop: list[str] = field(default_factory=lambda: ["\nUser:"])
-
-    @classmethod
-    def load(cls, model_dir: str, override: str | None = None) -> "ChatTemplate":
-        path = Path(override) if override else Path(model_dir) / CHAT_TEMPLATE_FILE
-        if not path.is_file():
-            if override:
-                raise UserError(f"chat_template {override!r}: no such file")
-            return cls()
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            t = cls(**data)
-        except (ValueError, TypeError) as e:
-            raise UserError(f"{path}: not a chat template ({e}); keys: system, user, assistant, "
-                            "tool, generation_prompt, stop") from None
-        return t
-
-    def render(self, messages: list[ChatMessage]) -> str:
-        out = []
-        for m in messages:
-            role = "system" if m.role == "developer" else m.role
-            out.append(getattr(self, role).replace("{content}", m.text()))
-        return "".join(out) + self.generation_prompt
+# ChatTemplate lives in the model layer (raygpt/model/chat.py): the HF export writes it as Jinja.
 
 
 # --------------------------------------------------------------------------- params

@@ -52,7 +52,10 @@ def convert_model_dir(src: Path, out: str | os.PathLike, format: str, label: str
     extra = {k: meta[k] for k in ("step", "val_loss", "raygpt_config") if k in meta}
     extra["source"] = label or meta.get("source")
     if format == "hf":
+        from raygpt.model.chat import ChatTemplate
         from raygpt.model.hf import save_hf_dir
 
-        return save_hf_dir(model, out, tok, extra={**extra, "source_version": meta.get("version")})
+        # the template raygpt's chat endpoint uses for `src` (its chat_template.json, else built in)
+        return save_hf_dir(model, out, tok, extra={**extra, "source_version": meta.get("version")},
+                           chat_template=ChatTemplate.load(str(src)))
     return save_model_dir(model, out, tok if tok.is_file() else None, extra=extra)
