@@ -112,6 +112,8 @@ def main(argv=None) -> None:
     ap.add_argument("--intervals", default="auto,20,100,1000", help="checkpoint.every values, comma-separated")
     ap.add_argument("--parallel", type=int, default=2, help="configurations run at once")
     ap.add_argument("--out", default="/tmp/raygpt-goodput-soak")
+    ap.add_argument("--reuse", action="store_true",
+                    help="configurations whose run already has a timeline.json are analysed, not run again")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     out = Path(a.out).resolve()
@@ -119,6 +121,8 @@ def main(argv=None) -> None:
         return one(a.one, a.minutes, a.every, out)
     out.mkdir(parents=True, exist_ok=True)
     todo, running, t0 = a.intervals.split(","), [], time.time()
+    if a.reuse:
+        todo = [iv for iv in todo if not (out / f"soak-{iv}" / "timeline.json").is_file()]
     print(f"soak: {len(todo)} configuration(s) x {a.minutes:g} min, a fault every {a.every:g} min, "
           f"{a.parallel} at a time -> {out}", flush=True)
     while todo or running:
