@@ -120,6 +120,7 @@ class Engine:
         self.prefills = 0
         self.prefill_batches = 0
         self.prefill_tokens = 0
+        self.prefix_copies = 0  # prompts copied from another slot instead of prefilled
         self.tokens_generated = 0
         self.requests_finished = 0
         self.max_batch = 0
@@ -180,6 +181,7 @@ class Engine:
                 "prefills": self.prefills,
                 "prefill_batches": self.prefill_batches,
                 "prefill_tokens": self.prefill_tokens,
+                "prefix_copies": self.prefix_copies,
                 "tokens_generated": self.tokens_generated,
                 "requests_finished": self.requests_finished,
                 "max_batch": self.max_batch,
@@ -262,7 +264,8 @@ class Engine:
                         self._cv.wait()
                     if self._closing and not s.busy:
                         break
-                    s.admit()
+                    copies = s.admit()
+                self._copy_prompts(copies)
                 self._step()
                 if self.step_delay_s:
                     time.sleep(self.step_delay_s)
@@ -279,6 +282,22 @@ class Engine:
         for r in reqs:
             if not r.done:
                 r._put(Event(finish_reason="error", error=msg))
+
+    @torch.inference_mode()
+    def _copy_prompts(self, reqs: list[Request]) -> None:
+        """Newcomers whose prompt another request holds: its KV rows but the last (which
+        is prefilled, giving the first token's logits)."""
+        for r in reqs:
+            src, n = r.copy_from
+            r.copy_from = None
+            try:
+                self.runner.copy_prefix(src, r.slot, n)
+            except Exception as e:  # noqa: BLE001 - a device error: prefill it instead
+                log.warning("KV copy failed (prefilling instead): %s", e)
+                continue
+            r.prefilled = n
+            with self._cv:
+                self.prefix_copies += 1
 
     def _reap(self) -> None:
         with self._cv:
@@ -351,30 +370,42 @@ class Engine:
         with self._cv:
             self.prefill_batches += 1
             self.prefill_tokens += sum(n for _, n in group)
-        done_rows, done_reqs = [], []
+        done: list[tuple[Request, int]] = []  # (request, its logits row)
         for i, (r, n) in enumerate(group):
             r.prefilled += n
             if r.prefilled == len(r.prompt_ids):
-                done_rows.append(i if not full else n - 1)
-                done_reqs.append(r)
-        if not done_reqs:
+                done.append((r, i if not full else n - 1))
+        if not done:
             return
         with self._cv:
-            self.prefills += len(done_reqs)
-            for r in done_reqs:
+            self.prefills += len(done)
+            for r, _ in done:
                 self.scheduler.prefilling.remove(r)
-        sampled = []
-        for r in done_reqs:
+            # the same prompt, prefilled once: followers copy the rows, share the logits
+            followers = [(f, row, r.slot) for r, row in done for f in self.scheduler.followers_done(r)]
+            self.prefix_copies += len(followers)
+            done += [(f, row) for f, row, _ in followers]
+            # active from now on, so that the reap frees the slot of any that ends below
+            # (an echo-only request, a failed copy or sample)
+            self.scheduler.active.extend(r for r, _ in done)
+        try:
+            for f, _, src in followers:
+                self.runner.copy_prefix(src, f.slot, len(f.prompt_ids))
+        except Exception as e:  # a device error: the followers fail, their source goes on
+            log.exception("KV copy failed")
+            self._fail([f for f, _, _ in followers], e)
+        sampled, rows = [], []
+        for r, row in done:
+            if r.done:
+                continue
             if r.params.max_tokens == 0:  # echo only: score the prompt, generate nothing
                 self.output.finish_without_tokens(r)
             else:
                 sampled.append(r)
+                rows.append(row)
         if sampled:
-            rows = to_device([done_rows[done_reqs.index(r)] for r in sampled], torch.long,
-                             self.device)
-            last_logits = logits[rows, 0] if not full else logits[0, rows]
-            with self._cv:
-                self.scheduler.active.extend(sampled)
+            idx = to_device(rows, torch.long, self.device)
+            last_logits = logits[idx, 0] if not full else logits[0, idx]
             self._sample_and_emit(last_logits, sampled)
 
     # ------------------------------------------------------------ sampling and output

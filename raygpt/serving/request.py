@@ -162,6 +162,11 @@ class Request:
         # engine-side state
         self.slot: int | None = None
         self.prefilled = 0                       # prompt tokens already in the KV cache
+        # the same prompt prefilled once (n > 1): a follower waits for its source's prefill
+        # and copies the source's KV rows (see Scheduler.admit)
+        self.source: Request | None = None
+        self.followers: list[Request] = []
+        self.copy_from: tuple[int, int] | None = None  # (slot, tokens) to copy at admission
         self.generated: list[int] = []
         self.counts: dict[int, int] = {}         # generated token -> count (penalties)
         self.dense: Any = None                   # sampler._DenseRow: bias/penalty vectors, built once

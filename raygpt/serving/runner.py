@@ -45,3 +45,10 @@ class ModelRunner:
         if last is not None:
             x = x[torch.arange(B, device=dev), to_device(last, torch.long, dev)][:, None]
         return m.lm_head(m.ln_f(x))
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Keys and values of positions 0..n-1 from slot src into slot dst (a prompt
+        prefilled once, shared), on the device."""
+        for kc, vc in self.cache.layers:
+            kc[dst, :, :n] = kc[src, :, :n]
+            vc[dst, :, :n] = vc[src, :, :n]

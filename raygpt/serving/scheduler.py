@@ -24,12 +24,38 @@ class Scheduler:
     def busy(self) -> bool:
         return bool(self.waiting or self.prefilling or self.active)
 
-    def admit(self) -> None:
-        """Waiting requests into free slots, oldest first."""
+    def admit(self) -> list[Request]:
+        """Waiting requests into free slots, oldest first. A prompt already being
+        prefilled (the n choices of one request, or the same prompt sent twice) is not
+        prefilled again: the newcomer follows that request and copies its KV rows when its
+        prefill ends (its first token is sampled from the same logits). A prompt already
+        decoding elsewhere is copied at once but for its last token, which is prefilled
+        (it yields the logits of the first token). -> the requests with such a copy due
+        now (`copy_from`)."""
+        copies = []
         while self.waiting and self.free_slots:
             r = self.waiting.pop(0)
             r.slot = heapq.heappop(self.free_slots)
             self.prefilling.append(r)
+            if r.prompt_logprobs is not None:
+                continue  # echo: computes its own prompt logprobs
+            src = self._source(r)
+            if src is None:
+                continue
+            if src.prefilled < len(src.prompt_ids):
+                r.source = src
+                src.followers.append(r)
+            elif len(r.prompt_ids) > 1:
+                r.copy_from = (src.slot, len(r.prompt_ids) - 1)
+                copies.append(r)
+        return copies
+
+    def _source(self, r: Request) -> Request | None:
+        for q in self.prefilling + self.active:
+            if (q is not r and q.source is None and not q.done and not q.cancelled
+                    and q.slot is not None and q.prompt_ids == r.prompt_ids):
+                return q
+        return None
 
     def release(self, r: Request) -> None:
         if r.slot is not None:
@@ -37,17 +63,44 @@ class Scheduler:
             r.slot = None
 
     def reap(self) -> None:
-        """Cancelled requests end; finished ones leave and free their slots."""
+        """Cancelled requests end; finished ones leave and free their slots (followers of a
+        request that ends before its prefill does prefill on their own, the first leading)."""
         for lst in (self.active, self.prefilling):
             keep = []
             for r in lst:
                 if r.cancelled and not r.done:
                     r._put(Event(finish_reason="cancelled"))
                 if r.done:
+                    self._orphan(r)
                     self.release(r)
                 else:
                     keep.append(r)
             lst[:] = keep
+
+    @staticmethod
+    def _orphan(r: Request) -> None:
+        live = [f for f in r.followers if not f.done]
+        r.followers = []
+        if r.source is not None:
+            if r in r.source.followers:
+                r.source.followers.remove(r)
+            r.source = None
+        if live:
+            lead, rest = live[0], live[1:]
+            lead.source, lead.followers = None, rest
+            for f in rest:
+                f.source = lead
+
+    def followers_done(self, r: Request) -> list[Request]:
+        """r's prefill ended: its live followers, now holding the same prompt (detached)."""
+        out = [f for f in r.followers if not f.done and f.slot is not None]
+        for f in r.followers:
+            f.source = None
+        r.followers = []
+        for f in out:
+            f.prefilled = len(f.prompt_ids)
+            self.prefilling.remove(f)
+        return out
 
     def decode_batch(self) -> list[Request]:
         # In slot order: consecutive slots let forward_cached read the cache in place.
@@ -60,7 +113,7 @@ class Scheduler:
         for r in self.prefilling:
             if budget <= 0:
                 break
-            if r.done:
+            if r.done or r.source is not None:  # a follower waits for its source's prefill
                 continue
             n = min(len(r.prompt_ids) - r.prefilled, budget)
             chunks.append((r, n))

@@ -206,15 +206,15 @@ def test_chunked_prefill_token_budget(model, tok):
     across steps while running streams keep decoding; outputs are unchanged."""
     e = Engine(model, tok, max_slots=8, step_tokens=8, min_prefill_tokens=4).start()
     try:
-        long = "First Citizen:\nBefore we proceed any further"  # 45 tokens
+        longs = [TEXT[i:i + 45] for i in (0, 3, 6, 9)]  # 45 tokens each, all different
         runner = e.submit("hear", SamplingParams(max_tokens=50, temperature=0), loop=False)
         next(runner.events(timeout=30))  # it is decoding
         with e._cv:
             before = e.decode_steps
             reqs = [e.submit(long, SamplingParams(max_tokens=5, temperature=0), loop=False)
-                    for _ in range(4)]
+                    for long in longs]
         outs = [r.result(timeout=60) for r in reqs]
-        assert all(o.token_ids == reference(model, tok, long, 5) for o in outs)
+        assert all(o.token_ids == reference(model, tok, long, 5) for long, o in zip(longs, outs))
         assert runner.result(timeout=60).token_ids == reference(model, tok, "hear", 50)
         st = e.stats()
         # 4 x 45 prompt tokens at <= 8 tokens a step: many steps, the stream decoding in each
@@ -447,5 +447,82 @@ def test_decode_step_has_no_other_sync_on_gpu(tok, monkeypatch):
                            frequency_penalty=0.5, repetition_penalty=1.2, min_p=0.05))]
         assert all(r.result(timeout=120).completion_tokens == 8 for r in reqs)
         assert e.stats()["failed_steps"] == 0
+    finally:
+        e.abort()
+
+
+def test_n_choices_prefill_once(model, tok):
+    """n = 4 choices of one prompt (what the server submits: seeds s..s+3): the prompt is
+    prefilled once and its KV rows copied into the other slots; the outputs are those of
+    four independent requests with the same seeds."""
+    prompt = TEXT[:30]
+    params = [SamplingParams(max_tokens=20, temperature=0.9, top_k=20, seed=100 + j)
+              for j in range(4)]
+    e = Engine(model, tok, max_slots=8).start()
+    try:
+        alone, costs = [], []
+        for p in params:  # independently, one at a time
+            before = e.stats()
+            alone.append(e.generate(prompt, SamplingParams(**p.__dict__), timeout=60).token_ids)
+            costs.append(e.stats()["prefill_tokens"] - before["prefill_tokens"])
+        assert costs == [len(prompt)] * 4
+        before = e.stats()
+        with e._cv:  # one request's n choices arrive together
+            reqs = [e.submit(prompt, SamplingParams(**p.__dict__), loop=False) for p in params]
+        outs = [r.result(timeout=60).token_ids for r in reqs]
+        after = e.stats()
+        assert outs == alone
+        assert len(set(map(tuple, outs))) > 1  # the seeds differ
+        assert after["prefill_tokens"] - before["prefill_tokens"] == len(prompt)  # as n = 1
+        assert after["prefills"] - before["prefills"] == 1
+        assert after["prefix_copies"] - before["prefix_copies"] == 3
+        for _ in range(200):  # the last event comes before the step's reap
+            if e.idle:
+                break
+            threading.Event().wait(0.01)
+        assert e.idle and len(e.scheduler.free_slots) == 8
+    finally:
+        e.abort()
+
+
+def test_shared_prompt_source_cancelled_or_decoding(model, tok):
+    """The request whose prefill others wait on is cancelled mid-prefill: the next one
+    prefills for the rest. A prompt that another request is already decoding: copied but
+    for its last token (one prefilled token)."""
+    long = TEXT[:45]
+    ref = reference(model, tok, long, 6)
+    e = Engine(model, tok, max_slots=4, step_tokens=8, min_prefill_tokens=4,
+               step_delay_s=0.02).start()  # 45 prompt tokens: 6 steps of prefill
+    try:
+        with e._cv:
+            reqs = [e.submit(long, SamplingParams(max_tokens=6, temperature=0), loop=False)
+                    for _ in range(3)]
+        while e.stats()["active"] < 3:  # admitted: reqs[0] prefills, the others follow it
+            threading.Event().wait(0.001)
+        reqs[0].cancel()
+        assert [r.result(timeout=60).token_ids for r in reqs[1:]] == [ref, ref]
+        assert [ev.finish_reason for ev in reqs[0].events(timeout=5)][-1] == "cancelled"
+        st = e.stats()
+        assert st["prefix_copies"] == 1 and st["prefill_tokens"] > len(long)  # 1 restarted
+        # a stream decoding the prompt; the same prompt again costs one prefill token
+        busy = e.submit(long, SamplingParams(max_tokens=15, temperature=0), loop=False)
+        next(busy.events(timeout=30))
+        before = e.stats()
+        again = e.generate(long, SamplingParams(max_tokens=6, temperature=0), timeout=60)
+        assert again.token_ids == ref
+        assert e.stats()["prefill_tokens"] - before["prefill_tokens"] == 1
+        busy.cancel()
+    finally:
+        e.abort()
+
+
+def test_echo_only_requests_free_their_slot(model, tok):
+    """max_tokens 0 with echo (scoring a prompt, as lm-eval's loglikelihood does) used to
+    keep its slot: with one slot the second such request never ran."""
+    e = Engine(model, tok, max_slots=1).start()
+    try:
+        for _ in range(3):
+            c = e.generate("First", SamplingParams(max_tokens=0, echo=True, logprobs=0), timeout=30)
+            assert c.completion_tokens == 0 and len(c.prompt_logprobs) == 5
     finally:
         e.abort()
