@@ -8,3 +8,5 @@ SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_se
 MAX_LOGPROBS = 5
 # A stop string longer than this is refused: the hold-back scan costs its length per token.
 MAX_STOP_CHARS = 256
+# The KV caches' default share of the device's memory (serve setting kv_memory_fraction).
+DEFAULT_KV_MEMORY_FRACTION = 0.5

@@ -42,6 +42,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from raygpt.model.gpt import GPT
+from raygpt.serving import kvbudget
 from raygpt.serving.constants import (  # noqa: F401 - re-exported
     GREEDY_EPS,
     MAX_LOGPROBS,
@@ -49,6 +50,7 @@ from raygpt.serving.constants import (  # noqa: F401 - re-exported
     SEED_MAX,
     SEED_MIN,
 )
+from raygpt.serving.kvbudget import KVBudgetError  # noqa: F401 - re-exported
 from raygpt.serving.output import OutputProcessor
 from raygpt.serving.request import (  # noqa: F401 - re-exported
     Completion,
@@ -82,16 +84,22 @@ class Engine:
     step_delay_s: sleep added to each loop iteration (a testing aid to hold requests open).
     sample_mask: optional (V,) bool tensor of token ids never to sample (a padded
       vocabulary); ids at or beyond the tokenizer's vocabulary are always masked.
+    kv_memory_fraction / kv_memory_bytes: the KV budget (see kvbudget.py): the engine
+      gets min(max_slots, what the budget has left // bytes per slot) slots (`max_slots`
+      after construction), or KVBudgetError when not even one fits. The cache is freed
+      (and its bytes given back) when the loop ends: close() once drained, or abort().
     """
 
     def __init__(self, model: GPT, tokenizer, max_slots: int = 16, max_waiting: int = 1024,
                  version: str | None = None, name: str = "engine", step_delay_s: float = 0.0,
                  step_tokens: int = 256, min_prefill_tokens: int = 32,
-                 sample_mask: torch.Tensor | None = None, observer: Observer | None = None):
+                 sample_mask: torch.Tensor | None = None, observer: Observer | None = None,
+                 kv_memory_fraction: float | None = None, kv_memory_bytes: int | None = None):
         if max_slots < 1:
             raise ValueError("max_slots must be >= 1")
         self.tokenizer = tokenizer
-        self.max_slots = max_slots
+        self.max_slots = self._plan_slots(model, max_slots, kv_memory_fraction, kv_memory_bytes,
+                                          version or name)
         self.max_waiting = max_waiting
         self.version = version
         self.name = name
@@ -100,7 +108,11 @@ class Engine:
         self.min_prefill_tokens = max(1, min_prefill_tokens)
         self.observer = observer or Observer()
         self.fault_hook: Callable[[], None] | None = None  # called each step (fault injection)
-        self.runner = ModelRunner(model, max_slots)
+        try:
+            self.runner = ModelRunner(model, self.max_slots)
+        except BaseException:
+            self._release_cache()
+            raise
         self.model, self.cfg, self.block_size = self.runner.model, self.runner.cfg, self.runner.block_size
         self.device, self.dtype = self.runner.device, self.runner.dtype
         self.sampler = Sampler(Sampler.build_mask(
@@ -108,7 +120,7 @@ class Engine:
             sample_mask))
         self.output = OutputProcessor(tokenizer, self.block_size, self.observer, self._count)
         self.eos_id = self.output.eos_id
-        self.scheduler = Scheduler(max_slots, self.block_size, self.step_tokens,
+        self.scheduler = Scheduler(self.max_slots, self.block_size, self.step_tokens,
                                    self.min_prefill_tokens)
 
         self._cv = threading.Condition()
@@ -126,6 +138,27 @@ class Engine:
         self.max_batch = 0
         self.failed_steps = 0
         self.consecutive_failed_steps = 0
+
+    def _plan_slots(self, model: GPT, max_slots: int, fraction: float | None,
+                    nbytes: int | None, label: str) -> int:
+        p = next(model.parameters())
+        dev = kvbudget.device_key(p.device)
+        self.kv_bytes_per_slot = kvbudget.kv_bytes_per_slot(model.config, p.dtype)
+        self.kv_budget_bytes, what = kvbudget.resolve_budget(p.device, fraction, nbytes)
+        slots, self._kv_key = kvbudget.LEDGER.reserve(
+            dev, self.kv_bytes_per_slot, max_slots, self.kv_budget_bytes, what,
+            f"model {label!r}", self)
+        self._kv_device = dev
+        return slots
+
+    def _release_cache(self) -> None:
+        """Drop the KV cache and give its bytes back to the budget (idempotent)."""
+        runner = getattr(self, "runner", None)
+        if runner is not None and runner.cache is not None:
+            runner.cache = None
+            if runner.device.type == "cuda":
+                torch.cuda.empty_cache()
+        kvbudget.LEDGER.release(self._kv_device, self._kv_key)
 
     @property
     def cache(self):
@@ -149,7 +182,9 @@ class Engine:
         with self._cv:
             self._closing = True
             self._cv.notify_all()
-        if wait and self._thread is not None:
+        if self._thread is None:
+            self._release_cache()  # never started: nothing to drain
+        elif wait:
             self._thread.join(timeout)
 
     def abort(self) -> None:
@@ -162,6 +197,8 @@ class Engine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join()
+        else:
+            self._release_cache()
 
     @property
     def closing(self) -> bool:
@@ -188,6 +225,8 @@ class Engine:
                 "active": len(s.active) + len(s.prefilling),
                 "waiting": len(s.waiting),
                 "max_slots": self.max_slots,
+                "kv_cache_bytes": self.max_slots * self.kv_bytes_per_slot,
+                "kv_budget_bytes": self.kv_budget_bytes,
                 "failed_steps": self.failed_steps,
                 "consecutive_failed_steps": self.consecutive_failed_steps,
                 "closing": self._closing,
@@ -275,6 +314,7 @@ class Engine:
                     if not r.done:
                         r._put(Event(finish_reason="cancelled"))
                 s.waiting, s.prefilling, s.active = [], [], []
+            self._release_cache()  # a retired model's memory goes back now, not at GC
             self._stopped.set()
 
     def _fail(self, reqs: list[Request], e: BaseException) -> None:

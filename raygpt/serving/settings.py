@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raygpt.errors import UserError
+from raygpt.serving.constants import DEFAULT_KV_MEMORY_FRACTION
 
 
 class ServerSettings(BaseModel):
@@ -13,7 +14,13 @@ class ServerSettings(BaseModel):
 
     model_dir: str | None = None
     model_name: str = "raygpt"            # the `model` clients name; stays across updates
-    max_slots: int = Field(32, ge=1)      # KV-cache slots per replica = max batch
+    max_slots: int = Field(32, ge=1)      # KV-cache slots per replica = max batch (at most)
+    # The KV budget (vLLM's gpu_memory_utilization, for the KV cache alone): slots =
+    # min(max_slots, budget // one slot's KV bytes); a model swap must fit beside the cache
+    # of the model still serving, or it is refused. The fraction is of GPU memory (on a
+    # CPU: RAM, or the cgroup limit); kv_memory_bytes, when set, is the budget instead.
+    kv_memory_fraction: float = Field(DEFAULT_KV_MEMORY_FRACTION, gt=0, le=1)
+    kv_memory_bytes: int | None = Field(None, ge=1)
     max_waiting: int = Field(512, ge=1)   # engine queue beyond the slots (503 beyond it)
     max_fanout: int | None = Field(None, ge=1)  # prompts x n per request; default max_waiting // 4
     step_tokens: int = Field(256, ge=1)   # tokens per engine step (decode rows + prefill chunks)

@@ -526,3 +526,76 @@ def test_echo_only_requests_free_their_slot(model, tok):
             assert c.completion_tokens == 0 and len(c.prompt_logprobs) == 5
     finally:
         e.abort()
+
+
+def test_kv_budget_arithmetic():
+    from raygpt.serving.kvbudget import KVBudgetError, kv_bytes_per_slot, plan_slots
+    from raygpt.serving.settings import ServerSettings
+
+    cfg = GPTConfig(n_layer=3, n_head=4, n_embd=64, block_size=128, vocab_size=100)
+    # layers x 2 (k, v) x heads x head_dim x block_size x dtype size
+    assert kv_bytes_per_slot(cfg, torch.float32) == 3 * 2 * 4 * 16 * 128 * 4
+    assert kv_bytes_per_slot(cfg, torch.bfloat16) == 3 * 2 * 4 * 16 * 128 * 2
+    from raygpt.model.gpt import KVCache
+
+    c = KVCache(cfg, 5, dtype=torch.bfloat16)
+    assert sum(k.nbytes + v.nbytes for k, v in c.layers) == 5 * kv_bytes_per_slot(cfg, torch.bfloat16)
+    per = 1000
+    assert plan_slots(per, 32, 10_500) == 10          # the budget binds
+    assert plan_slots(per, 4, 10_500) == 4            # max_slots binds
+    assert plan_slots(per, 32, 10_500, held=7_000) == 3  # beside another model's cache
+    with pytest.raises(KVBudgetError) as ei:
+        plan_slots(per, 32, 999, what="kv_memory_bytes=999")
+    assert not ei.value.fits_alone
+    with pytest.raises(KVBudgetError) as ei:
+        plan_slots(per, 32, 10_500, held=10_000)
+    assert ei.value.fits_alone
+    s = ServerSettings.from_args({})
+    assert s.kv_memory_fraction == 0.5 and s.kv_memory_bytes is None
+    from raygpt.errors import UserError
+
+    for bad in ({"kv_memory_fraction": 0}, {"kv_memory_fraction": 1.5}, {"kv_memory_bytes": 0}):
+        with pytest.raises(UserError):
+            ServerSettings.from_args(bad)
+
+
+def test_kv_budget_derives_slots_and_refuses_a_swap_that_does_not_fit(model, tok):
+    """Slots come from the budget; a second model beside one still serving gets what is
+    left, or a one-line refusal naming the budget; a drained engine frees its cache and
+    gives its bytes back, so the same model then fits."""
+    from raygpt.serving.kvbudget import LEDGER, KVBudgetError, kv_bytes_per_slot
+
+    per = kv_bytes_per_slot(model.config, torch.float32)
+    base = LEDGER.held("cpu")  # engines of other tests still alive in this process
+    budget = base + 4 * per + per // 2
+    old = Engine(model, tok, max_slots=8, kv_memory_bytes=budget).start()
+    assert old.max_slots == 4 and old.stats()["max_slots"] == 4
+    assert sum(k.nbytes + v.nbytes for k, v in old.cache.layers) == 4 * per
+    assert old.stats()["kv_cache_bytes"] == 4 * per and old.stats()["kv_budget_bytes"] == budget
+    with pytest.raises(KVBudgetError) as ei:
+        Engine(model, tok, max_slots=8, kv_memory_bytes=budget, version="v2")
+    msg = str(ei.value)
+    assert "\n" not in msg and f"kv_memory_bytes={budget}" in msg and "'v2'" in msg
+    assert "held by another model" in msg and ei.value.fits_alone
+    assert LEDGER.held("cpu") == base + 4 * per  # the refused engine booked nothing
+    reqs = [old.submit("hear", SamplingParams(max_tokens=10, temperature=0), loop=False)
+            for _ in range(6)]
+    assert all(r.result(timeout=60).completion_tokens == 10 for r in reqs)
+    assert old.stats()["max_batch"] <= 4
+    old.close()  # drains, then frees the cache
+    assert old.cache is None and LEDGER.held("cpu") == base
+    new = Engine(model, tok, max_slots=8, kv_memory_bytes=budget, version="v2")
+    try:
+        assert new.max_slots == 4
+        assert new.generate("hear", SamplingParams(max_tokens=5, temperature=0), timeout=60
+                            ).token_ids == reference(model, tok, "hear", 5)
+        # beside it, a model that fits in what is left gets that many slots
+        small = Engine(model, tok, max_slots=8, kv_memory_bytes=budget + 2 * per)
+        assert small.max_slots == 2
+        small.abort()
+        assert LEDGER.held("cpu") == base + 4 * per
+        with pytest.raises(KVBudgetError, match="needs .* for one slot"):
+            Engine(model, tok, kv_memory_bytes=per - 1)
+    finally:
+        new.abort()
+    assert LEDGER.held("cpu") == base
