@@ -1,12 +1,15 @@
 """Continuous-batching generation engine: pure torch, no Ray (testable on its own).
 
 One background thread owns the model and a preallocated `KVCache` with `max_slots`
-slots. Each iteration of its loop (`_step`)
+slots (at most: fewer when the KV memory budget binds, see kvbudget.py). Each iteration
+of its loop (`_step`)
 
 1. admits waiting requests into free slots (a cancelled waiting request leaves the
-   queue at once, see `Request.cancel`);
+   queue at once, see `Request.cancel`); a prompt already held by another request (the
+   n choices of one request) is not prefilled again: its KV rows are copied;
 2. runs ONE batched decode step (T=1) over every running request, each row at its own
-   position, and samples one token per row with the row's own parameters;
+   position, and samples one token per row with the row's own parameters; the sampled
+   tokens (with their logprobs) are the step's one read from the device;
 3. spends what is left of the per-step token budget (`step_tokens`) on prefill: prompts
    are prefilled in chunks (chunked prefill), so a burst of long prompts costs running
    streams at most one budget's worth of compute per token instead of stalling them.
