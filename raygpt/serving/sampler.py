@@ -10,7 +10,6 @@ from typing import Callable
 
 import torch
 
-from raygpt.model.gpt import sample_next
 from raygpt.serving import transfer
 from raygpt.serving.request import Request, SamplingParams, TokenLogprob
 
@@ -121,15 +120,17 @@ class Sampler:
                 logits[i] = r.dense.apply(logits[i], r.params)
         return logits
 
-    def sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        """logits (B,V) processed -> (B,) token ids on the device, each row with its own
+    def sample(self, logits: torch.Tensor, reqs: list[Request]
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits (B,V) processed -> ((B,) token ids, (B,) bool "the row's distribution was
+        valid" or None when every row is greedy), on the device, each row with its own
         parameters. Unseeded rows with the same parameters are sampled together; a seeded
-        row uses its own generator, so its tokens do not depend on the batch. Raises on a
-        bad row (on a CPU; a GPU reports it at the read)."""
+        row uses its own generator, so its tokens do not depend on the batch."""
         dev = logits.device
         if all(r.params.greedy for r in reqs):
-            return logits.argmax(dim=-1)
+            return logits.argmax(dim=-1), None
         out = torch.empty(len(reqs), dtype=torch.long, device=dev)
+        ok = torch.ones(len(reqs), dtype=torch.bool, device=dev)
         greedy = [i for i, r in enumerate(reqs) if r.params.greedy]
         if greedy:
             g = transfer.to_device(greedy, torch.long, dev)
@@ -140,23 +141,27 @@ class Sampler:
             if p.greedy:
                 continue
             if r.generator is not None:
-                out[i] = sample_next(logits[i:i + 1], p.temperature, p.top_k, p.top_p, r.generator)[0]
+                out[i:i + 1], ok[i:i + 1] = draw(logits[i:i + 1], p.temperature, p.top_k, p.top_p,
+                                                 r.generator)
             else:
                 groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
         for (temp, top_k, top_p), rows in groups.items():
             if len(rows) == len(reqs):
-                return sample_next(logits, temp, top_k, top_p)
+                return draw(logits, temp, top_k, top_p)
             g = transfer.to_device(rows, torch.long, dev)
-            out[g] = sample_next(logits[g], temp, top_k, top_p)
-        return out
+            out[g], ok[g] = draw(logits[g], temp, top_k, top_p)
+        return out, ok
 
-    def read(self, toks: torch.Tensor, logits: torch.Tensor, reqs: list[Request]
-             ) -> tuple[list[int], list[TokenLogprob | None]]:
-        """The sampled tokens and, for rows that asked, their logprob and top-k, packed into
-        one tensor and read back in one transfer (ids are exact in float64)."""
+    def read(self, sampled: tuple[torch.Tensor, torch.Tensor | None], logits: torch.Tensor,
+             reqs: list[Request]) -> tuple[list[int | None], list[TokenLogprob | None], list[int]]:
+        """The sampled tokens, whether each row's distribution was valid and, for rows
+        that asked, their logprob and top-k, packed into one tensor and read back in one
+        transfer (ids are exact in float64). -> (tokens, logprobs, rows whose
+        distribution was invalid: their token is None)."""
+        toks, ok = sampled
         B = len(reqs)
         rows = [i for i, r in enumerate(reqs) if r.logprobs is not None]
-        parts = [toks.double()]
+        parts = [toks.double()] + ([ok.double()] if ok is not None else [])
         k = 0
         if rows:
             k = max(reqs[i].params.logprobs for i in rows)
@@ -167,7 +172,11 @@ class Sampler:
                 v, i = torch.topk(ls, k)
                 parts += [i.double().flatten(), v.double().flatten()]
         flat = transfer.read_host(torch.cat(parts) if len(parts) > 1 else parts[0])
-        tokens = [int(t) for t in flat[:B]]
+        tokens: list[int | None] = [int(t) for t in flat[:B]]
+        bad = []
+        if ok is not None:
+            bad = [i for i in range(B) if not flat[B + i]]
+            flat = flat[B:]
         lps: list[TokenLogprob | None] = [None] * B
         R = len(rows)
         for j, i in enumerate(rows):
@@ -175,28 +184,60 @@ class Sampler:
             ids = flat[B + R + j * k:B + R + j * k + kr]
             vals = flat[B + R + R * k + j * k:B + R + R * k + j * k + kr]
             lps[i] = TokenLogprob(tokens[i], flat[B + j], [(int(a), b) for a, b in zip(ids, vals)])
-        return tokens, lps
+        for i in bad:
+            tokens[i] = lps[i] = None
+        return tokens, lps, bad
 
     def step(self, raw: torch.Tensor, reqs: list[Request],
              fail: Callable[[list[Request], BaseException], None]
              ) -> tuple[list[int | None], list[TokenLogprob | None]]:
         """raw logits (B,V) -> one token (and logprob, when asked for) per row, read back in
-        one transfer. A row whose sampling fails ends alone (`fail`) and gets None: the
-        batch is then redone row by row (the error path reads each row on its own)."""
+        one transfer. A row whose sampling fails ends alone (`fail`) and gets None: a
+        distribution that is not one (inf, nan) is flagged on the device and read with
+        the tokens; an exception redoes the batch row by row (the error path)."""
         try:
             logits = self.process(raw, reqs)
-            return self.read(self.sample(logits, reqs), logits, reqs)
+            toks, lps, bad = self.read(self.sample(logits, reqs), logits, reqs)
         except Exception:  # isolate: sample each row on its own
-            toks: list[int | None] = []
-            lps: list[TokenLogprob | None] = []
+            toks, lps, bad = [], [], []
             for i, r in enumerate(reqs):
                 try:
                     logits = self.process(raw[i:i + 1], [r])
-                    (t,), (lp,) = self.read(self.sample(logits, [r]), logits, [r])
+                    (t,), (lp,), b = self.read(self.sample(logits, [r]), logits, [r])
                 except Exception as e:
                     log.warning("sampling failed for one request: %s", e)
                     fail([r], e)
                     t, lp = None, None
+                else:
+                    if b:
+                        bad.append(i)
                 toks.append(t)
                 lps.append(lp)
-            return toks, lps
+        for i in bad:
+            log.warning("sampling failed for one request: invalid distribution")
+            fail([reqs[i]], ValueError("probability tensor contains either inf, nan or element < 0"))
+        return toks, lps
+
+
+def draw(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+         top_p: float | None = None, generator: torch.Generator | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPT's sample_next without a device read: (B,V) -> ((B,) token ids, (B,) bool valid).
+    torch.multinomial(probs, 1) reads back whether probs is a distribution (a sync per
+    call on a GPU); this draws the same token from the same generator state (multinomial's
+    own one-sample path: argmax(p / q), q ~ Exp(1)) and leaves the check on the device."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, -1:], float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        p = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the mass before it already reaches top_p (keeps >= 1 token).
+        drop = (p.cumsum(dim=-1) - p) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    ok = (probs.amax(dim=-1) < float("inf")) & (probs.amin(dim=-1) >= 0)
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(dim=-1), ok

@@ -599,3 +599,25 @@ def test_kv_budget_derives_slots_and_refuses_a_swap_that_does_not_fit(model, tok
     finally:
         new.abort()
     assert LEDGER.held("cpu") == base
+
+
+def test_sampler_flags_an_invalid_row_without_failing_the_batch():
+    """A row whose distribution is not one (all -inf: nan after softmax) ends alone, with
+    the check made on the device and read with the tokens (torch.multinomial would read
+    it back on its own, a sync per call on a GPU); the draw equals torch.multinomial's."""
+    from raygpt.serving.request import Request
+    from raygpt.serving.sampler import Sampler, draw
+
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 50) * 3
+    probs = torch.softmax(logits, -1)
+    toks, ok = draw(logits, 1.0, generator=g1)
+    assert toks.tolist() == torch.multinomial(probs, 1, generator=g2).squeeze(-1).tolist()
+    assert ok.all()
+    reqs = [Request([1, 2], SamplingParams(temperature=1.0)) for _ in range(3)]
+    raw = torch.randn(3, 50)
+    raw[1] = float("-inf")
+    failed = []
+    toks, lps = Sampler(None).step(raw, reqs, lambda rs, e: failed.extend(rs))
+    assert toks[1] is None and toks[0] is not None and toks[2] is not None
+    assert failed == [reqs[1]]
