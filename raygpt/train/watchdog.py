@@ -26,6 +26,11 @@ from raygpt import raycompat
 from raygpt.train.heartbeat import LONG_PHASES, NAMESPACE, position, read_beats, stop_thread, verdict_key
 
 STALE_BEAT_S = 5.0     # no heartbeat for this long: the process is frozen
+# No heartbeat this long while the other ranks are past start-up and in a step (not a
+# save or an eval): a frozen process, judged without waiting out the hang timeout (a
+# soak under load had auto timeouts of 25-38 s: 20 x its slowest step). A live process
+# beats from its own thread every second whatever its training thread does.
+FROZEN_S = 10.0
 MIN_HANG_S = 15.0      # the auto timeout's floor
 STEP_FACTOR = 20.0     # the auto timeout: this many slowest steps
 
@@ -129,12 +134,18 @@ class HangWatchdog:
             return None  # the whole group gone (or frozen): Ray's health check has it
         idle = now - max(s.progress_t for s in ranks)
         limit = self.timeout(ranks, now)
-        if idle < limit:
+        if idle < limit and not self._frozen_in_a_step(ranks, now):
             return None
         verdict = self._verdict(ranks, now, idle, limit)
         self._judged.add(self._gen)
         self.verdicts.append(verdict)
         return verdict
+
+    @staticmethod
+    def _frozen_in_a_step(ranks: list[_Seen], now: float) -> bool:
+        silent = [s for s in ranks if now - s.beat_t >= FROZEN_S]
+        live = [s.rec for s in ranks if now - s.beat_t < STALE_BEAT_S]
+        return bool(silent and live) and all(r["steps_done"] > 0 and r["phase"] not in LONG_PHASES for r in live)
 
     def _verdict(self, ranks: list[_Seen], now: float, idle: float, limit: float) -> dict:
         frozen = [s for s in ranks if now - s.beat_t >= STALE_BEAT_S]

@@ -40,8 +40,26 @@ def test_a_frozen_rank_is_named_even_when_its_last_record_is_from_before_the_fir
         v = dog.check([_rec(0, 1 + t, 50), frozen], float(t))
         if v:
             break
-    assert v is not None and 15 <= v["idle_s"] <= 16
+    assert v is not None and 10 <= v["idle_s"] <= 11  # FROZEN_S, not the 15 s hang timeout
     assert [s["rank"] for s in v["stuck"]] == [1] and "frozen" in v["reason"]
+
+
+def test_a_frozen_rank_is_judged_at_frozen_s_even_when_the_hang_timeout_is_longer():
+    """Under load the auto timeout grows (20 x the slowest step: 25-38 s in a soak); a
+    rank with no heartbeat for FROZEN_S while the others step is judged then. A rank
+    that still beats but makes no progress waits for the timeout."""
+    dog = _dog(hang=60.0)
+    frozen = _rec(1, 1, 50)
+    dog.check([_rec(0, 1, 50), frozen], 0.0)
+    v = None
+    for t in range(1, 70):
+        v = dog.check([_rec(0, 1 + t, 50), frozen], float(t))
+        if v:
+            break
+    assert v is not None and v["idle_s"] == 10.0 and [s["rank"] for s in v["stuck"]] == [1]
+    dog = _dog(hang=60.0)
+    for t in range(0, 59):
+        assert dog.check([_rec(0, 1 + t, 50), _rec(1, 1 + t, 50)], float(t)) is None
 
 
 def test_long_phases_get_the_init_timeout_and_progress_resets_the_clock():
