@@ -205,8 +205,9 @@ def test_an_elastic_resize_is_a_restart_not_a_failure():
     s.launch()
     s.group(first=True)
     s.steps(4)
+    s.rec(event="resize", world_from=1, world_to=2)  # decided while the group still steps
+    s.steps(2)
     s.vanish("restart", 0.5)
-    s.rec(event="resize", world_from=1, world_to=2)
     s.spend("restart", 4.5)
     s.group(first=False)
     s.steps(3)
