@@ -100,9 +100,12 @@ class _Group:
         self.steps = [r for r in recs[1:] if is_step(r)]
         own = [r for r in recs if r.get("event") not in DRIVER_EVENTS]
         self.last_t = max(r["time"] for r in own)
-        # ended itself (an `end` event), or was ended by a resize (decided while it still
-        # stepped: the teardown follows): no failure
-        self.ended = any(r.get("event") == "end" for r in own) or any(r.get("event") in PLANNED_MARKS for r in recs)
+        # Planned ends, no failure: the group ended itself (`end`), committed its move off
+        # a draining node (the other ranks' exit can tear rank 0 down before it writes
+        # `end`; the controller then says `planned`), or a resize ended it (decided while
+        # it still stepped: the teardown follows).
+        self.ended = any(r.get("event") in ("end", "preemption_checkpoint") for r in own) or any(
+            r.get("event") in PLANNED_MARKS or (r.get("event") == "group_failed" and r.get("planned")) for r in recs)
         self.marks = sorted(r["time"] for r in recs if r.get("event") in FAILURE_MARKS and r["time"] >= self.last_t)
         self.saves = sum(float(r.get("blocked_s") or 0) for r in own if r.get("event") == "checkpoint")
         self.evals = sum(float(r.get("eval_s") or 0) for r in self.steps)

@@ -217,6 +217,27 @@ def test_an_elastic_resize_is_a_restart_not_a_failure():
     assert led.failures == 0
 
 
+def test_a_move_off_a_draining_node_is_a_restart_even_without_an_end_event():
+    """The ranks on the draining node exit first; Ray tears rank 0 down before it writes
+    `end` (a soak's preemption). Its checkpoint and the controller's planned mark say it
+    was a move."""
+    s = Sim()
+    s.launch()
+    s.group(first=True)
+    s.steps(6, ckpt_at=(6,))
+    s.rec(event="preemption", step=6)
+    s.rec(event="preemption_checkpoint", step=6)
+    s.spend("restart", 0.4)
+    s.rec(event="group_failed", decision="retry", planned=True)
+    s.spend("restart", 3.0)
+    s.group(first=False, restored_step=6)
+    s.steps(2)
+    s.end()
+    s.launch_end()
+    led = check(s, detection=0.0)
+    assert led.failures == 0
+
+
 def _restart_run() -> Sim:
     s = Sim()
     s.launch()
