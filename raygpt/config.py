@@ -163,6 +163,10 @@ class ParallelConfig(_Section):
     # torch.compile's own mode: "max-autotune-no-cudagraphs" benchmarks GEMM and Triton
     # configurations at compile time (minutes longer to start, faster steps on GPU).
     inductor_mode: Literal["default", "max-autotune-no-cudagraphs", "max-autotune"] = "default"
+    # With compile: keep torch.compile's cache artifacts in <run_dir>/compile_cache/ and
+    # load them before a restart compiles (raygpt.parallel.compile_cache), so a worker
+    # restarted on this node or another that sees the run directory compiles warm.
+    compile_cache: bool = True
     # Which attention kernel scaled_dot_product_attention tries first (the others stay as
     # fallbacks for shapes it cannot take). "auto": torch's order (flash first);
     # "cudnn": cuDNN's fused attention, the faster one on Hopper GPUs.

@@ -267,6 +267,14 @@ class Trainer:
         if mp is not None:
             self.amp = None  # FSDP's mixed-precision policy casts; no autocast on top
         self.teacher = self._load_teacher() if cfg.distill.teacher and self.pipe is None else None
+        from raygpt.parallel.compile_cache import CompileCache, key_parts
+
+        # torch.compile compiles at the first call: the kept artifacts load before it.
+        self.compile_cache = CompileCache(
+            self.run_dir, key_parts(cfg, self.plan, device, self.micro, self.amp, self.meta["vocab_size"]),
+            self.rank, enabled=cfg.parallel.compile and cfg.parallel.compile_cache,
+            log=lambda m: log(self.rank, m))
+        self.compile_cache.load()
         # Dropout streams: per data-parallel rank (a restore may replace them).
         torch.manual_seed(dropout_seed(cfg.train.seed, self.dp_rank))
 
@@ -539,10 +547,12 @@ class Trainer:
                 rec["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if self._first_step_s is not None:  # once per group, on its first record
             rec["first_step_ms"], self._first_step_s = round(1000 * self._first_step_s, 3), None
+            rec.update(self.compile_cache.first_step_fields())
         if is_eval:
             self.progress.mark("eval")
             t_eval = time.perf_counter()
             self.last_val = self.evaluate()
+            self.compile_cache.save()  # the eval graph, compiled at the first eval
             rec["eval_s"] = round(time.perf_counter() - t_eval, 4)
             self.best_val = min(self.best_val, self.last_val)
             rec["val_loss"] = self.last_val
@@ -565,7 +575,8 @@ class Trainer:
         self.stragglers.nodes = self._gather_nodes()
         self.writer.event("start", step=self.step, world_size=self.world, plan=self.plan.describe(),
                           micro_batch=self.micro, accum=self.accum, restored=self.restored_from is not None,
-                          train_seconds=self.train_seconds_prev, **self.startup)
+                          train_seconds=self.train_seconds_prev, **self.startup,
+                          **self.compile_cache.start_fields())
         if self.auto is not None:  # after `start`: the ledger cuts groups at their start events
             self._log_interval()
         t = self.cfg.train
@@ -619,6 +630,7 @@ class Trainer:
             self.progress.step_done(dt)
             if self.step == self.start_step + 1:
                 self._first_step_s = dt
+                self.compile_cache.save()  # outside the timed step; its few ms go to the next
             self.train_time += dt
             win.seconds += dt
             if is_log or is_eval or is_ckpt:
