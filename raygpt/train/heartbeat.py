@@ -32,6 +32,7 @@ STEP_PHASES = {"data": 0, "compute": 1, "agree": 2, "hook": 3}
 LONG_PHASES = {"init", "eval", "checkpoint", "hold"}
 NAMESPACE = "raygpt"
 BEAT_S = 1.0
+STALE_BEAT_S = 5.0  # no heartbeat for this long: the process is frozen (the watchdog's test too)
 HANG_EXIT_CODE = 75  # EX_TEMPFAIL: the process exits so the group restarts
 
 
@@ -148,6 +149,11 @@ class Publisher:
             while time.monotonic() < deadline and len(list(d.glob("rank*.txt"))) < self.world:
                 time.sleep(0.1)
         for s in verdict.get("stuck", []):
+            # Only a frozen rank is killed: a stuck one that still beats saves its own
+            # stacks and exits (killed at once, its stacks were lost when it read the
+            # verdict a beat later than this rank).
+            if s.get("last_beat_s", 0) < STALE_BEAT_S:
+                continue
             if s.get("node") == self.node_id and s.get("pid") not in (None, os.getpid()):
                 try:
                     os.kill(int(s["pid"]), signal.SIGKILL)

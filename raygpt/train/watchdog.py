@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raygpt import raycompat
-from raygpt.train.heartbeat import LONG_PHASES, NAMESPACE, position, read_beats, stop_thread, verdict_key
+from raygpt.train.heartbeat import (LONG_PHASES, NAMESPACE, STALE_BEAT_S, position, read_beats, stop_thread,
+                                    verdict_key)
 
-STALE_BEAT_S = 5.0     # no heartbeat for this long: the process is frozen
 # No heartbeat this long while the other ranks are past start-up and in a step (not a
 # save or an eval): a frozen process, judged without waiting out the hang timeout (a
 # soak under load had auto timeouts of 25-38 s: 20 x its slowest step). A live process
@@ -172,9 +172,31 @@ class HangWatchdog:
                          f"; stuck: {who}: {verdict['reason']}; stacks in {verdict['dir']}; restarting from the "
                          "latest checkpoint\n")
         sys.stderr.flush()
+        # The live ranks save their stacks when their next beat reads the verdict (within
+        # a second); a frozen rank killed before that breaks their collectives and they
+        # may exit first. Wait for their files (run_dir visible here), at most STACKS_WAIT_S.
+        frozen = {s["rank"] for s in verdict["stuck"] if s.get("last_beat_s", 0) >= STALE_BEAT_S}
+        wait_for_stacks(Path(verdict["dir"]), [r for r in self._seen if r not in frozen], STACKS_WAIT_S)
         kill_frozen(verdict)
         if self.on_verdict is not None:
             self.on_verdict(verdict)
+
+
+STACKS_WAIT_S = 3.0  # the longest the kill of a frozen rank waits for the live ranks' stacks
+
+
+def wait_for_stacks(d: Path, ranks: list[int], timeout: float) -> bool:
+    """Until every rank in `ranks` has written d/rank<r>.txt (or `timeout` s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if all((d / f"rank{r}.txt").exists() for r in ranks):
+                return True
+        except OSError:
+            return False
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
 
 
 def _sigkill_ray_worker(pid: int) -> bool:
