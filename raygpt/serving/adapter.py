@@ -35,7 +35,8 @@ def load_engine(model_dir: str, s: ServerSettings, name: str, observer=None) -> 
     template = ChatTemplate.load(model_dir, s.chat_template)
     eng = Engine(model, tok, max_slots=s.max_slots, max_waiting=s.max_waiting,
                  version=meta.get("version"), name=name, step_delay_s=s.step_delay_s,
-                 step_tokens=s.step_tokens, observer=observer).start()
+                 step_tokens=s.step_tokens, observer=observer,
+                 kv_memory_fraction=s.kv_memory_fraction, kv_memory_bytes=s.kv_memory_bytes).start()
     try:  # warm up (and prove the model runs) before it takes traffic
         r = eng.submit([0], SamplingParams(max_tokens=1, temperature=0), loop=False)
         r.result(timeout=300)

@@ -621,3 +621,23 @@ def test_sampler_flags_an_invalid_row_without_failing_the_batch():
     toks, lps = Sampler(None).step(raw, reqs, lambda rs, e: failed.extend(rs))
     assert toks[1] is None and toks[0] is not None and toks[2] is not None
     assert failed == [reqs[1]]
+
+
+def test_the_server_settings_budget_reaches_the_engine(tmp_path):
+    """adapter.load_engine passes kv_memory_bytes on: a budget of 3 slots gives 3 slots
+    whatever max_slots says (before, the settings were read and dropped: 0.5 of RAM)."""
+    import torch
+
+    from conftest import tiny_model_dir
+    from raygpt.model.io import load_model_dir
+    from raygpt.serving.adapter import load_engine
+    from raygpt.serving.kvbudget import kv_bytes_per_slot
+    from raygpt.serving.settings import ServerSettings
+
+    d = tiny_model_dir(tmp_path, "abcdefgh ijk\n" * 4)
+    per = kv_bytes_per_slot(load_model_dir(d)[0].config, torch.float32)
+    eng = load_engine(str(d), ServerSettings(model_dir=str(d), max_slots=16, kv_memory_bytes=3 * per), "m")
+    try:
+        assert eng.max_slots == 3
+    finally:
+        eng.abort()
