@@ -32,14 +32,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from torchft_replicas import read  # noqa: E402  (bench/ beside this file)
+
 
 def train_func(config):
     import torch
-    from torchft import DistributedDataParallel, Manager, Optimizer, ProcessGroupGloo
+    from torchft import ProcessGroupGloo
     from torchft.checkpointing.pg_transport import PGTransport
 
     import ray.train
-    from raygpt.model.gpt import GPT, GPTConfig
+    from torchft_replicas import build_replica
 
     t_start = time.time()
     torch.set_num_threads(1)
@@ -48,24 +50,7 @@ def train_func(config):
     log = open(Path(config["logdir"]) / f"w{wr}-{os.getpid()}.jsonl", "a", buffering=1)
     pg = ProcessGroupGloo(timeout=timedelta(seconds=config["timeout"]))
     transport = PGTransport(pg, timeout=timedelta(seconds=config["timeout"]), device=torch.device("cpu"))
-    torch.manual_seed(1234)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=65))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    healed = {"n": 0}
-
-    def load_state_dict(sd):
-        model.load_state_dict(sd["model"])
-        opt.load_state_dict(sd["optim"])
-        healed["n"] += 1
-
-    def state_dict():
-        return {"model": model.state_dict(), "optim": opt.state_dict()}
-
-    manager = Manager(pg=pg, min_replica_size=1, load_state_dict=load_state_dict, state_dict=state_dict,
-                      world_size=1, rank=0, replica_id=f"train_ddp_{wr}",
-                      timeout=timedelta(seconds=config["timeout"]), checkpoint_transport=transport)
-    ddp = DistributedDataParallel(manager, model)
-    optim = Optimizer(manager, opt)
+    model, manager, ddp, optim, healed = build_replica(pg, transport, config["timeout"], f"train_ddp_{wr}")
     import torch.distributed as dist
 
     log.write(json.dumps({"event": "start", "rank": wr, "pid": os.getpid(), "t": t_start, "ready": time.time(),
@@ -94,16 +79,6 @@ def train_func(config):
             time.sleep(config["step_sleep"])
     log.write(json.dumps({"event": "done", "t": time.time(), "step": manager.current_step()}) + "\n")
     manager.shutdown()
-
-
-def read(path):
-    out = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
 
 
 def logs_by_rank(logdir):

@@ -27,23 +27,16 @@ from datetime import timedelta
 from pathlib import Path
 
 
-def replica(args):
+def build_replica(pg, transport, timeout_s: float, replica_id: str, **manager_kw):
+    """A tiny GPT and AdamW under torchft's Manager, DDP and Optimizer wrappers; a replica
+    that falls behind heals its state from a live peer. -> (model, manager, ddp, optim, healed)."""
     import torch
-
-    torch.set_num_threads(1)
-    from torch.distributed import TCPStore
-    from torchft import DistributedDataParallel, Manager, Optimizer, ProcessGroupGloo
-    from torchft.checkpointing.pg_transport import PGTransport
+    from torchft import DistributedDataParallel, Manager, Optimizer
 
     from raygpt.model.gpt import GPT, GPTConfig
 
-    t_start = time.time()
-    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    pg = ProcessGroupGloo(timeout=timedelta(seconds=args.pg_timeout))
-    transport = PGTransport(pg, timeout=timedelta(seconds=args.timeout), device=torch.device("cpu"))
     torch.manual_seed(1234)
-    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=65)
-    model = GPT(cfg)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=65))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     healed = {"n": 0}
 
@@ -55,15 +48,27 @@ def replica(args):
     def state_dict():
         return {"model": model.state_dict(), "optim": opt.state_dict()}
 
-    manager = Manager(
-        pg=pg, min_replica_size=1, load_state_dict=load_state_dict, state_dict=state_dict,
-        rank=0, world_size=1, store_addr="127.0.0.1", store_port=store.port,
-        lighthouse_addr=args.lighthouse, replica_id=f"replica_{args.rid}",
-        timeout=timedelta(seconds=args.timeout), quorum_timeout=timedelta(seconds=args.quorum_timeout),
-        checkpoint_transport=transport,
-    )
-    ddp = DistributedDataParallel(manager, model)
-    optim = Optimizer(manager, opt)
+    manager = Manager(pg=pg, min_replica_size=1, load_state_dict=load_state_dict, state_dict=state_dict,
+                      rank=0, world_size=1, replica_id=replica_id, timeout=timedelta(seconds=timeout_s),
+                      checkpoint_transport=transport, **manager_kw)
+    return model, manager, DistributedDataParallel(manager, model), Optimizer(manager, opt), healed
+
+
+def replica(args):
+    import torch
+
+    torch.set_num_threads(1)
+    from torch.distributed import TCPStore
+    from torchft import ProcessGroupGloo
+    from torchft.checkpointing.pg_transport import PGTransport
+
+    t_start = time.time()
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    pg = ProcessGroupGloo(timeout=timedelta(seconds=args.pg_timeout))
+    transport = PGTransport(pg, timeout=timedelta(seconds=args.timeout), device=torch.device("cpu"))
+    model, manager, ddp, optim, healed = build_replica(
+        pg, transport, args.timeout, f"replica_{args.rid}", store_addr="127.0.0.1", store_port=store.port,
+        lighthouse_addr=args.lighthouse, quorum_timeout=timedelta(seconds=args.quorum_timeout))
     t_ready = time.time()
     log = open(args.log, "a", buffering=1)
     log.write(json.dumps({"event": "start", "pid": os.getpid(), "t": t_start, "ready": t_ready}) + "\n")
