@@ -17,6 +17,17 @@ def _dog(**kw):
     return HangWatchdog("run", Path("/tmp/run"), kw.pop("hang", None), kw.pop("init", 600.0), **kw)
 
 
+def _until_verdict(dog, silent: dict, seconds: int, **live):
+    """Rank 0 beats once a second (no progress), rank 1 stays `silent`: -> the first
+    verdict within `seconds`, or None."""
+    dog.check([_rec(0, 1, 50, **live), silent], 0.0)
+    for t in range(1, seconds):
+        v = dog.check([_rec(0, 1 + t, 50, **live), silent], float(t))
+        if v:
+            return v
+    return None
+
+
 def test_no_progress_after_the_first_step_is_a_hang_after_the_short_timeout():
     dog = _dog()
     assert dog.check([_rec(0, 1, 10), _rec(1, 1, 10, phase="data", step=13)], 0.0) is None
@@ -32,14 +43,7 @@ def test_no_progress_after_the_first_step_is_a_hang_after_the_short_timeout():
 def test_a_frozen_rank_is_named_even_when_its_last_record_is_from_before_the_first_step():
     """Steps faster than a beat: the frozen rank's last record still says "init"; the live
     rank's phase decides the timeout, and the rank without heartbeats is named."""
-    dog = _dog()
-    frozen = _rec(1, 1, 0, phase="init", step=0, steps_done=0)
-    dog.check([_rec(0, 1, 50), frozen], 0.0)
-    v = None
-    for t in range(1, 20):
-        v = dog.check([_rec(0, 1 + t, 50), frozen], float(t))
-        if v:
-            break
+    v = _until_verdict(_dog(), _rec(1, 1, 0, phase="init", step=0, steps_done=0), 20)
     assert v is not None and 10 <= v["idle_s"] <= 11  # FROZEN_S, not the 15 s hang timeout
     assert [s["rank"] for s in v["stuck"]] == [1] and "frozen" in v["reason"]
 
@@ -48,14 +52,7 @@ def test_a_frozen_rank_is_judged_at_frozen_s_even_when_the_hang_timeout_is_longe
     """Under load the auto timeout grows (20 x the slowest step: 25-38 s in a soak); a
     rank with no heartbeat for FROZEN_S while the others step is judged then. A rank
     that still beats but makes no progress waits for the timeout."""
-    dog = _dog(hang=60.0)
-    frozen = _rec(1, 1, 50)
-    dog.check([_rec(0, 1, 50), frozen], 0.0)
-    v = None
-    for t in range(1, 70):
-        v = dog.check([_rec(0, 1 + t, 50), frozen], float(t))
-        if v:
-            break
+    v = _until_verdict(_dog(hang=60.0), _rec(1, 1, 50), 70)
     assert v is not None and v["idle_s"] == 10.0 and [s["rank"] for s in v["stuck"]] == [1]
     dog = _dog(hang=60.0)
     for t in range(0, 59):
@@ -112,13 +109,6 @@ def test_a_rank_whose_beats_stop_while_the_others_save_is_named_after_the_step_t
     """A network partition during a checkpoint: the live rank waits in the save's
     collective (a long phase) but still beats; the silent rank is not given the init
     timeout."""
-    dog = _dog(init=600.0)
-    silent = _rec(1, 1, 50)
-    dog.check([_rec(0, 1, 50, phase="checkpoint"), silent], 0.0)
-    v = None
-    for t in range(1, 30):
-        v = dog.check([_rec(0, 1 + t, 50, phase="checkpoint"), silent], float(t))
-        if v:
-            break
+    v = _until_verdict(_dog(init=600.0), _rec(1, 1, 50), 30, phase="checkpoint")
     assert v is not None and v["timeout_s"] == 15.0 and 15 <= v["idle_s"] <= 16
     assert [s["rank"] for s in v["stuck"]] == [1] and "frozen" in v["reason"]
