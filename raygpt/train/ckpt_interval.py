@@ -18,19 +18,16 @@ to every rank, so all save at the same step. Pure: the caller gives the clock.
 """
 from __future__ import annotations
 
-import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
+
+from raygpt.train.goodput_model import young_interval
 
 PRIOR_SAVE_S = 1.0       # a save's cost before any was measured
 PRIOR_MTBF_S = 3600.0    # the MTBF assumed before this run saw a failure
 SAVES_KEPT = 5           # the save cost is the median of this many latest saves
 RELOG_CHANGE = 0.10      # an interval that moved this much (relative) is logged again
-
-
-def young_interval_s(save_s: float, mtbf_s: float) -> float:
-    return math.sqrt(2.0 * max(save_s, 1e-3) * mtbf_s)
 
 
 @dataclass
@@ -85,7 +82,7 @@ class AutoInterval:
         """The interval and why (the `checkpoint_interval` event, the summary's block)."""
         save_s = self.save_s()
         mtbf_s, source = self.mtbf(now)
-        return {"interval_s": round(young_interval_s(save_s, mtbf_s), 2), "save_s": round(save_s, 4),
+        return {"interval_s": round(young_interval(max(save_s, 1e-3), mtbf_s), 2), "save_s": round(save_s, 4),
                 "save_from": f"median of {len(self._saves)} save(s)" if self._saves else "assumed (none measured yet)",
                 "mtbf_s": round(mtbf_s, 1), "mtbf_from": source, "failures": self.history.failures,
                 "rule": "young: sqrt(2 x save_s x mtbf_s)"}
