@@ -48,7 +48,7 @@ def main(argv=None):
     from raygpt.config import DataConfig
     from raygpt.lifecycle.distill import build_distill_config
     from raygpt.lifecycle.eval import evaluate_model
-    from raygpt.train.checkpoint import export_checkpoint
+    from raygpt.train.export import export_checkpoint
     from raygpt.train.runconfig import build_run_config
     from raygpt.train.launch import run_training
 

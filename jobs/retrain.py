@@ -53,7 +53,7 @@ def retrain(*, new_data: str, storage: str, serve_app: str | None = None, base: 
     from raygpt.lifecycle.eval import evaluate_model
     from raygpt.lifecycle.promote import promote
     from raygpt.model.io import read_model_config
-    from raygpt.train.checkpoint import export_checkpoint
+    from raygpt.train.export import export_checkpoint
     from raygpt.train.runconfig import build_run_config
     from raygpt.train.launch import run_training
 

@@ -68,3 +68,23 @@ def closest(name: str, choices: list[str]) -> str | None:
 def suggest(name: str, choices) -> str:
     close = closest(name, list(choices))
     return f" (did you mean '{close}'?)" if close else ""
+
+
+def describe_os_error(e: OSError) -> str:
+    """'EROFS: Read-only file system: /path' (one line)."""
+    import errno
+
+    name = errno.errorcode.get(e.errno, type(e).__name__) if e.errno else type(e).__name__
+    msg = e.strerror or str(e)
+    if e.filename:
+        msg += f": {e.filename}"
+    return " ".join(f"{name}: {msg}".split())
+
+
+def one_line(e: BaseException) -> str:
+    """Any exception as one line: an OSError as describe_os_error, else its type and the
+    first line of its message."""
+    if isinstance(e, OSError):
+        return describe_os_error(e)
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

@@ -90,7 +90,7 @@ def distill_cmd(
     summary = run_training(cfg)
     print_summary(summary)
     if export:
-        from raygpt.train.checkpoint import export_checkpoint
+        from raygpt.train.export import export_checkpoint
 
         p = export_checkpoint(summary["checkpoint"] or summary["run_dir"], export)
         typer.echo(f"exported the student -> {p}")

@@ -1,5 +1,6 @@
-"""`raygpt export`: a checkpoint (or a model directory) -> a model directory in raygpt's
-format or as a Hugging Face GPT-2 directory (--format hf)."""
+"""`raygpt export`, the one place a checkpoint becomes a model directory: a checkpoint
+(local or at a URI) or a model directory -> a model directory in raygpt's format or as a
+Hugging Face GPT-2 directory (--format hf)."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,8 @@ from pathlib import Path
 
 from raygpt.errors import UserError
 from raygpt.files import is_uri
+from raygpt.train.checkpoint.discovery import resolve_checkpoint
+from raygpt.train.checkpoint.io import STATE_FILE, CheckpointError, read_state
 
 FORMATS = ("raygpt", "hf")
 
@@ -22,8 +25,6 @@ def _is_model_dir(p: Path) -> bool:
 def export_to(source: str | os.PathLike, out: str | os.PathLike, format: str = "raygpt") -> Path:
     """source: a checkpoint / run dir / URI (as export_checkpoint), or a model directory
     (raygpt or HF GPT-2) to convert. Writes `out` atomically in `format`."""
-    from raygpt.train.checkpoint import export_checkpoint
-
     if format not in FORMATS:
         raise UserError(f"--format {format!r}: use {' or '.join(FORMATS)}")
     src = Path(str(source)).expanduser()
@@ -40,6 +41,57 @@ def export_to(source: str | os.PathLike, out: str | os.PathLike, format: str = "
         return convert_model_dir(tmp / "m", out, "hf", label=None)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """DCP checkpoint -> model.safetensors + config.json + tokenizer.json (one process,
+    no process group: DCP assembles the full tensors from every rank's shard).
+    `path` may be a local dir or a pyarrow URI (s3://...)."""
+    import torch.distributed.checkpoint as dcp
+
+    from raygpt.config import validate
+    from raygpt.model.gpt import GPT, GPTConfig
+    from raygpt.model.io import save_model_dir
+
+    if str(path).startswith("file://"):
+        path = str(path)[len("file://"):]
+    elif is_uri(path):
+        path = download_checkpoint(str(path))
+    ckpt = resolve_checkpoint(path)
+    st = read_state(ckpt)
+    cfg = validate(st["config"])
+    model = GPT(GPTConfig(**st["model"]))
+    sd = {"model": model.state_dict()}
+    try:
+        dcp.load(sd, checkpoint_id=str(ckpt))
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {str(ckpt)!r}: {str(e).splitlines()[0]}") from None
+    model.load_state_dict(sd["model"])
+    tok = ckpt / "tokenizer.json"
+    return save_model_dir(
+        model, out, tok if tok.is_file() else None,
+        extra={"step": st["step"], "val_loss": st.get("val_loss"), "source": str(ckpt),
+               "raygpt_config": cfg.to_dict()},
+    )
+
+
+def download_checkpoint(uri: str) -> Path:
+    """A checkpoint (or run dir: its newest checkpoint) at a pyarrow URI -> local temp dir."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)  # the query (endpoint, region) configures fs
+    path = path.rstrip("/")
+    info = fs.get_file_info(f"{path}/{STATE_FILE}")
+    if info.type == pafs.FileType.NotFound:
+        sel = pafs.FileSelector(path, allow_not_found=True)
+        dirs = sorted(i.path for i in fs.get_file_info(sel)
+                      if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+        if not dirs:
+            raise CheckpointError(f"{uri!r} holds no raygpt checkpoint")
+        path = dirs[-1]  # checkpoint_<zero-padded step>: the newest sorts last
+    local = Path(tempfile.mkdtemp(prefix="raygpt-export-"))
+    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
 
 
 def convert_model_dir(src: Path, out: str | os.PathLike, format: str, label: str | None) -> Path:

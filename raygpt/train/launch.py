@@ -176,7 +176,8 @@ def check_plans(cfg: Config, vocab_size: int, use_gpu: bool) -> None:
 def check_existing_run(run_dir: Path, cfg: Config, vocab_size: int) -> int | None:
     """A resumed run must have the same model shape: check before starting workers."""
     from raygpt.model.gpt import GPTConfig
-    from raygpt.train.checkpoint import check_compatible, latest_checkpoint, read_state
+    from raygpt.train.checkpoint.discovery import latest_checkpoint
+    from raygpt.train.checkpoint.io import check_compatible, read_state
 
     latest = latest_checkpoint(run_dir)
     if latest is None:
@@ -473,7 +474,8 @@ def finish_summary(pre: Preflight, result, interrupted: bool) -> dict:
     if interrupted:
         if goodput is not None and summary:
             write_json_atomic(run_dir / "summary.json", summary)
-        from raygpt.train.checkpoint import latest_checkpoint, read_state
+        from raygpt.train.checkpoint.discovery import latest_checkpoint
+        from raygpt.train.checkpoint.io import read_state
 
         latest = latest_checkpoint(run_dir) if run_uri is None else None
         raise RunInterrupted(paths, read_state(latest)["step"] if latest else summary.get("steps"))
@@ -488,7 +490,7 @@ def finish_summary(pre: Preflight, result, interrupted: bool) -> dict:
     try:
         write_json_atomic(run_dir / "summary.json", summary)
     except OSError as e:  # the run is done and its checkpoints stand: say so, do not fail it
-        from raygpt.train.checkpoint import describe_os_error
+        from raygpt.errors import describe_os_error
 
         print(f"raygpt: warning: summary.json not written ({describe_os_error(e)}); the summary is "
               "returned (and printed by raygpt train)", flush=True)

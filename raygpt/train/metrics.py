@@ -180,7 +180,7 @@ def _quiet_tensorboard_thread() -> None:
 
 def _os_error(e: BaseException) -> str:
     if isinstance(e, OSError):
-        from raygpt.train.checkpoint import describe_os_error
+        from raygpt.errors import describe_os_error
 
         return describe_os_error(e)
     return f"{type(e).__name__}: {e}"

@@ -43,7 +43,7 @@ def failure_signatures(err: BaseException) -> set[str]:
 def _controller_storage_error(err: BaseException) -> bool:
     from ray.train.v2.api.exceptions import ControllerError
 
-    from raygpt.train.checkpoint import storage_error
+    from raygpt.train.checkpoint.io import storage_error
 
     return isinstance(err, ControllerError) and storage_error(err.controller_failure) is not None
 

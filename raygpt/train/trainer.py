@@ -203,7 +203,7 @@ class Trainer:
         self._build_groups()
         self.train_loader = self._loader("train")
         self.val_loader = self._loader("val")
-        from raygpt.train.checkpoint import CheckpointManager
+        from raygpt.train.checkpoint.manager import CheckpointManager
 
         if self.use_async is None:
             self.use_async = self.cfg.checkpoint.async_save and self.device.type == "cuda"
@@ -329,18 +329,19 @@ class Trainer:
     def restore(self, path: str | Path) -> int:
         """Every rank: load model/optimizer state (resharded to this plan), RNG and
         schedule horizon from a checkpoint directory. Returns its step."""
-        from raygpt.train import checkpoint as ckpt_lib
+        from raygpt.train.checkpoint.io import check_compatible, load_checkpoint, read_state
+        from raygpt.train.checkpoint.rng import load_rng
 
-        saved = ckpt_lib.read_state(path)
-        ckpt_lib.check_compatible(saved["model"], self.gcfg.__dict__, str(path))
-        ckpt_lib.load_checkpoint(path, self.parts, self.optimizers)
+        saved = read_state(path)
+        check_compatible(saved["model"], self.gcfg.__dict__, str(path))
+        load_checkpoint(path, self.parts, self.optimizers)
         self.step = self.start_step = saved["step"]
         self.best_val = saved.get("best_val_loss") or float("inf")
         self.train_seconds_prev = saved.get("train_seconds", 0.0)
         # The cosine horizon of the run's first start (raising max_steps later does not
         # bend the part of the schedule already walked); an explicit decay_steps wins.
         self.horizon = self.cfg.optim.decay_steps or saved.get("decay_steps") or self.horizon
-        if not ckpt_lib.load_rng(path, self.rank, self._rng_meta()):
+        if not load_rng(path, self.rank, self._rng_meta()):
             # Another rank layout: fresh streams, still a function of (seed, rank, step).
             torch.manual_seed(dropout_seed(self.cfg.train.seed, self.dp_rank) + self.step)
         old = saved.get("world_size")
@@ -713,7 +714,7 @@ class Trainer:
             try:
                 write_json_atomic(Path(self.run_dir) / "summary.json", summary)
             except OSError as e:  # storage that refuses writes: the run still ends well
-                from raygpt.train.checkpoint import describe_os_error
+                from raygpt.errors import describe_os_error
 
                 log(self.rank, f"warning: summary.json not written ({describe_os_error(e)})")
             try:

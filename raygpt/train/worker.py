@@ -132,7 +132,7 @@ def _register_worker(run_dir: Path, rank: int, world: int, node_id: str) -> None
         tmp.write_text(json.dumps(info))
         os.replace(tmp, d / f"rank{rank}.json")
     except OSError as e:  # only chaos reads it: storage that refuses writes must not stop training
-        from raygpt.train.checkpoint import describe_os_error
+        from raygpt.errors import describe_os_error
 
         sys.stdout.write(f"[raygpt] warning: rank {rank}: worker registration not written ({describe_os_error(e)})\n")
         sys.stdout.flush()
@@ -186,14 +186,14 @@ def _registered_step(ray_ckpt, rank: int) -> int | None:
     the run directory; nothing is deleted)."""
     if ray_ckpt is None:
         return None
-    from raygpt.train import checkpoint as ckpt_lib
+    from raygpt.train.checkpoint.discovery import COMPLETE, UNREADABLE, inspect_checkpoint
 
     try:
         with ray_ckpt.as_directory() as d:
-            status, step, why = ckpt_lib.inspect_checkpoint(d)
+            status, step, why = inspect_checkpoint(d)
     except Exception as e:
-        status, step, why = ckpt_lib.UNREADABLE, None, f"{type(e).__name__}: {e}"
-    if status != ckpt_lib.COMPLETE:
+        status, step, why = UNREADABLE, None, f"{type(e).__name__}: {e}"
+    if status != COMPLETE:
         T.log(rank, f"the latest registered checkpoint {ray_ckpt.path} is {status} ({why}): kept, "
                     "not restored from; restoring the newest complete one")
         return -1

@@ -254,7 +254,8 @@ def test_elastic_run_starts_on_one_node_and_grows_to_two(acluster, char_data, tm
     # stop ends the run ("interrupt": the driver's SIGTERM), with a checkpoint: not killed.
     stop = [r for r in events if r["event"] == "stop"][-1]
     assert stop["reason"] == "interrupt" and events[-1] is stop, events
-    from raygpt.train.checkpoint import latest_checkpoint, read_state
+    from raygpt.train.checkpoint.discovery import latest_checkpoint
+    from raygpt.train.checkpoint.io import read_state
 
     assert read_state(latest_checkpoint(run_dir))["step"] == stop["step"]
     starts = [r for r in read_metrics(run_dir) if r.get("event") == "start"]

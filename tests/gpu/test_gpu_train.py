@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from raygpt.config import load_config
-from raygpt.train.checkpoint import latest_checkpoint, list_checkpoints, read_state
+from raygpt.train.checkpoint.discovery import latest_checkpoint, list_checkpoints
+from raygpt.train.checkpoint.io import read_state
 from raygpt.train.launch import run_training
 from raygpt.train.metrics import read_metrics
 

@@ -14,8 +14,9 @@ import torch
 from raygpt.config import load_config
 from raygpt.model.io import load_model_dir
 from raygpt.train.chaos import Action, run_with_chaos
-from raygpt.train.checkpoint import (export_checkpoint, is_complete, latest_checkpoint,
-                                     list_checkpoints, read_state)
+from raygpt.train.checkpoint.discovery import is_complete, latest_checkpoint, list_checkpoints
+from raygpt.train.checkpoint.io import read_state
+from raygpt.train.export import export_checkpoint
 from raygpt.train.launch import run_training
 from raygpt.train.metrics import read_metrics
 

@@ -16,7 +16,7 @@ import torch
 
 from raygpt.errors import UserError
 from raygpt.model.io import load_model_dir
-from raygpt.train.checkpoint import export_checkpoint
+from raygpt.train.export import export_checkpoint
 from raygpt.train.launch import run_training
 from raygpt.train.metrics import read_metrics
 

@@ -8,7 +8,8 @@ import pytest
 
 from raygpt.config import load_config
 from raygpt.model.io import load_model_dir
-from raygpt.train.checkpoint import export_checkpoint, latest_checkpoint
+from raygpt.train.checkpoint.discovery import latest_checkpoint
+from raygpt.train.export import export_checkpoint
 from raygpt.train.launch import run_training
 from raygpt.train.metrics import read_metrics
 

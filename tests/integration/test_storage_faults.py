@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from raygpt.train import checkpoint as ckpt_lib
+from raygpt.train.checkpoint.discovery import is_complete, latest_checkpoint
 from raygpt.train.chaos import Action, run_with_chaos
 from raygpt.train.launch import run_training
 from raygpt.train.metrics import read_metrics
@@ -41,8 +41,8 @@ def test_read_only_storage_mid_run_fails_a_save_and_a_later_one_succeeds(ray_ses
     steps = {r["step"] for r in recs if "loss" in r and "event" not in r}
     assert set(range(ro["step"], rw["step"] + 1)) <= steps  # training went on through the window
     assert [r["step"] for r in recs if r.get("event") == "start"] == [0]  # no restart
-    latest = ckpt_lib.latest_checkpoint(tmp_path / "ro")
-    assert latest.name == "checkpoint_0000040" and ckpt_lib.is_complete(latest)
+    latest = latest_checkpoint(tmp_path / "ro")
+    assert latest.name == "checkpoint_0000040" and is_complete(latest)
     for s in failed:
         assert not (tmp_path / "ro" / f"checkpoint_{s:07d}").exists()
     print(f"read-only at step {ro['step']}, writable at step {rw['step']} ({rw['read_only_s']:.1f} s): "
@@ -76,7 +76,7 @@ def test_unreadable_latest_checkpoint_resumes_from_the_previous_one_and_deletes_
     meta = twenty / ".metadata"
     meta.rename(tmp_path / "metadata.aside")
     meta.mkdir()
-    caplog.set_level("WARNING", logger="raygpt.train.checkpoint")
+    caplog.set_level("WARNING", logger="raygpt.train.checkpoint.discovery")
     try:
         summary = run_training(_cfg(char_data, tmp_path, "unreadable", "train.max_steps=15", *sets),
                                progress=False)
@@ -94,7 +94,7 @@ def test_unreadable_latest_checkpoint_resumes_from_the_previous_one_and_deletes_
     finally:
         meta.rmdir()
         (tmp_path / "metadata.aside").rename(meta)
-    assert ckpt_lib.is_complete(twenty) and _digest(twenty) == before
+    assert is_complete(twenty) and _digest(twenty) == before
 
 
 def test_a_final_save_the_storage_refuses_is_tried_again_until_it_is_writable(ray_session, char_data, tmp_path):
@@ -107,5 +107,5 @@ def test_a_final_save_the_storage_refuses_is_tried_again_until_it_is_writable(ra
     assert summary["steps"] == 20
     recs = read_metrics(tmp_path / "final")
     assert 20 in [r["step"] for r in recs if r.get("event") == "checkpoint_failed"]
-    latest = ckpt_lib.latest_checkpoint(tmp_path / "final")
-    assert latest.name == "checkpoint_0000020" and ckpt_lib.is_complete(latest)
+    latest = latest_checkpoint(tmp_path / "final")
+    assert latest.name == "checkpoint_0000020" and is_complete(latest)

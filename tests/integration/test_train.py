@@ -14,7 +14,9 @@ import torch
 from raygpt.config import ConfigError, load_config
 from raygpt.errors import UserError
 from raygpt.model.io import load_model_dir
-from raygpt.train.checkpoint import CheckpointError, export_checkpoint, latest_checkpoint
+from raygpt.train.checkpoint.discovery import latest_checkpoint
+from raygpt.train.checkpoint.io import CheckpointError
+from raygpt.train.export import export_checkpoint
 from raygpt.train.launch import run_training
 from raygpt.train.metrics import read_metrics
 

@@ -23,7 +23,10 @@ import torch.multiprocessing as mp
 
 from conftest import free_port as _free_port  # outside the ephemeral range
 from raygpt.config import load_config
-from raygpt.train import checkpoint as ckpt_lib
+from raygpt.train.checkpoint.discovery import checkpoint_status, is_complete, latest_checkpoint, list_checkpoints, resolve_checkpoint
+from raygpt.train.checkpoint.io import STATE_FILE, CheckpointError, read_state
+from raygpt.train.checkpoint.manager import CheckpointManager
+from raygpt.train.checkpoint.rng import RNG_DIR
 from raygpt.train.trainer import STOP_NONE, Hooks, Trainer
 
 
@@ -58,7 +61,7 @@ def _events(run_dir: Path, name: str) -> list[dict]:
 
 
 def _steps(root: Path) -> list[int]:
-    return [ckpt_lib.read_state(c)["step"] for c in ckpt_lib.list_checkpoints(root)]
+    return [read_state(c)["step"] for c in list_checkpoints(root)]
 
 
 def _digest(d: Path) -> dict[str, str]:
@@ -67,7 +70,7 @@ def _digest(d: Path) -> dict[str, str]:
 
 
 def _manager(root: Path, events: list):
-    return ckpt_lib.CheckpointManager(load_config("debug").checkpoint, rank=0, world=1, ckpt_root=root,
+    return CheckpointManager(load_config("debug").checkpoint, rank=0, world=1, ckpt_root=root,
                                       report=lambda *a: None, use_async=False,
                                       on_event=lambda name, **kw: events.append((name, kw)))
 
@@ -175,7 +178,7 @@ def _two_rank_main(rank: int, port: int, data: str, out: str) -> None:
         # before DCP's collectives; rank 1 alone fails its RNG write at 6.
         if step == 1 and rank == 0:
             (root / "checkpoint_0000003" / ".raygpt_state.json.tmp").mkdir(parents=True)
-            (root / "checkpoint_0000006" / ckpt_lib.RNG_DIR / ".rank1.tmp").mkdir(parents=True)
+            (root / "checkpoint_0000006" / RNG_DIR / ".rank1.tmp").mkdir(parents=True)
 
     try:
         tr = _run(Path(data), root, "parallel.strategy=ddp", "train.max_steps=9", rank=rank, world=2,
@@ -215,7 +218,7 @@ def test_unreadable_latest_checkpoint_is_kept_and_skipped(one_rank, char_data, t
     _run(char_data, root, "train.max_steps=10", "checkpoint.every=5")
     five, ten = root / "checkpoint_0000005", root / "checkpoint_0000010"
     before = _digest(ten)
-    target = ten / (".metadata" if fault == "metadata_is_a_directory" else ckpt_lib.STATE_FILE)
+    target = ten / (".metadata" if fault == "metadata_is_a_directory" else STATE_FILE)
     aside = tmp_path / "aside"
     target.rename(aside)
     if fault == "metadata_is_a_directory":
@@ -227,15 +230,15 @@ def test_unreadable_latest_checkpoint_is_kept_and_skipped(one_rank, char_data, t
         _manager(root, events).prune_unfinished(5)
         assert ten.is_dir() and (target.is_symlink() or target.is_dir())  # a read error deletes nothing
         assert [n for n, _ in events] == ["checkpoint_unreadable"] and events[0][1]["step"] == 10, events
-        assert ckpt_lib.latest_checkpoint(root) == five  # the newest one that reads
-        assert ckpt_lib.list_checkpoints(root) == [five]
-        assert ckpt_lib.resolve_checkpoint(root) == five
-        assert ckpt_lib.checkpoint_status(ten) == "unreadable" and not ckpt_lib.is_complete(ten)
+        assert latest_checkpoint(root) == five  # the newest one that reads
+        assert list_checkpoints(root) == [five]
+        assert resolve_checkpoint(root) == five
+        assert checkpoint_status(ten) == "unreadable" and not is_complete(ten)
     finally:
         target.rmdir() if target.is_dir() and not target.is_symlink() else target.unlink()
         aside.rename(target)
-    assert ckpt_lib.checkpoint_status(ten) == "complete"
-    assert ckpt_lib.latest_checkpoint(root) == ten and _digest(ten) == before
+    assert checkpoint_status(ten) == "complete"
+    assert latest_checkpoint(root) == ten and _digest(ten) == before
 
 
 def test_truncated_shard_is_pruned_and_unreadable_shard_is_kept(one_rank, char_data, tmp_path):
@@ -249,27 +252,27 @@ def test_truncated_shard_is_pruned_and_unreadable_shard_is_kept(one_rank, char_d
     _loop(fifteen / shard)  # there, but stat fails (ELOOP): not provably short
     events: list = []
     try:
-        assert ckpt_lib.checkpoint_status(ten) == "incomplete"
-        assert ckpt_lib.checkpoint_status(fifteen) == "unreadable"
+        assert checkpoint_status(ten) == "incomplete"
+        assert checkpoint_status(fifteen) == "unreadable"
         _manager(root, events).prune_unfinished(5)
         assert not ten.exists() and fifteen.is_dir()
-        assert ckpt_lib.latest_checkpoint(root) == five
+        assert latest_checkpoint(root) == five
     finally:
         (fifteen / shard).unlink()
         (tmp_path / "aside").rename(fifteen / shard)
-    assert ckpt_lib.is_complete(fifteen) and _digest(fifteen) == before
-    assert ckpt_lib.list_checkpoints(root) == [five, fifteen]
+    assert is_complete(fifteen) and _digest(fifteen) == before
+    assert list_checkpoints(root) == [five, fifteen]
 
 
 def test_state_file_that_does_not_parse(tmp_path):
     d = tmp_path / "checkpoint_0000003"
     d.mkdir()
-    (d / ckpt_lib.STATE_FILE).write_text('{"step": 3, "wor')
-    with pytest.raises(ckpt_lib.CheckpointError) as e:
-        ckpt_lib.read_state(d)
-    assert "\n" not in str(e.value) and ckpt_lib.STATE_FILE in str(e.value)
-    assert ckpt_lib.checkpoint_status(d) == "unreadable"
-    assert ckpt_lib.list_checkpoints(tmp_path) == [] and ckpt_lib.latest_checkpoint(tmp_path) is None
+    (d / STATE_FILE).write_text('{"step": 3, "wor')
+    with pytest.raises(CheckpointError) as e:
+        read_state(d)
+    assert "\n" not in str(e.value) and STATE_FILE in str(e.value)
+    assert checkpoint_status(d) == "unreadable"
+    assert list_checkpoints(tmp_path) == [] and latest_checkpoint(tmp_path) is None
 
 
 def test_a_save_that_fails_for_another_reason_still_raises(one_rank, char_data, tmp_path):

@@ -16,7 +16,9 @@ import torch.multiprocessing as mp
 from conftest import free_port as _free_port  # outside the ephemeral range
 from raygpt.config import load_config
 from raygpt.parallel.plan import ParallelPlan
-from raygpt.train import checkpoint as ckpt_lib
+from raygpt.train.checkpoint.discovery import is_complete, latest_checkpoint, list_checkpoints
+from raygpt.train.checkpoint.io import read_state
+from raygpt.train.checkpoint.rng import RNG_DIR
 from raygpt.train.metrics import read_metrics
 from raygpt.train.trainer import STOP_INTERRUPT, STOP_NONE, Hooks, Trainer, dropout_seed
 
@@ -77,14 +79,14 @@ def test_dropout_resume_is_exact_and_stop_resumes_where_it_stopped(one_rank, cha
     # Stopped at step 7 (a Ctrl-C): a checkpoint at 7, not at the periodic 10; resume to 20.
     first = _run(char_data, tmp_path / "stopped", stop_at=7)
     assert first.summary["steps"] == 7 and first.summary["stopped"] == "interrupt"
-    assert ckpt_lib.read_state(ckpt_lib.latest_checkpoint(tmp_path / "stopped"))["step"] == 7
+    assert read_state(latest_checkpoint(tmp_path / "stopped"))["step"] == 7
     resumed = _run(char_data, tmp_path / "stopped")
     assert resumed.start_step == 7 and resumed.summary["steps"] == 20
     diff = _max_diff(_params(straight), _params(resumed))
     assert diff < 1e-5, f"dropout 0.1: resumed parameters differ from the straight run by {diff:.2e}"
     # The same resume without the saved RNG state (fresh dropout streams) does differ:
     # the check above would see a missing RNG restore.
-    for f in (ckpt_lib.latest_checkpoint(tmp_path / "stopped") / ckpt_lib.RNG_DIR).glob("*.pt"):
+    for f in (latest_checkpoint(tmp_path / "stopped") / RNG_DIR).glob("*.pt"):
         f.unlink()
     ck7 = tmp_path / "stopped" / "checkpoint_0000007"
     for d in (tmp_path / "stopped").glob("checkpoint_*"):
@@ -92,7 +94,7 @@ def test_dropout_resume_is_exact_and_stop_resumes_where_it_stopped(one_rank, cha
             import shutil
 
             shutil.rmtree(d)
-    for f in (ck7 / ckpt_lib.RNG_DIR).glob("*.pt"):
+    for f in (ck7 / RNG_DIR).glob("*.pt"):
         f.unlink()
     reseeded = _run(char_data, tmp_path / "stopped")
     assert _max_diff(_params(straight), _params(reseeded)) > 1e-4
@@ -103,7 +105,7 @@ def test_a_time_limit_checkpoints_and_ends_the_run(one_rank, char_data, tmp_path
               "checkpoint.every=0", run_dir=tmp_path / "run")
     assert tr.summary["stopped"] == "time_limit" and 0 < tr.summary["steps"] < 100000
     assert [s for s, _ in tr.reports.ckpts] == [tr.summary["steps"]]  # the stop's checkpoint, reported
-    assert ckpt_lib.read_state(ckpt_lib.latest_checkpoint(tmp_path / "ck"))["step"] == tr.summary["steps"]
+    assert read_state(latest_checkpoint(tmp_path / "ck"))["step"] == tr.summary["steps"]
     recs = read_metrics(tmp_path / "run")
     start, stop = recs[0]["time"], next(r for r in recs if r.get("event") == "stop")
     assert stop["reason"] == "time_limit" and stop["time"] - start >= 2 - 0.1  # the limit counts from the start
@@ -140,10 +142,10 @@ def test_checkpoint_every_auto_saves_at_youngs_interval(one_rank, char_data, tmp
 
 def test_schedule_horizon_is_kept_from_the_first_start(one_rank, char_data, tmp_path):
     _run(char_data, tmp_path, "train.max_steps=10", "optim.decay_steps=null")
-    assert ckpt_lib.read_state(ckpt_lib.latest_checkpoint(tmp_path))["decay_steps"] == 10
+    assert read_state(latest_checkpoint(tmp_path))["decay_steps"] == 10
     longer = Trainer(_cfg(char_data, "train.max_steps=30", "optim.decay_steps=null"), char_data,
                      run_dir=None, ckpt_root=tmp_path)
-    longer.restore(ckpt_lib.latest_checkpoint(tmp_path))
+    longer.restore(latest_checkpoint(tmp_path))
     assert longer.horizon == 10  # not the new max_steps: the walked schedule stays
     assert longer.lr(15) == pytest.approx(longer.cfg.optim.min_lr)
 
@@ -159,7 +161,7 @@ def test_async_save_is_reported_when_it_finishes(one_rank, char_data, tmp_path, 
     def wait_for_write(tr, step):
         if step % 5 == 1 and tr.ckpt.pending is not None:
             tr.ckpt.pending[0].result()
-            assert ckpt_lib.latest_checkpoint(tmp_path).name == f"checkpoint_{step - 1:07d}"
+            assert latest_checkpoint(tmp_path).name == f"checkpoint_{step - 1:07d}"
         if step in (6, 11):  # staging is done when save() returns, reported or not
             allocations.append(tr.ckpt._stager.allocations)
 
@@ -169,7 +171,7 @@ def test_async_save_is_reported_when_it_finishes(one_rank, char_data, tmp_path, 
     # at the step after the wait above; the last save is synchronous.
     assert [s for s, _ in tr.reports.ckpts] == [5, 10, 15]
     assert all(saved <= when <= saved + 2 for saved, when in tr.reports.ckpts), tr.reports.ckpts
-    assert [ckpt_lib.read_state(c)["step"] for c in ckpt_lib.list_checkpoints(tmp_path)] == [5, 10, 15]
+    assert [read_state(c)["step"] for c in list_checkpoints(tmp_path)] == [5, 10, 15]
     # One stager for every async save: the second staged into the first's buffers.
     assert len(allocations) == 2 and allocations[0] == allocations[1] > 0, allocations
 
@@ -225,7 +227,7 @@ def _two_rank_process_saves(rank: int, port: int, data: str, out: str) -> None:
                 "checkpoint.every=5", "model.dropout=0.0")
         root = Path(out)
         straight = _run(Path(data), root, *sets, rank=rank, world=2, use_async=True)
-        saves = [(c.name, ckpt_lib.is_complete(c)) for c in ckpt_lib.list_checkpoints(root)]
+        saves = [(c.name, is_complete(c)) for c in list_checkpoints(root)]
         dist.barrier()
         if rank == 0:  # resume from the step-5 save, the one the checkpoint processes wrote
             import shutil
