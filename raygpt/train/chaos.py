@@ -370,7 +370,7 @@ def run_with_chaos(cfg, actions: list[Action], cluster=None, timeline: Timeline 
                    inject: dict | None = None, fabric=None):
     """Run training in a thread; inject `actions` from this (main) thread, where
     Cluster.add_node/remove_node must be called. `inject`: worker-side fault-injection
-    keys (e.g. await_world, see worker._await_grow). Returns (summary, chaos, error)."""
+    keys (e.g. await_world; raygpt.train.faults lists them). Returns (summary, chaos, error)."""
     from raygpt.train.launch import RunPaths, resolve_storage, run_training
 
     run_dir = RunPaths.resolve(resolve_storage(cfg), cfg.run.name).run_dir

@@ -3,12 +3,11 @@
 It gives the Trainer what comes from Ray: rank, world size and device; reports (metrics,
 checkpoints) through ray.train.report; the checkpoint Ray registered last; stop requests
 (SIGTERM on this process, Ctrl-C on the driver through Ray's KV store) and preemption
-notices; and the fault injection `raygpt chaos` and the tests use.
+notices; and the fault injection `raygpt chaos` and the tests use (raygpt.train.faults).
 """
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import threading
 import time
@@ -18,6 +17,7 @@ import torch
 
 from raygpt.config import validate
 from raygpt.train import trainer as T
+from raygpt.train.faults import Injector
 from raygpt.train.trainer import amp_dtype as _amp_dtype, apply_freeze, build_model  # noqa: F401 (bench/)
 
 # The driver puts a stop request here (key: the fit's run id); workers poll it.
@@ -45,75 +45,6 @@ def _quiet_ray_train_reports() -> None:
             lambda rec: PREEMPTED_MARK not in rec.getMessage())
     except Exception:
         pass
-
-
-def _maybe_crash_in_save(inject: dict, step: int, rank: int, run_dir) -> None:
-    """Fault injection for tests and `raygpt chaos`: the process dies in the middle of a
-    checkpoint save (before its shard is written), once per run (a marker remembers)."""
-    at = inject.get("crash_in_save_at")
-    if at is None or step != at or rank != inject.get("rank", 0) or run_dir is None:
-        return
-    marker = Path(run_dir) / ".crash-in-save-injected"
-    if marker.exists():
-        return
-    marker.write_text(str(step))
-    sys.stdout.write(f"[raygpt] injected crash during checkpoint save at step {step} (rank {rank})\n")
-    sys.stdout.flush()
-    os._exit(1)
-
-
-def _await_grow(inject: dict, trainer: "T.Trainer", step: int) -> None:
-    """Fault-injection hook for `raygpt chaos` and tests: at step inject["await_world"]
-    ["step"], while the group is smaller than ["world"], write a checkpoint and hold here
-    so that Ray Train's elastic resize, not a race against the last step, decides when
-    the group grows back. Ray ends this worker group when it resizes; after
-    ["timeout_s"] the run goes on and logs that the grow never came."""
-    spec = inject.get("await_world")
-    if not spec or step != spec["step"] or trainer.world >= spec["world"]:
-        return
-    trainer.checkpoint_now()
-    timeout = float(spec.get("timeout_s", 300))
-    w = trainer.writer
-    w.event("await-grow", step=step, world_size=trainer.world, want=spec["world"], timeout_s=timeout)
-    T.log(trainer.rank, f"holding at step {step} (world {trainer.world}) until Ray grows the group "
-                        f"to {spec['world']}")
-    trainer.progress.mark("hold")  # a wait the hang watchdog judges with the init timeout
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-    w.event("await-grow-timeout", step=step, world_size=trainer.world, want=spec["world"], timeout_s=timeout)
-    T.log(trainer.rank, f"ERROR: the group did not grow to {spec['world']} within {timeout:.0f} s at step {step}")
-
-
-def _once(inject: dict, key: str, step: int, rank: int, run_dir) -> bool:
-    """An injected fault `key` fires at (step, rank) once per run (a marker file
-    remembers it across restarts)."""
-    spec = inject.get(key)
-    if not spec or step != spec["step"] or rank != spec.get("rank", 1) or run_dir is None:
-        return False
-    marker = Path(run_dir) / f".{key}-injected"
-    if marker.exists():
-        return False
-    marker.write_text(str(step))
-    return True
-
-
-def _inject_before_step(inject: dict, trainer: "T.Trainer", step: int, run_dir) -> None:
-    """`raygpt chaos` faults inside a rank's step (its data phase):
-    hang_at {step, rank}: the training thread blocks for good in a live process (a read
-    that never returns); slow {step, rank, factor}: from that step on, the rank's own work
-    takes `factor` times as long (a throttled or shared device); fail_at {step, rank}: the
-    step raises, on every try (a bug or a bad batch)."""
-    fail = inject.get("fail_at")
-    if fail and step == fail["step"] and trainer.rank == fail.get("rank", 1):
-        raise ValueError(f"injected bad batch at step {step}")  # every time: a bug, not bad luck
-    if _once(inject, "hang_at", step, trainer.rank, run_dir):
-        sys.stdout.write(f"[raygpt] injected hang at step {step} (rank {trainer.rank})\n")
-        sys.stdout.flush()
-        threading.Event().wait()
-    slow = inject.get("slow")
-    if slow and step >= slow["step"] and trainer.rank == slow.get("rank", 1):
-        time.sleep(max(0.0, (float(slow["factor"]) - 1.0) * trainer.progress.last_compute_s))
 
 
 def _register_worker(run_dir: Path, rank: int, world: int, node_id: str) -> None:
@@ -273,23 +204,20 @@ class _WorkerRun:
 
         from raygpt.data.loader import worker_data_dir
 
-        if _once(self.inject, "sigterm_in_data_prep", 0, self.rank, self.lc.get("run_dir")):
-            os.kill(os.getpid(), signal.SIGTERM)  # a drain notice while the data is prepared
+        faults = Injector(self.inject, self.rank, self.run_dir)
+        faults.in_data_prep()
         # Data: a shared path from the driver, or the bundled corpus prepared on this node
         # (a URI or a path this node cannot see: fetched into the node-local cache).
         t_prep = time.perf_counter()
         data_dir = worker_data_dir(self.cfg.data, self.lc.get("data_dir"))
         self.prepare_s = time.perf_counter() - t_prep
-        inject, rank, run_dir = self.inject, self.rank, self.lc.get("run_dir")
         hooks = T.Hooks(
             report_metrics=ray.train.report, report_checkpoint=_report_checkpoint,
-            after_step=lambda tr, step: _await_grow(inject, tr, step),
-            before_save=lambda step: _maybe_crash_in_save(inject, step, rank, run_dir),
-            before_step=lambda tr, step: _inject_before_step(inject, tr, step, run_dir),
+            after_step=faults.after_step, before_save=faults.before_save, before_step=faults.before_step,
             progress=self.progress, node_id=lambda: self.node_id, on_straggler=self._drain_straggler,
         )
-        async_ok = device.type == "cuda" or inject.get("async_save_on_cpu")
-        return T.Trainer(self.cfg, data_dir, rank=rank, world=self.world, device=device, run_dir=self.run_dir,
+        async_ok = device.type == "cuda" or self.inject.get("async_save_on_cpu")
+        return T.Trainer(self.cfg, data_dir, rank=self.rank, world=self.world, device=device, run_dir=self.run_dir,
                          ckpt_root=self.run_dir if self.lc.get("ckpt_in_place") else None, hooks=hooks,
                          use_async=bool(self.cfg.checkpoint.async_save and async_ok))
 
