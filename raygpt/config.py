@@ -253,6 +253,11 @@ class RunConfig(_Section):
     time_limit_s: float | None = Field(None, gt=0)
     # Seconds to wait for workers to be placed before giving up with a clear error.
     placement_timeout_s: float = Field(120.0, gt=0)
+    # What a lost worker costs: "restart" (the whole group restarts from the latest
+    # checkpoint) or "replica" (data-parallel runs: each worker is a replica in a torchft
+    # quorum; the others go on at the next step and a replacement heals from a live peer;
+    # raygpt.parallel.replica, docs/replica_recovery.md).
+    fault_tolerance: Literal["restart", "replica"] = "restart"
 
     @model_validator(mode="after")
     def _elastic(self):
@@ -306,12 +311,28 @@ class Config(_Section):
             if item.startswith("blocks:") and int(item.split(":", 1)[1]) > self.model.n_layer:
                 raise ValueError(f"train.freeze entry {item!r}: the model has "
                                  f"model.n_layer={self.model.n_layer} blocks")
+        if self.run.fault_tolerance == "replica":
+            self._replica_only_dp()
         if self.model.n_head % self.parallel.tp_degree:
             raise ValueError(
                 f"model.n_head={self.model.n_head} is not divisible by "
                 f"parallel.tp_degree={self.parallel.tp_degree}"
             )
         return self
+
+    def _replica_only_dp(self) -> None:
+        """run.fault_tolerance=replica: one worker per replica, so data parallelism only."""
+        p, r = self.parallel, self.run
+        why = (f"parallel.strategy={p.strategy}" if p.strategy not in ("auto", "none", "ddp") else
+               f"parallel.tp_degree={p.tp_degree}" if p.tp_degree > 1 else
+               f"parallel.pp_degree={p.pp_degree}" if p.pp_degree > 1 else
+               f"run.min_workers={r.min_workers} (elastic resizing)"
+               if r.min_workers is not None and r.min_workers < r.num_workers else
+               "distill.teacher" if self.distill.teacher else None)
+        if why:
+            raise ValueError(f"run.fault_tolerance=replica works with data-parallel runs only (one worker "
+                             f"per replica, DDP): {why} is not supported in this mode; use "
+                             "run.fault_tolerance=restart")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

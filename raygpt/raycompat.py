@@ -118,6 +118,10 @@ _TRAIN_CLASSES = {
     "ControllerCallback": "ray.train.v2._internal.execution.callback",
     "WorkerGroupCallback": "ray.train.v2._internal.execution.callback",
     "TorchBackend": "ray.train.torch.config:_TorchBackend",
+    # run.fault_tolerance=replica: Ray's experimental torchft support (replaces only a
+    # failed replica group); the backend is private, raygpt adds its worker hooks to it.
+    "TorchftConfig": "ray.train.v2.torch.torchft_config",
+    "TorchftBackend": "ray.train.v2.torch.torchft_config:_TorchftBackend",
 }
 
 

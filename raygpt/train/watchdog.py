@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raygpt import raycompat
-from raygpt.train.heartbeat import (LONG_PHASES, NAMESPACE, STALE_BEAT_S, position, read_beats, stop_thread,
-                                    verdict_key)
+from raygpt.train.heartbeat import (BEAT_S, LONG_PHASES, NAMESPACE, STALE_BEAT_S, position, read_beats,
+                                    stop_thread, verdict_key)
 
 # No heartbeat this long while the other ranks are past start-up and in a step (not a
 # save or an eval): a frozen process, judged without waiting out the hang timeout (a
@@ -169,8 +169,9 @@ class HangWatchdog:
         who = ", ".join(f"rank {s['rank']} (pid {s['pid']}, node {s['node'][:8]}, step {s['step']}, "
                         f"{s['phase']})" for s in verdict["stuck"])
         sys.stderr.write(f"raygpt: hang: no progress for {verdict['idle_s']:.0f} s (limit {verdict['timeout_s']:.0f} s)"
-                         f"; stuck: {who}: {verdict['reason']}; stacks in {verdict['dir']}; restarting from the "
-                         "latest checkpoint\n")
+                         f"; stuck: {who}: {verdict['reason']}; stacks in {verdict['dir']}; "
+                         + ("replacing that replica (the others go on)\n" if verdict.get("replica")
+                            else "restarting from the latest checkpoint\n"))
         sys.stderr.flush()
         # The live ranks save their stacks when their next beat reads the verdict (within
         # a second); a frozen rank killed before that breaks their collectives and they
@@ -236,3 +237,72 @@ def kill_frozen(verdict: dict) -> int:
         return sent
     except Exception:
         return 0
+
+
+class ReplicaWatchdog(HangWatchdog):
+    """run.fault_tolerance=replica: every replica (one worker with its own gen) is judged
+    on its own. One whose heartbeat stopped for FROZEN_S, or whose progress stood still
+    for its phase's timeout, while another replica goes on stepping, is named; only it
+    goes (killed when frozen; it saves its stacks and exits when it still beats), Ray
+    starts a replacement that heals from a live peer, and the others never stop."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._replicas: dict[str, _Seen] = {}  # gen -> what was seen of it
+        self._by_rank: dict[int, _Seen] = {}
+
+    def _track(self, recs: list[dict], now: float) -> dict[int, _Seen]:
+        newest: dict[int, dict] = {}
+        for r in recs:
+            if r["rank"] not in newest or r["started"] > newest[r["rank"]]["started"]:
+                newest[r["rank"]] = r
+        for r in newest.values():
+            old = self._replicas.get(r["gen"])
+            if old is None:
+                self._replicas[r["gen"]] = _Seen(r, now, now)
+                continue
+            if r["seq"] != old.rec["seq"]:
+                old.beat_t = now
+            if r["ticks"] != old.rec["ticks"]:
+                old.progress_t = now
+            old.rec = r
+        self._by_rank = {rank: self._replicas[r["gen"]] for rank, r in newest.items()}
+        return self._by_rank
+
+    def _check_links(self) -> None:
+        if self.links is None:
+            return
+        for ev in self.links.update([s.rec for s in self._by_rank.values()]):
+            if self.on_link is not None:
+                self.on_link(ev)
+
+    def check(self, recs: list[dict], now: float) -> dict | None:
+        replicas = self._track(recs, now)
+        for s in replicas.values():
+            if s.rec["gen"] in self._judged:
+                continue
+            silent, idle, limit = now - s.beat_t, now - s.progress_t, self.timeout([s], now)
+            # Frozen once its beats are stale (then killed: it cannot exit by itself);
+            # stuck when it still beats (it saves its stacks and exits); in between,
+            # wait: a verdict it cannot act on and nobody kills would be lost.
+            frozen, stuck = silent >= STALE_BEAT_S, silent < 2 * BEAT_S + self.poll_s and idle >= limit
+            # judged only while another replica moves on (the whole group standing
+            # still is not one replica's fault: its collective timeout or Ray has it)
+            others = [o for o in replicas.values() if o is not s and now - o.beat_t < STALE_BEAT_S
+                      and now - o.progress_t < limit]
+            if others and (frozen or stuck):
+                return self._replica_verdict(s, now, idle, limit, frozen)
+        return None
+
+    def _replica_verdict(self, s: _Seen, now: float, idle: float, limit: float, frozen: bool) -> dict:
+        self._judged.add(s.rec["gen"])
+        n = len(self.verdicts) + 1
+        verdict = {
+            "gen": s.rec["gen"], "idle_s": round(idle, 1), "timeout_s": round(STALE_BEAT_S if frozen else limit, 1),
+            "reason": "no heartbeat (process frozen)" if frozen else "no progress while the other replicas step",
+            "step": s.rec["step"], "dir": str(self.run_dir / "hangs" / f"{n:03d}"), "replica": True,
+            "stuck": [{"rank": s.rec["rank"], "pid": s.rec["pid"], "node": s.rec["node"], "step": s.rec["step"],
+                       "phase": s.rec["phase"], "last_beat_s": round(now - s.beat_t, 1)}],
+        }
+        self.verdicts.append(verdict)
+        return verdict

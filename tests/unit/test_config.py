@@ -53,6 +53,15 @@ def test_round_trip(tmp_path):
     (["parallel.strategy=magic"], "parallel.strategy='magic'"),
     (["run.min_workers=5"], "run.min_workers=5 is larger than run.num_workers=1"),
     (["nodot"], "expected section.field=value"),
+    # replica fault tolerance: data-parallel runs only, one line naming what rules it out
+    (["run.fault_tolerance=replica", "run.num_workers=4", "parallel.strategy=fsdp"],
+     "run.fault_tolerance=replica works with data-parallel runs only (one worker per replica, DDP): "
+     "parallel.strategy=fsdp is not supported"),
+    (["run.fault_tolerance=replica", "run.num_workers=4", "parallel.pp_degree=2"], "parallel.pp_degree=2 is not"),
+    (["run.fault_tolerance=replica", "run.num_workers=4", "parallel.tp_degree=2"], "parallel.tp_degree=2 is not"),
+    (["run.fault_tolerance=replica", "run.num_workers=4", "run.min_workers=2"],
+     "run.min_workers=2 (elastic resizing) is not supported"),
+    (["run.fault_tolerance=respawn"], "run.fault_tolerance='respawn'"),
 ])
 def test_errors_name_field_and_value(sets, message):
     with pytest.raises(ConfigError) as e:

@@ -112,3 +112,41 @@ def test_a_rank_whose_beats_stop_while_the_others_save_is_named_after_the_step_t
     v = _until_verdict(_dog(init=600.0), _rec(1, 1, 50), 30, phase="checkpoint")
     assert v is not None and v["timeout_s"] == 15.0 and 15 <= v["idle_s"] <= 16
     assert [s["rank"] for s in v["stuck"]] == [1] and "frozen" in v["reason"]
+
+
+def _replicas(t: int, frozen_from: int | None = None, stuck_from: int | None = None):
+    """Three replicas (own gens, world 1): 0 and 2 step every second; replica 1 beats
+    and steps until `frozen_from` (then silent) or `stuck_from` (then beats, no progress)."""
+    recs = [_rec(r, 1 + t, 10 * t, step=10 + t, gen=f"g{r}", world=1) for r in (0, 2)]
+    t1 = min(x for x in (t, frozen_from, stuck_from) if x is not None)
+    seq1 = t if frozen_from is None else min(t, frozen_from)
+    recs.append(_rec(1, 1 + seq1, 10 * t1, step=10 + t1, gen="g1", world=1))
+    return recs
+
+
+def test_replica_mode_names_only_the_frozen_replica_and_keeps_judging_the_others():
+    from raygpt.train.heartbeat import STALE_BEAT_S
+    from raygpt.train.watchdog import ReplicaWatchdog
+
+    dog = ReplicaWatchdog("run", Path("/tmp/run"), 4.0, 600.0)
+    verdicts = [(t, dog.check(_replicas(t, frozen_from=5), float(t))) for t in range(0, 30)]
+    (t, v), = [(t, v) for t, v in verdicts if v]
+    assert t == 5 + STALE_BEAT_S and v["gen"] == "g1" and v["replica"], v
+    assert [s["rank"] for s in v["stuck"]] == [1] and v["reason"] == "no heartbeat (process frozen)"
+    # its replacement (a new gen for rank 1) is judged afresh; the others never were
+    fresh = [_rec(r, 40 + t, 400 + t, gen=f"g{r}", world=1) for r in (0, 2)] + [
+        _rec(1, 1 + t, 1, phase="init", steps_done=0, gen="g1b", world=1) for _ in [0]]
+    for t in range(5):
+        assert dog.check([*fresh[:2], {**fresh[2], "started": 2.0, "seq": 1 + t}], 40.0 + t) is None
+
+
+def test_replica_mode_names_a_stuck_replica_that_still_beats_after_its_timeout_not_before():
+    from raygpt.train.watchdog import ReplicaWatchdog
+
+    dog = ReplicaWatchdog("run", Path("/tmp/run"), 4.0, 600.0)
+    hits = [t for t in range(0, 20) if dog.check(_replicas(t, stuck_from=3), float(t))]
+    assert hits == [3 + 4], hits  # the hang timeout (4 s) after its last progress
+    # every replica standing still (no one moves on): not one replica's fault, no verdict
+    dog = ReplicaWatchdog("run", Path("/tmp/run"), 4.0, 600.0)
+    still = [_rec(r, 1 + t, 10, gen=f"g{r}", world=1) for r in range(3) for t in [0]]
+    assert all(dog.check([{**r, "seq": 1 + t} for r in still], float(t)) is None for t in range(20))
