@@ -41,6 +41,7 @@ __all__ = [
 
 Prompt = Union[str, list[str], list[int], list[list[int]]]
 RETRY_STATUS = frozenset({429, 502, 503, 504})
+COMPLETIONS = "/v1/completions"
 
 
 # ----------------------------------------------------------------------------- types
@@ -252,22 +253,69 @@ class _Base:
                 body["stream_options"] = {"include_usage": True}
         return body
 
-    @staticmethod
-    def _sse_payloads(lines) -> Iterator[str]:
-        for line in lines:
-            if line.startswith("data:"):
-                yield line[5:].strip()
+    def _stream_args(self, prompt: Prompt, include_usage: bool, kw: dict) -> dict:
+        """The keyword arguments of httpx's stream() for a streamed completion."""
+        return {"method": "POST", "url": self.base_url + COMPLETIONS,
+                "json": self._body(prompt, True, include_usage, kw),
+                "headers": {**self._headers, "Accept": "text/event-stream"}}
 
     @staticmethod
-    def _chunk(payload: str) -> CompletionChunk | None:
-        if payload == "[DONE]":
+    def _stream_status(r: httpx.Response) -> APIError:
+        """The error of a stream answered with an error status (its body read): returned
+        to retry when the status is one to retry, else raised."""
+        err = _status_error(r.status_code, r.text, r.headers)
+        if r.status_code not in RETRY_STATUS:
+            raise err
+        return err
+
+    @staticmethod
+    def _stream_broke(e: httpx.TransportError, started: bool) -> APIError:
+        """The error of a stream whose connection failed: returned to retry before its
+        first event, raised after it (what was yielded cannot be taken back)."""
+        err = _transport_error("POST", COMPLETIONS, e, started)
+        if started:
+            raise err from None
+        return err
+
+
+_DONE = object()
+
+
+class _Events:
+    """One stream attempt's server-sent event lines -> chunks, up to [DONE]. `started`:
+    an event arrived (a stream is retried only before that). An error event raises."""
+
+    def __init__(self):
+        self.started = False
+
+    def take(self, line: str):
+        """The line's chunk, None (not an event line) or _DONE."""
+        if not line.startswith("data:"):
             return None
+        self.started = True
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            return _DONE
         obj = json.loads(payload)
         if isinstance(obj, dict) and "error" in obj and "choices" not in obj:
             err = obj["error"] or {}
             raise InternalServerError(f"stream error: {err.get('message')}", status_code=200,
                                       body=obj, type=err.get("type"), code=err.get("code"))
         return CompletionChunk.model_validate(obj)
+
+    def chunks(self, lines) -> Iterator[CompletionChunk]:
+        for line in lines:
+            if (chunk := self.take(line)) is _DONE:
+                return
+            if chunk is not None:
+                yield chunk
+
+    async def achunks(self, lines) -> AsyncIterator[CompletionChunk]:
+        async for line in lines:
+            if (chunk := self.take(line)) is _DONE:
+                return
+            if chunk is not None:
+                yield chunk
 
 
 def _completion_kwargs(max_tokens, temperature, top_p, top_k, n, stop, seed, model, user, extra):
@@ -314,7 +362,7 @@ class Client(_Base):
                     model: str | None = None, user: str | None = None, **extra) -> Completion:
         """POST /v1/completions -> Completion (`.text` is the first choice's text)."""
         kw = _completion_kwargs(max_tokens, temperature, top_p, top_k, n, stop, seed, model, user, extra)
-        r = self._request("POST", "/v1/completions", self._body(prompt, False, False, kw))
+        r = self._request("POST", COMPLETIONS, self._body(prompt, False, False, kw))
         return Completion.model_validate(r.json())
 
     def stream_events(self, prompt: Prompt, *, include_usage: bool = False, max_tokens: int = 16,
@@ -326,29 +374,18 @@ class Client(_Base):
         """Streamed completion: yields every server-sent chunk (the last one carries usage
         when include_usage=True)."""
         kw = _completion_kwargs(max_tokens, temperature, top_p, top_k, n, stop, seed, model, user, extra)
-        body = self._body(prompt, True, include_usage, kw)
+        args = self._stream_args(prompt, include_usage, kw)
         for attempt in itertools.count():
-            started = False
+            events = _Events()
             try:
-                with self._http.stream("POST", self.base_url + "/v1/completions", json=body,
-                                       headers={**self._headers, "Accept": "text/event-stream"}) as r:
-                    if r.status_code >= 400:
-                        r.read()
-                        err: APIError = _status_error(r.status_code, r.text, r.headers)
-                        if r.status_code not in RETRY_STATUS:
-                            raise err
-                    else:
-                        for payload in self._sse_payloads(r.iter_lines()):
-                            started = True
-                            chunk = self._chunk(payload)
-                            if chunk is None:
-                                return
-                            yield chunk
+                with self._http.stream(**args) as r:
+                    if r.status_code < 400:
+                        yield from events.chunks(r.iter_lines())
                         return
+                    r.read()
+                    err = self._stream_status(r)
             except httpx.TransportError as e:
-                err = _transport_error("POST", "/v1/completions", e, started)
-                if started:
-                    raise err from None
+                err = self._stream_broke(e, events.started)
             time.sleep(self._next_delay(err, attempt))
 
     def stream(self, prompt: Prompt, **kw) -> Iterator[str]:
@@ -404,7 +441,7 @@ class AsyncClient(_Base):
                           stop: str | list[str] | None = None, seed: int | None = None,
                           model: str | None = None, user: str | None = None, **extra) -> Completion:
         kw = _completion_kwargs(max_tokens, temperature, top_p, top_k, n, stop, seed, model, user, extra)
-        r = await self._request("POST", "/v1/completions", self._body(prompt, False, False, kw))
+        r = await self._request("POST", COMPLETIONS, self._body(prompt, False, False, kw))
         return Completion.model_validate(r.json())
 
     async def stream_events(self, prompt: Prompt, *, include_usage: bool = False,
@@ -414,31 +451,19 @@ class AsyncClient(_Base):
                             seed: int | None = None, model: str | None = None,
                             user: str | None = None, **extra) -> AsyncIterator[CompletionChunk]:
         kw = _completion_kwargs(max_tokens, temperature, top_p, top_k, n, stop, seed, model, user, extra)
-        body = self._body(prompt, True, include_usage, kw)
+        args = self._stream_args(prompt, include_usage, kw)
         for attempt in itertools.count():
-            started = False
+            events = _Events()
             try:
-                async with self._http.stream("POST", self.base_url + "/v1/completions", json=body,
-                                             headers={**self._headers, "Accept": "text/event-stream"}) as r:
-                    if r.status_code >= 400:
-                        await r.aread()
-                        err: APIError = _status_error(r.status_code, r.text, r.headers)
-                        if r.status_code not in RETRY_STATUS:
-                            raise err
-                    else:
-                        async for line in r.aiter_lines():
-                            if not line.startswith("data:"):
-                                continue
-                            started = True
-                            chunk = self._chunk(line[5:].strip())
-                            if chunk is None:
-                                return
+                async with self._http.stream(**args) as r:
+                    if r.status_code < 400:
+                        async for chunk in events.achunks(r.aiter_lines()):
                             yield chunk
                         return
+                    await r.aread()
+                    err = self._stream_status(r)
             except httpx.TransportError as e:
-                err = _transport_error("POST", "/v1/completions", e, started)
-                if started:
-                    raise err from None
+                err = self._stream_broke(e, events.started)
             await asyncio.sleep(self._next_delay(err, attempt))
 
     async def stream(self, prompt: Prompt, **kw) -> AsyncIterator[str]:

@@ -9,6 +9,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 
 from raygpt.client import (APIConnectionError, AsyncClient, AuthenticationError, BadRequestError,
@@ -188,3 +189,62 @@ def test_async_client(fake):
     r, pieces, card, h, retries = asyncio.run(main())
     assert r.text == "hello" and pieces == ["hel", "lo"]
     assert card.version == "abc123" and h.status == "ok" and retries == 1
+
+
+class _BreaksAfterOneEvent(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """An event stream whose connection breaks after its first event."""
+
+    EVENT = f"data: {json.dumps({**COMPLETION, 'choices': [{'index': 0, 'text': 'hel'}]})}\n\n".encode()
+
+    def __iter__(self):
+        yield self.EVENT
+        raise httpx.ReadError("connection reset")
+
+    async def __aiter__(self):
+        yield self.EVENT
+        raise httpx.ReadError("connection reset")
+
+
+def _stream_server(calls: list):
+    """1st request: refused; 2nd: one event, then the connection breaks; then 400."""
+    def handle(request):
+        calls.append(request.url.path)
+        if len(calls) == 1:
+            raise httpx.ConnectError("refused")
+        if len(calls) == 2:
+            return httpx.Response(200, headers={"Content-Type": "text/event-stream"},
+                                  stream=_BreaksAfterOneEvent())
+        return httpx.Response(400, json={"error": {"message": "bad prompt", "type": "invalid_request_error"}})
+    return httpx.MockTransport(handle)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_stream_retried_before_its_first_event_not_after(kind):
+    """Refused: retried. Broken after an event was yielded: raised, not retried (the
+    caller has the piece). An error status not to retry: raised at once."""
+    calls: list = []
+    if kind == "sync":
+        def run():
+            got = []
+            with Client("http://x", backoff=0.01, http_client=httpx.Client(transport=_stream_server(calls))) as c:
+                with pytest.raises(APIConnectionError, match="stream broke after it started") as broke:
+                    for piece in c.stream("hi"):
+                        got.append(piece)
+                with pytest.raises(BadRequestError, match="bad prompt"):
+                    list(c.stream("hi"))
+                return got, broke, c.retries_done
+    else:
+        def run():
+            async def main():
+                got = []
+                async with AsyncClient("http://x", backoff=0.01,
+                                       http_client=httpx.AsyncClient(transport=_stream_server(calls))) as c:
+                    with pytest.raises(APIConnectionError, match="stream broke after it started") as broke:
+                        async for piece in c.stream("hi"):
+                            got.append(piece)
+                    with pytest.raises(BadRequestError, match="bad prompt"):
+                        [p async for p in c.stream("hi")]
+                    return got, broke, c.retries_done
+            return asyncio.run(main())
+    got, broke, retries = run()
+    assert got == ["hel"] and retries == 1 and len(calls) == 3
