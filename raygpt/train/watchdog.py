@@ -41,6 +41,14 @@ class _Seen:
     beat_t: float      # when its seq last changed (our clock)
     progress_t: float  # when its ticks last changed
 
+    def saw(self, r: dict, now: float) -> None:
+        """Its newest record `r`, read at `now`."""
+        if r["seq"] != self.rec["seq"]:
+            self.beat_t = now
+        if r["ticks"] != self.rec["ticks"]:
+            self.progress_t = now
+        self.rec = r
+
 
 @dataclass
 class HangWatchdog:
@@ -104,12 +112,8 @@ class HangWatchdog:
             old = self._seen.get(r["rank"])
             if old is None:
                 self._seen[r["rank"]] = _Seen(r, now, now)
-                continue
-            if r["seq"] != old.rec["seq"]:
-                old.beat_t = now
-            if r["ticks"] != old.rec["ticks"]:
-                old.progress_t = now
-            old.rec = r
+            else:
+                old.saw(r, now)
         return list(self._seen.values())
 
     def timeout(self, ranks: list[_Seen], now: float) -> float:
@@ -260,12 +264,8 @@ class ReplicaWatchdog(HangWatchdog):
             old = self._replicas.get(r["gen"])
             if old is None:
                 self._replicas[r["gen"]] = _Seen(r, now, now)
-                continue
-            if r["seq"] != old.rec["seq"]:
-                old.beat_t = now
-            if r["ticks"] != old.rec["ticks"]:
-                old.progress_t = now
-            old.rec = r
+            else:
+                old.saw(r, now)
         self._by_rank = {rank: self._replicas[r["gen"]] for rank, r in newest.items()}
         return self._by_rank
 
