@@ -306,7 +306,8 @@ class GPTServer:
         max_tokens = self.guards.max_tokens(req, engine.block_size, chat=True)
         tpl = engine.chat_template
         prompt = tpl.render(req.messages)
-        stop = req.stop_list() + [s for s in tpl.stop if s not in (req.stop or [])]
+        own = req.stop_list()  # a list even when `stop` is one string (`in` on a str: substring)
+        stop = own + [s for s in tpl.stop if s not in own]
         return await self._generate(request, client, engine, [prompt], req, max_tokens, stop,
                                     chat=True)
 

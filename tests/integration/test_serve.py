@@ -60,7 +60,24 @@ def models(tmp_path_factory):
     broken = d / "model-broken"
     shutil.copytree(a, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    return {"a": a, "b": b, "broken": str(broken), "tok": tok}
+    return {"a": a, "b": b, "broken": str(broken), "tok": tok,
+            "chat_probe": _chat_probe_template(d, a)}
+
+
+CHAT_PROBE = [{"role": "user", "content": "hear me"}]
+
+
+def _chat_probe_template(d: Path, model_dir: str) -> dict:
+    """The default chat template with another stop: two characters from the middle of
+    model a's greedy reply to CHAT_PROBE (a random model never writes the default's
+    "\nUser:"), so a test can see whether the template's stop is applied."""
+    from raygpt.model.chat import ChatTemplate
+
+    reply = Ref(model_dir).greedy(ChatTemplate().render(CHAT_PROBE), 16)
+    stop = reply[len(reply) // 2:][:2]
+    path = d / "chat-probe-template.json"
+    path.write_text(json.dumps(ChatTemplate(stop=[stop]).to_dict()))
+    return {"path": str(path), "reply": reply, "stop": stop}
 
 
 class Ref:
@@ -117,7 +134,8 @@ class Cluster:
             "applications": [
                 _app("main", m["a"], {"max_slots": 64},
                      {"max_ongoing_requests": 100, "max_queued_requests": 200}),
-                _app("over", m["a"], {"max_slots": 2, "step_delay_s": 0.05, "strict_requests": True},
+                _app("over", m["a"], {"max_slots": 2, "step_delay_s": 0.05, "strict_requests": True,
+                                      "chat_template": m["chat_probe"]["path"]},
                      {"max_ongoing_requests": 2, "max_queued_requests": 2,
                       "backpressure_config": {"status_code": 503, "retry_after_s": 2}}),
                 _app("guard", m["a"], {"api_key_env": "RAYGPT_TEST_API_KEY", "rate_limit_rps": 1,
@@ -649,6 +667,24 @@ def test_chat_completions(cluster, refs):
             400, "tools")
         assert err["code"] == "unsupported_parameter"
         assert_error(h.post("/v1/chat/completions", json={"messages": []}), 400, "messages")
+
+
+def test_chat_template_stop_kept_beside_a_string_stop(cluster, models):
+    """The template's stop applies beside the request's own, also when `stop` is one
+    string containing it (the merge tested `s not in req.stop`: on a string, a substring
+    test, which dropped the template's stop). The `over` app's template stops at two
+    characters of model a's greedy reply."""
+    probe = models["chat_probe"]
+    want = probe["reply"][:probe["reply"].index(probe["stop"])]
+    assert len(want) < len(probe["reply"])
+    own = probe["stop"] + "~never"  # "~" is not in the vocabulary: never generated
+    with cluster.client("over") as h:
+        for stop in (own, [own]):
+            r = h.post("/v1/chat/completions", json={"messages": CHAT_PROBE, "max_tokens": 16,
+                                                     "temperature": 0, "stop": stop})
+            assert r.status_code == 200, r.text
+            (ch,) = r.json()["choices"]
+            assert (ch["message"]["content"], ch["finish_reason"]) == (want, "stop"), (stop, ch)
 
 
 def test_tokenize_detokenize_health_metrics(cluster, refs):
