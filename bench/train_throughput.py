@@ -34,7 +34,7 @@ def plain_loop(cfg, steps: int, warmup: int) -> dict:
     from raygpt.parallel.plan import resolve_plan
     from raygpt.train.loop import batch_geometry, build_optimizer, train_step
     from raygpt.train.metrics import mfu, peak_flops
-    from raygpt.train.worker import _amp_dtype, build_model
+    from raygpt.train.trainer import amp_dtype, build_model
 
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.use_gpu is not False else "cpu")
     threads = int(cfg.run.cpus_per_worker or torch.get_num_threads())
@@ -50,7 +50,7 @@ def plain_loop(cfg, steps: int, warmup: int) -> dict:
     opt = build_optimizer(model, cfg.optim, device.type)
     _, micro, _ = batch_geometry(cfg.train.global_batch, 1, cfg.train.micro_batch)
     loader = BatchLoader(data, "train", g.block_size, cfg.train.global_batch, cfg.train.seed)
-    amp = _amp_dtype(cfg, device)
+    amp = amp_dtype(cfg, device)
     warmup = resolve_warmup(steps, warmup)
     t_start = time.perf_counter()
     for step in range(steps):

@@ -18,7 +18,6 @@ import torch
 from raygpt.config import validate
 from raygpt.train import trainer as T
 from raygpt.train.faults import Injector
-from raygpt.train.trainer import amp_dtype as _amp_dtype, apply_freeze, build_model  # noqa: F401 (bench/)
 
 # The driver puts a stop request here (key: the fit's run id); workers poll it.
 STOP_NAMESPACE = "raygpt"
