@@ -91,10 +91,14 @@ class HangWatchdog:
     def _read(self) -> list[dict]:
         return read_beats(self.run_id)
 
+    def _current(self) -> list[_Seen]:
+        """What was last seen of each rank (the slow-link check reads their records)."""
+        return list(self._seen.values())
+
     def _check_links(self) -> None:
         if self.links is None:
             return
-        for ev in self.links.update([s.rec for s in self._seen.values()]):
+        for ev in self.links.update([s.rec for s in self._current()]):
             if self.on_link is not None:
                 self.on_link(ev)
 
@@ -269,12 +273,8 @@ class ReplicaWatchdog(HangWatchdog):
         self._by_rank = {rank: self._replicas[r["gen"]] for rank, r in newest.items()}
         return self._by_rank
 
-    def _check_links(self) -> None:
-        if self.links is None:
-            return
-        for ev in self.links.update([s.rec for s in self._by_rank.values()]):
-            if self.on_link is not None:
-                self.on_link(ev)
+    def _current(self) -> list[_Seen]:
+        return list(self._by_rank.values())  # each rank's newest replica
 
     def check(self, recs: list[dict], now: float) -> dict | None:
         replicas = self._track(recs, now)
