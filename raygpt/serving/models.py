@@ -159,6 +159,9 @@ class ModelManager:
                 self._publish()
             except Exception as e:
                 msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+                if getattr(e, "fits_alone", False):  # KVBudgetError: not beside the old model
+                    msg += ("; it fits once the model serving now is gone: redeploy the app "
+                            "with this model_dir (fresh replicas load it alone)")
                 self.last_error = {"model_dir": model_dir, "error": msg, "time": int(time.time())}
                 self._publish()
                 if self.engine is not None:

@@ -641,3 +641,35 @@ def test_the_server_settings_budget_reaches_the_engine(tmp_path):
         assert eng.max_slots == 3
     finally:
         eng.abort()
+
+
+def test_a_model_swap_beyond_the_kv_budget_is_refused_and_the_old_model_serves(tmp_path):
+    """The swap path Serve takes on a new user_config (ModelManager.reconfigure): the
+    serving model fills the KV budget, so the new one is refused, in one line naming the
+    budget and saying it fits alone (what GET /admin/model shows), and the old model keeps
+    serving."""
+    import torch
+
+    from conftest import tiny_model_dir
+    from raygpt.model.io import load_model_dir
+    from raygpt.serving.kvbudget import kv_bytes_per_slot
+    from raygpt.serving.models import ModelManager
+    from raygpt.serving.settings import ServerSettings
+
+    a = str(tiny_model_dir(tmp_path / "a", "abcdefgh ijk\n" * 4))
+    b = str(tiny_model_dir(tmp_path / "b", "lmnop qrs\n" * 4))
+    per = kv_bytes_per_slot(load_model_dir(a)[0].config, torch.float32)
+    mgr = ModelManager(ServerSettings(model_dir=a, max_slots=2, kv_memory_bytes=2 * per), None, "t")
+    asyncio.run(mgr.reconfigure({"model_dir": a}))
+    old = mgr.engine
+    try:
+        asyncio.run(mgr.reconfigure({"model_dir": b}))
+        err = mgr.card(admin=True)["last_update_error"]
+        assert err["model_dir"] == b and "\n" not in err["error"]
+        assert f"kv_memory_bytes={2 * per}" in err["error"] and "held by another model" in err["error"]
+        assert "fits once the model serving now is gone" in err["error"]
+        assert mgr.engine is old and mgr.card(admin=True)["model_dir"] == a
+        assert old.generate("abc", SamplingParams(max_tokens=4, temperature=0), timeout=60
+                            ).completion_tokens == 4
+    finally:
+        old.abort()
