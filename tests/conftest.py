@@ -144,9 +144,11 @@ def one_rank():
     dist.destroy_process_group()
 
 
-def tiny_model_dir(d, text: str):
+def tiny_model_dir(d, text: str, vocab_size: int | None = None):
     """A tiny char-level GPT (2 layers, 32 wide, seed 0) with a tokenizer trained on
-    `text`, saved as a model directory d/model (tokenizer d/tokenizer.json). -> its Path."""
+    `text`, saved as a model directory d/model (tokenizer d/tokenizer.json). -> its Path.
+    vocab_size: pad the model's vocabulary to this (ids beyond the tokenizer's are never
+    sampled), e.g. GPT-2's size for requests that bias every id."""
     import torch
 
     from raygpt.data.tokenizer import train_char_tokenizer
@@ -155,7 +157,8 @@ def tiny_model_dir(d, text: str):
 
     tok = train_char_tokenizer(text)
     torch.manual_seed(0)
-    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=tok.vocab_size))
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64,
+                      vocab_size=vocab_size or tok.vocab_size))
     return save_model_dir(m, d / "model", tok.save(d / "tokenizer.json"))
 
 

@@ -3,6 +3,7 @@ engine, the chat template, request -> SamplingParams, engine results -> OpenAI s
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from raygpt.model.chat import CHAT_TEMPLATE_FILE, ChatTemplate  # noqa: F401 (re-exported)
@@ -75,6 +76,14 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: 
         frequency_penalty=req.frequency_penalty, logit_bias=req.token_bias(),
         logprobs=logprobs, echo=echo, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
         ignore_eos=req.ignore_eos, stop_token_ids=tuple(req.stop_token_ids or ()))
+
+
+def choice_params(first: SamplingParams, j: int) -> SamplingParams:
+    """Choice j's params from choice 0's: a shallow copy (the logit_bias dict is shared,
+    not rebuilt from the request per choice: a full-vocabulary bias is 50k entries) with
+    seed + j, wrapped to 64 bits."""
+    seed = None if first.seed is None else (first.seed + j) % (1 << 64)
+    return replace(first, seed=seed)
 
 
 def check_max_tokens(max_tokens: int, limit: int, param: str = "max_tokens") -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import queue
 import time
 from dataclasses import dataclass, field
@@ -78,7 +79,7 @@ class SamplingParams:
                 raise InvalidRequest(f"{name} must be in [-2, 2], got {v!r}", name)
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidRequest(f"logprobs must be in 0..{MAX_LOGPROBS}", "logprobs")
-        for t, b in (self.logit_bias or {}).items():
+        for t, b in self._bias_to_check(vocab_size).items():
             if vocab_size is not None and not 0 <= t < vocab_size:
                 raise InvalidRequest(f"logit_bias: token id {t} is outside the vocabulary "
                                      f"(0..{vocab_size - 1})", "logit_bias")
@@ -98,6 +99,20 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if vocab_size is not None and not 0 <= t < vocab_size:
                 raise InvalidRequest(f"stop_token_ids: {t} is outside the vocabulary", "stop_token_ids")
+
+    def _bias_to_check(self, vocab_size: int | None) -> dict[int, float]:
+        """logit_bias when some entry may be out of range, else {}: a full-vocabulary
+        bias (50k entries) is checked once per choice on the server's event loop, so the
+        common case is decided by C loops (min, max, sum: NaN or inf makes the sum
+        non-finite) and only a bad one is walked entry by entry, for the message."""
+        b = self.logit_bias or {}
+        if not b:
+            return {}
+        ids_ok = vocab_size is None or (min(b) >= 0 and max(b) < vocab_size)
+        vals = b.values()
+        if ids_ok and math.isfinite(sum(vals)) and -100 <= min(vals) and max(vals) <= 100:
+            return {}
+        return b
 
     @property
     def greedy(self) -> bool:

@@ -314,10 +314,11 @@ class GPTServer:
     async def _generate(self, request, client, engine, prompts, req, max_tokens, stop, chat):
         fan = self.guards.check_fanout(len(prompts), req.n)
         # each prompt encoded once, and the tokens charged before anything is queued
-        ids = encode_all(engine, prompts, adapter.sampling_params(req, max_tokens, stop, 0))
+        params = adapter.sampling_params(req, max_tokens, stop, 0)  # choice 0's; once
+        ids = encode_all(engine, prompts, params)
         n_prompt = sum(len(x) for x in ids)
         self.guards.charge_tokens(client, n_prompt + max_tokens * fan)
-        reqs, engine = await self._submit_all(request, engine, prompts, ids, req, max_tokens, stop)
+        reqs, engine = await self._submit_all(request, engine, prompts, ids, req, params)
         base = responses.response_base(chat, req.stream, self.s.model_name, engine.version)
         fmt = responses.ChoiceFormat(engine, req, chat, prompts)
         if req.stream:
@@ -334,7 +335,7 @@ class GPTServer:
                     r.cancel()
         return responses.full_response(base, fmt, results, n_prompt)
 
-    async def _submit_all(self, request, engine, prompts, ids, req, max_tokens, stop):
+    async def _submit_all(self, request, engine, prompts, ids, req, params):
         """Every choice of every prompt into the engine (each recorded for CatchAll);
         resubmitted to the new engine when a model swap closed the one picked."""
         from raygpt.serving.engine import EngineClosed, EngineOverloaded
@@ -342,12 +343,11 @@ class GPTServer:
         for attempt in range(5):
             reqs = []
             if attempt:  # another model now: its tokenizer may split the prompts otherwise
-                ids = encode_all(engine, prompts, adapter.sampling_params(req, max_tokens, stop, 0))
+                ids = encode_all(engine, prompts, params)
             try:
                 for p in ids:
                     for j in range(req.n):
-                        sp = adapter.sampling_params(req, max_tokens, stop, j)
-                        r = engine.submit(p, sp)
+                        r = engine.submit(p, adapter.choice_params(params, j))
                         reqs.append(r)
                         request.state.submitted.append(r)
                 return reqs, engine

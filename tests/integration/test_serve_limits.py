@@ -23,13 +23,15 @@ pytestmark = pytest.mark.slow
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
 KEYS = {"cost": "k-cost", "conc": "k-conc", "body": "k-body", "cancel0": "k-cancel0",
-        "cancel1": "k-cancel1", "admin": "k-admin"}
+        "cancel1": "k-cancel1", "admin": "k-admin", "itl0": "k-itl0", "itl1": "k-itl1",
+        "bias": "k-bias"}
 STEP_S = 0.2  # engine step delay: a 60-token request runs ~12 s
+VOCAB = 50304  # the model's vocabulary, padded to GPT-2's: a full-vocabulary bias is ~740 KB
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return str(tiny_model_dir(tmp_path_factory.mktemp("limits"), TEXT))
+    return str(tiny_model_dir(tmp_path_factory.mktemp("limits"), TEXT, vocab_size=VOCAB))
 
 
 def _ray_addresses(ray_session):
@@ -216,3 +218,63 @@ def test_cancelled_request_frees_its_slot(lim):
         after = wait_for(freed, 60, lambda: f"the slot freed: {_stats(lim)}")
         assert time.monotonic() - t0 < 8, "the slot was held until the request ran out"
         assert after["tokens_generated"] - before["tokens_generated"] < 60
+
+
+async def _stream_stamps(port, key, stamps: list[float], max_tokens: int):
+    """A greedy stream on the slow app; the arrival time of each token's chunk -> stamps."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/slow", timeout=120,
+                                 headers={"Authorization": f"Bearer {KEYS[key]}"}) as c:
+        body = {"prompt": "a", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        async with c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200, await r.aread()
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    stamps.append(time.monotonic())
+
+
+def _p99(gaps: list[float]) -> float:
+    gaps = sorted(gaps)
+    return gaps[min(len(gaps) - 1, round(0.99 * (len(gaps) - 1)))]
+
+
+def test_full_vocabulary_logit_bias_does_not_slow_other_streams(lim):
+    """Four streams decode; once each has 12 tokens, a request biasing every one of the
+    model's 50304 ids (n=8, a 740 KB body) runs beside them. The streams' inter-token
+    latency p99 while it runs stays within 20% of their p99 before and after it, in the
+    same test. Rebuilding the bias from the dict for every row at every step (the old
+    path) made each step ~150 ms longer here (+75%)."""
+    import asyncio
+
+    import httpx
+
+    bias = {str(t): -1.0 for t in range(VOCAB)}
+
+    async def main():
+        stamps = [[] for _ in range(4)]
+        streams = [asyncio.create_task(_stream_stamps(lim, f"itl{i % 2}", stamps[i], 60))
+                   for i in range(4)]
+        while min(map(len, stamps)) < 12:  # the streams are decoding
+            assert not any(t.done() for t in streams), [t.exception() for t in streams if t.done()]
+            await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{lim}/slow", timeout=120,
+                                     headers={"Authorization": f"Bearer {KEYS['bias']}"}) as c:
+            t0 = time.monotonic()
+            r = await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 16, "n": 8,
+                                                      "temperature": 0.8, "logit_bias": bias})
+            t1 = time.monotonic()
+        await asyncio.gather(*streams)
+        return stamps, r, t0, t1
+
+    stamps, r, t0, t1 = asyncio.run(main())
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 8 * 16
+    gaps = [(b, b - a) for s in stamps for a, b in zip(s, s[1:])]
+    during = [g for t, g in gaps if t0 <= t <= t1]
+    outside = [g for t, g in gaps if t < t0 or t > t1]
+    assert len(during) >= 40 and len(outside) >= 40, (len(during), len(outside))
+    base, biased = _p99(outside), _p99(during)
+    assert biased <= 1.2 * base, f"ITL p99 {1000 * biased:.0f} ms beside the bias request, " \
+                                 f"{1000 * base:.0f} ms without"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -308,13 +309,15 @@ def test_full_vocabulary_bias_is_built_once(model, tok, monkeypatch):
     try:
         bias = {t: -1.0 for t in range(tok.vocab_size)}
         bias[tok.encode("e")[0]] = 50.0
-        r = e.submit(tok.encode("First"), SamplingParams(max_tokens=6, temperature=0, logit_bias=bias),
-                     loop=False)
+        p = SamplingParams(max_tokens=6, temperature=0, logit_bias=bias)
+        # two choices of one request share the dict (adapter.choice_params): one vector
+        r, r2 = (e.submit(tok.encode("First"), replace(p, seed=j), loop=False) for j in (0, 1))
         res = r.result(timeout=60)
-        assert res.token_ids == tok.encode("eeeeee")
+        assert res.token_ids == tok.encode("eeeeee") and r2.result(timeout=60).token_ids == res.token_ids
         dense = r.dense
         assert dense is not None and dense.bias is not None and float(dense.bias.max()) == 50.0
-        assert len(built) == 1  # one build for 6 steps
+        assert r2.dense.bias is dense.bias
+        assert len(built) == 2  # one build per request for 6 steps
     finally:
         e.abort()
 
