@@ -37,11 +37,15 @@ def torchft_missing() -> str | None:
     return None
 
 
-def lighthouse_kwargs(join_timeout_s: float) -> dict:
-    """The Lighthouse's quorum rules: any one replica may step; a new quorum waits for
-    every heartbeating replica at most join_timeout_s (a replacement still loading)."""
-    return {"min_replicas": 1, "heartbeat_timeout_ms": HEARTBEAT_TIMEOUT_MS,
-            "join_timeout_ms": int(1000 * join_timeout_s)}
+# A new quorum waits this long at most for a replica that heartbeats but has not asked
+# (one between its manager's start and its first quorum: a second or two).
+JOIN_TIMEOUT_MS = 5000
+
+
+def lighthouse_kwargs() -> dict:
+    """The Lighthouse's quorum rules: any one replica may step; a lost one is dropped
+    after HEARTBEAT_TIMEOUT_MS."""
+    return {"min_replicas": 1, "heartbeat_timeout_ms": HEARTBEAT_TIMEOUT_MS, "join_timeout_ms": JOIN_TIMEOUT_MS}
 
 
 class ReplicaGroup:
@@ -53,6 +57,11 @@ class ReplicaGroup:
 
     def __init__(self, index: int, count: int, device: torch.device, timeout_s: float,
                  quorum_timeout_s: float):
+        import logging
+
+        # torchft logs every quorum and commit at INFO (its Rust side reads RUST_LOG once)
+        os.environ.setdefault("RUST_LOG", "warn")
+        logging.getLogger("torchft").setLevel(logging.WARNING)
         from torchft import Manager
         from torchft.checkpointing.pg_transport import PGTransport
 
@@ -128,10 +137,10 @@ class ReplicaGroup:
         return self.manager.num_participants()
 
     # ------------------------------------------------------------ small collectives
-    def gather(self, row: list[int]) -> list[list[int] | None]:
+    def gather(self, row: list[int]) -> list[list[int] | None] | None:
         """Every replica's `row` (None for one not in the quorum), through one SUM
-        all-reduce of a count x (1 + len(row)) matrix; only this replica's own row if
-        the all-reduce failed (a peer went away mid-step)."""
+        all-reduce of a count x (1 + len(row)) matrix; None if the all-reduce failed (a
+        peer went away mid-step: nobody knows who is left until the next quorum)."""
         from torch.distributed import ReduceOp
 
         m = torch.zeros(self.count, 1 + len(row), dtype=torch.float64)
@@ -140,7 +149,7 @@ class ReplicaGroup:
         work = self.manager.allreduce(m, reduce_op=ReduceOp.SUM)
         ok = work.wait() and self.manager.errored() is None
         if not ok:
-            return [list(row) if i == self.index else None for i in range(self.count)]
+            return None
         return [[int(round(v)) for v in r[1:].tolist()] if r[0] >= 0.5 else None for r in m]
 
     def mean(self, t: torch.Tensor) -> float:
@@ -179,5 +188,3 @@ class CommitGatedOptimizer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
 
-def lighthouse_env() -> str | None:
-    return os.environ.get("TORCHFT_LIGHTHOUSE")

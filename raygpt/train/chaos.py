@@ -162,6 +162,8 @@ class Chaos:
                                   want=r["want"])
             elif r.get("event") in ("checkpoint_failed", "checkpoint", "checkpoint_reported"):
                 self._checkpoint_event(r)
+            elif r.get("event") == "replica_joined":
+                self._replica_joined(r)
             elif r.get("event") == "await-grow-timeout":
                 self.timeline.add("grow-back did not come", step=r["step"], world_size=r["world_size"],
                                   timeout_s=r["timeout_s"])
@@ -169,6 +171,7 @@ class Chaos:
                 continue
             self._step = r["step"]
             self._stepping = True
+            self._survivors_stepped(r)
             for p in self._pending:
                 if "restart_t" in p and "first_step_t" not in p and r["step"] > p["restored_step"]:
                     p["first_step_t"] = time.time()
@@ -194,6 +197,23 @@ class Chaos:
         for a in self.actions:
             if not a.done and self._ready(a):
                 self._do(a)
+
+    # run.fault_tolerance=replica: no group restart; the survivors' next step and the
+    # replacement's return (a `replica_joined` from it) time the fault instead.
+    def _survivors_stepped(self, r: dict) -> None:
+        for p in self._pending:
+            if "survivors_t" not in p and r.get("replicas") is not None and r["step"] > p["step"] \
+                    and r.get("time", 0) > p["t"]:
+                p["survivors_t"] = r["time"]
+                self.timeline.add("survivors stepped", step=r["step"], replicas=r["replicas"],
+                                  after_s=round(r["time"] - p["t"], 3))
+
+    def _replica_joined(self, r: dict) -> None:
+        p = next((p for p in self._pending if "first_step_t" not in p), None)
+        rec = self.timeline.add("replica rejoined", step=r["step"], replica=r.get("replica"),
+                                heal_s=r.get("heal_s"), **({"after_s": round(r["time"] - p["t"], 3)} if p else {}))
+        if p is not None:
+            p["first_step_t"], p["summary"] = r["time"], rec
 
     def _ready(self, a: Action) -> bool:
         if a.at_s is not None:  # timed: only into a run that is stepping, one fault at a time
@@ -235,7 +255,11 @@ class Chaos:
             if w is None:
                 self.timeline.add(f"{a.kind} skipped: no worker pids known", step=self._step)
                 return
-            os.kill(w["pid"], sig)
+            try:
+                os.kill(w["pid"], sig)
+            except ProcessLookupError:  # it exited since it registered (a replacement still starting)
+                self.timeline.add(f"{a.kind} skipped: rank {w['rank']}'s pid {w['pid']} is gone", step=self._step)
+                return
             rec = self.timeline.add(what, step=self._step, rank=w["rank"], pid=w["pid"])
             self._pending.append({**rec, "t": time.time(), "step": self._step, "old_pids": old_pids})
         elif a.kind == "remove-node":

@@ -9,6 +9,8 @@ hooks. Faults from outside the worker (kill, freeze, node loss, storage) are cha
   fail_at {step, rank}        the step raises, on every try (a bug or a bad batch)
   await_world {step, world, timeout_s}  checkpoint and hold until Ray grows the group
   sigterm_in_data_prep {step: 0, rank}  a SIGTERM while the worker prepares its data
+  pace_s: seconds             every rank's step takes this much longer (a bigger model's
+                              pace, so a test's faults land while the run still steps)
 
 A one-shot fault fires once per run: a marker file in the run directory remembers it
 across restarts (chaos watches .hang_at-injected to time a hang)."""
@@ -67,6 +69,8 @@ class Injector:
         slow = self.inject.get("slow")
         if slow and step >= slow["step"] and self.rank == slow.get("rank", 1):
             time.sleep(max(0.0, (float(slow["factor"]) - 1.0) * trainer.progress.last_compute_s))
+        if self.inject.get("pace_s"):
+            time.sleep(float(self.inject["pace_s"]))
 
     def _hang(self, step: int) -> None:
         """A read that never returns: the process lives, the training thread is stuck."""

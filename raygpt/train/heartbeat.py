@@ -28,8 +28,9 @@ from raygpt import raycompat
 # phase) is the one the others wait for. "data" and "compute" carry the step being
 # computed, "agree" and "hook" the step just completed.
 STEP_PHASES = {"data": 0, "compute": 1, "agree": 2, "hook": 3}
-# Phases that may legitimately last long: judged with the generous init timeout.
-LONG_PHASES = {"init", "eval", "checkpoint", "hold"}
+# Phases that may legitimately last long: judged with the generous init timeout
+# ("quorum": a replica waiting for the torchft quorum, e.g. for a replacement to join).
+LONG_PHASES = {"init", "eval", "checkpoint", "hold", "quorum"}
 NAMESPACE = "raygpt"
 BEAT_S = 1.0
 STALE_BEAT_S = 5.0  # no heartbeat for this long: the process is frozen (the watchdog's test too)
@@ -204,4 +205,8 @@ class Publisher:
         os.replace(tmp, d / f"rank{self.rank}.nccl_trace.pkl")
 
     def close(self) -> None:
+        """Stop beating and withdraw this rank's record: a replica that finished (or left)
+        must not look frozen to the watchdog (raygpt.train.watchdog.ReplicaWatchdog)."""
         self._done.set()
+        self._th.join(timeout=2 * BEAT_S)
+        delete_keys(beat_key(self.run_id, self.rank))

@@ -111,6 +111,8 @@ def init_ray(address: str | None, num_cpus: int | None = None):
         # Ray starts workers at nice 15; on a small machine its own background processes
         # (nice 0) then keep preempting the training threads: ~4% tokens/s on 2 cores.
         os.environ.setdefault("RAY_worker_niceness", "0")
+        # torchft's Rust side (run.fault_tolerance=replica) logs every quorum at INFO.
+        os.environ.setdefault("RUST_LOG", "warn")
         # "local": a fresh embedded instance, even if another Ray runs on this machine.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                  dashboard_host="127.0.0.1", log_to_driver=True)
@@ -192,7 +194,7 @@ def build_trainer(cfg: Config, *, paths: RunPaths, data_dir: str | None, use_gpu
                   callbacks=None, inject: dict | None = None, run_id: str | None = None):
     import ray.train
 
-    from raygpt.train.rayhooks import RaygptTorchConfig, RaygptTorchTrainer
+    from raygpt.train.rayhooks import RaygptTorchTrainer
     from raygpt.train.worker import train_func
 
     cfg = cfg.model_copy(deep=True)
@@ -221,11 +223,21 @@ def build_trainer(cfg: Config, *, paths: RunPaths, data_dir: str | None, use_gpu
                            "run_id": run_id, "inject": inject or {}},
         scaling_config=scaling,
         run_config=run_config,
-        # A hung collective (a lost peer mid all-reduce) fails the group after this
-        # long instead of torch's 30 min; the restart then resumes from a checkpoint.
-        torch_config=RaygptTorchConfig(backend="nccl" if use_gpu else "gloo",
-                                       timeout_s=int(cfg.run.collective_timeout_s)),
+        torch_config=_torch_config(cfg, use_gpu),
     )
+
+
+def _torch_config(cfg: Config, use_gpu: bool):
+    from raygpt.train.rayhooks import RaygptTorchConfig, RaygptTorchftConfig
+
+    # A hung collective (a lost peer mid all-reduce) fails the group after this long
+    # instead of torch's 30 min; the restart then resumes from a checkpoint.
+    kw = {"backend": "nccl" if use_gpu else "gloo", "timeout_s": int(cfg.run.collective_timeout_s)}
+    if cfg.run.fault_tolerance == "replica":
+        from raygpt.parallel.replica import lighthouse_kwargs
+
+        return RaygptTorchftConfig(lighthouse_kwargs=lighthouse_kwargs(), **kw)
+    return RaygptTorchConfig(**kw)
 
 
 def _gpu_available() -> bool:
@@ -318,6 +330,19 @@ def check_data(cfg: Config, data_dir: Path, meta: dict) -> None:
         )
 
 
+def check_replica_mode(paths: "RunPaths") -> None:
+    """run.fault_tolerance=replica: torchft installed; checkpoints written in place (the
+    run keeps them itself: no Ray report, raygpt.train.replica)."""
+    from raygpt.parallel.replica import torchft_missing
+
+    why = torchft_missing()
+    if why:
+        raise UserError(why)
+    if not paths.ckpt_in_place:
+        raise UserError(f"run.fault_tolerance=replica needs run.storage on a file system every node sees "
+                        f"(a local path or a shared mount), not {redact_uri(paths.storage)}")
+
+
 def preflight(cfg: Config) -> Preflight:
     """Pure checks first, then anything that asks the cluster for nodes, last (a request
     made there is withdrawn by run_training's finally, whatever fails after it)."""
@@ -335,6 +360,8 @@ def preflight(cfg: Config) -> Preflight:
                         "node type with GPUs")
     embedded = not (cfg.run.address or os.environ.get("RAY_ADDRESS"))
     check_plans(cfg, meta["vocab_size"], use_gpu)
+    if cfg.run.fault_tolerance == "replica":
+        check_replica_mode(paths)
     resume_step = None
     if paths.run_uri is None:
         resume_step = check_existing_run(paths.run_dir, cfg, meta["vocab_size"])
@@ -364,14 +391,15 @@ class _Launch:
     def __init__(self, pre: Preflight, inject: dict | None, progress: bool):
         from raygpt.train.links import LinkStragglerDetector
         from raygpt.train.preemption import DrainWatch
-        from raygpt.train.watchdog import HangWatchdog
+        from raygpt.train.watchdog import HangWatchdog, ReplicaWatchdog
 
         self.pre, self.run_id = pre, uuid.uuid4().hex
         cfg, paths = pre.cfg, pre.paths
         self.trainer = build_trainer(cfg, paths=paths, data_dir=str(pre.data_dir), use_gpu=pre.use_gpu,
                                      per_worker=pre.per_worker, inject=inject, run_id=self.run_id)
         self.prog = _Progress(paths.run_dir, cfg.train.max_steps) if progress else None
-        self.watchdog = HangWatchdog(self.run_id, paths.run_dir, cfg.run.hang_timeout_s, cfg.run.init_timeout_s,
+        dog = ReplicaWatchdog if cfg.run.fault_tolerance == "replica" else HangWatchdog
+        self.watchdog = dog(self.run_id, paths.run_dir, cfg.run.hang_timeout_s, cfg.run.init_timeout_s,
                                      on_verdict=self._record_hang, on_link=self._record_link,
                                      links=LinkStragglerDetector(cfg.run.straggler_factor, cfg.run.straggler_steps))
         self.drains = DrainWatch(self.run_id, paths.run_dir)
@@ -480,6 +508,11 @@ def finish_summary(pre: Preflight, result, interrupted: bool) -> dict:
         latest = latest_checkpoint(run_dir) if run_uri is None else None
         raise RunInterrupted(paths, read_state(latest)["step"] if latest else summary.get("steps"))
     ck = result.checkpoint.path if result.checkpoint else None
+    if ck is None and pre.cfg.run.fault_tolerance == "replica":  # no Ray report in this mode
+        from raygpt.train.checkpoint.discovery import latest_checkpoint
+
+        latest = latest_checkpoint(run_dir)
+        ck = str(latest) if latest else None
     if ck and run_uri and not is_uri(ck):
         # Ray gives the path without scheme and query; put both back.
         scheme, _, rest = storage.partition("://")

@@ -137,6 +137,22 @@ class RaygptTorchConfig(TorchConfig):
         return _Backend
 
 
+class _FtBackend(raycompat.TorchftBackend):
+    """run.fault_tolerance=replica: Ray's torchft backend (a Lighthouse actor, one
+    process group per replica group, a failed replica group replaced alone), with
+    raygpt's SIGTERM handler on each worker."""
+
+    def on_training_start(self, worker_group, backend_config):
+        super().on_training_start(worker_group, backend_config)
+        worker_group.execute(_install_worker_handlers)
+
+
+class RaygptTorchftConfig(raycompat.TorchftConfig):
+    @property
+    def backend_cls(self):
+        return _FtBackend
+
+
 class RaygptTorchTrainer(TorchTrainer):
     """TorchTrainer with the live elastic policy and the graceful Ctrl-C."""
 

@@ -172,6 +172,7 @@ class _Window:
     loss: Any = None
     rank_data_s: list = field(default_factory=list)     # per rank, summed over the window
     rank_compute_s: list = field(default_factory=list)
+    stall_s: float = 0.0  # replica mode: steps the quorum did not commit (a peer lost mid-step)
 
     def add_ranks(self, data_s: list[float], compute_s: list[float]) -> None:
         if not self.rank_data_s:
@@ -192,6 +193,9 @@ class Trainer:
     ckpt_root: Path | None = None      # where checkpoints go in place (None: temp dirs)
     hooks: Hooks = field(default_factory=Hooks)
     use_async: bool | None = None      # None: async saves on GPU only
+    # run.fault_tolerance=replica: (this replica's index, replicas); torch.distributed is
+    # then a group of one and the quorum (raygpt.train.replica) does the data parallelism
+    replica_of: tuple[int, int] | None = None
 
     def __post_init__(self):
         from raygpt.data.prepare import read_meta
@@ -199,6 +203,7 @@ class Trainer:
         self.data_dir = Path(self.data_dir)
         self.meta = read_meta(self.data_dir)
         self.tokenizer_path = self.data_dir / "tokenizer.json"
+        self.member = None  # raygpt.train.replica.ReplicaMember in replica mode
         self._build_model()
         self._build_groups()
         self.train_loader = self._loader("train")
@@ -208,7 +213,8 @@ class Trainer:
         if self.use_async is None:
             self.use_async = self.cfg.checkpoint.async_save and self.device.type == "cuda"
         self.ckpt = CheckpointManager(
-            self.cfg.checkpoint, rank=self.rank, world=self.world, ckpt_root=self.ckpt_root,
+            # a replica's leader saves the whole model alone: rank 0 of its group of one
+            self.cfg.checkpoint, rank=0 if self.member else self.rank, world=self.world, ckpt_root=self.ckpt_root,
             report=self.hooks.report_checkpoint, use_async=self.use_async, cpu_group=self.ckpt_group,
             device=self.device, tokenizer_path=self.tokenizer_path, on_event=self._event,
             before_write=self.hooks.before_save)
@@ -221,7 +227,10 @@ class Trainer:
         self._saved_at = -1
         from raygpt.train.metrics import RunWriter
 
-        self.writer = RunWriter(self.run_dir or ".", enabled=(self.rank == 0 and self.run_dir is not None))
+        self.writer = RunWriter(self.run_dir or ".", enabled=(self.rank == 0 or self.member is not None)
+                                and self.run_dir is not None)
+        if self.member is not None:  # every replica may lead; replica 0 until the first quorum says
+            self.writer.enabled = self.writer.enabled and self.rank == 0
         self.progress = self.hooks.progress
         self.clock = ComputeClock(self.device)
         self.stragglers = StragglerDetector(self.cfg.run.straggler_factor, self.cfg.run.straggler_steps)
@@ -246,8 +255,12 @@ class Trainer:
         self.plan = resolve_plan(cfg.parallel, self.world, n_heads=self.gcfg.n_head, n_params=self.n_params,
                                  device_memory=mem, on_gpu=device.type == "cuda")
         mesh = self.plan.build_mesh(device.type)
-        self.dp_rank = self.plan.dp_rank(self.rank)
-        per_rank, self.micro, self.accum = batch_geometry(cfg.train.global_batch, self.plan.dp,
+        self.dp_rank, self.dp = self.plan.dp_rank(self.rank), self.plan.dp
+        group = None
+        if self.replica_of is not None:
+            group = self._replica_group()
+            self.dp_rank, self.dp = self.replica_of
+        per_rank, self.micro, self.accum = batch_geometry(cfg.train.global_batch, self.dp,
                                                           cfg.train.micro_batch)
         self.amp = amp_dtype(cfg, device)
         mp = self.amp if self.plan.shard > 1 else None
@@ -263,7 +276,13 @@ class Trainer:
             self.micro, self.accum = per_rank // n_mb, n_mb
         else:
             self.parts = [parallelize(model, self.plan, mesh, cfg.parallel, device, mp_dtype=mp)]
+        if group is not None:
+            self.parts = [group.wrap(self.parts[0])]
         self.optimizers = [build_optimizer(p, cfg.optim, device.type) for p in self.parts]
+        if group is not None:
+            from raygpt.train.replica import ReplicaMember
+
+            self.member = ReplicaMember(self, group)
         if mp is not None:
             self.amp = None  # FSDP's mixed-precision policy casts; no autocast on top
         self.teacher = self._load_teacher() if cfg.distill.teacher and self.pipe is None else None
@@ -277,6 +296,28 @@ class Trainer:
         self.compile_cache.load()
         # Dropout streams: per data-parallel rank (a restore may replace them).
         torch.manual_seed(dropout_seed(cfg.train.seed, self.dp_rank))
+
+    def _replica_group(self):
+        from raygpt.parallel.replica import ReplicaGroup
+
+        run = self.cfg.run
+        # A collective with a lost peer fails after this (the step is redone without
+        # it); a quorum waits up to init_timeout_s (a replacement's start).
+        return ReplicaGroup(*self.replica_of, self.device, timeout_s=run.hang_timeout_s or 10.0,
+                            quorum_timeout_s=run.init_timeout_s)
+
+    def reseed_dropout(self, step: int) -> None:
+        """Fresh dropout streams, a function of (seed, data-parallel rank, step)."""
+        torch.manual_seed(dropout_seed(self.cfg.train.seed, self.dp_rank) + step)
+
+    @property
+    def plan_desc(self) -> str:
+        return f"replica x{self.replica_of[1]} (ddp over a torchft quorum)" if self.replica_of else self.plan.describe()
+
+    @property
+    def devices(self) -> int:
+        """Data-parallel workers of the run: the world, or the replicas."""
+        return self.replica_of[1] if self.replica_of else self.world
 
     def _load_teacher(self):
         from raygpt.model.io import load_model_dir
@@ -311,15 +352,15 @@ class Trainer:
 
         # Val always samples at random (a fixed, seeded set of windows per eval).
         return BatchLoader(self.data_dir, split, self.gcfg.block_size, self.cfg.train.global_batch,
-                           self.cfg.train.seed, self.dp_rank, self.plan.dp,
+                           self.cfg.train.seed, self.dp_rank, self.dp,
                            sampling=self.cfg.data.sampling if split == "train" else "random")
 
     # ---------------------------------------------------------------- state
     def _rng_meta(self) -> dict:
-        return {"world_size": self.world, "plan": self.plan.describe()}
+        return {"world_size": self.world, "plan": self.plan_desc}
 
     def trainer_state(self) -> dict:
-        return {"step": self.step, "world_size": self.world, "plan": self.plan.describe(),
+        return {"step": self.step, "world_size": self.devices, "plan": self.plan_desc,
                 "accum": self.accum, "micro_batch": self.micro,
                 "best_val_loss": self.best_val if self.best_val < float("inf") else None,
                 "val_loss": self.last_val, "train_seconds": self.train_seconds_prev + self.train_time,
@@ -342,12 +383,11 @@ class Trainer:
         # bend the part of the schedule already walked); an explicit decay_steps wins.
         self.horizon = self.cfg.optim.decay_steps or saved.get("decay_steps") or self.horizon
         if not load_rng(path, self.rank, self._rng_meta()):
-            # Another rank layout: fresh streams, still a function of (seed, rank, step).
-            torch.manual_seed(dropout_seed(self.cfg.train.seed, self.dp_rank) + self.step)
+            self.reseed_dropout(self.step)  # another rank layout: fresh streams
         old = saved.get("world_size")
-        if old != self.world:
-            log(self.rank, f"resize: world size {old} -> {self.world} at step {self.step}: plan "
-                           f"{saved.get('plan')} -> {self.plan.describe()}, accumulation "
+        if old != self.devices:
+            log(self.rank, f"resize: world size {old} -> {self.devices} at step {self.step}: plan "
+                           f"{saved.get('plan')} -> {self.plan_desc}, accumulation "
                            f"{saved.get('accum')} -> {self.accum} (global batch {self.cfg.train.global_batch} kept)")
         self.restored_from = str(path)
         self._saved_at = self.step
@@ -362,9 +402,13 @@ class Trainer:
         return lr_at(step, o.lr, o.min_lr, o.warmup_steps, self.horizon)
 
     def train_step(self):
-        """One optimizer step at self.step (then self.step += 1). -> (loss, grad norm)."""
+        """One optimizer step at self.step (then self.step += 1). -> (loss, grad norm), or
+        None for a step the replica quorum did not commit (redone next)."""
         from raygpt.train.loop import pp_train_step, train_step
 
+        if self.member is not None:
+            self.progress.mark("quorum", self.step + 1)  # may wait for a replacement to join
+            self.step = self.member.begin()
         lr = self.lr(self.step)
         for opt in self.optimizers:
             for g in opt.param_groups:
@@ -379,9 +423,16 @@ class Trainer:
         if self.pipe is not None:
             out = pp_train_step(self.pipe, self.optimizers, *batch, self.device, self.cfg.optim.grad_clip)
         else:
-            out = train_step(self.parts[0], self.optimizers[0], batch, self.device, self.amp,
+            out = train_step(self.parts[0], self.member.gated if self.member else self.optimizers[0],
+                             batch, self.device, self.amp,
                              self.cfg.optim.grad_clip, teacher=self.teacher, distill=self.cfg.distill,
                              clock=self.clock)
+        if self.member is not None:
+            if not self.member.committed:
+                return None
+            self.step = self.member.group.step
+            self.member.committed_with = self.member.group.participants()
+            return out
         self.step += 1
         return out
 
@@ -398,6 +449,8 @@ class Trainer:
 
     def all_mean(self, t: torch.Tensor) -> float:
         """Mean over ranks; with a pipeline only the last stage's ranks hold a loss."""
+        if self.member is not None:
+            return self.member.mean(t)
         if self.world > 1:
             import torch.distributed as dist
 
@@ -426,8 +479,10 @@ class Trainer:
             out = [torch.zeros_like(t) for _ in range(self.world)]
             dist.all_gather(out, t, group=self.ctl_group)
             rows = [o.tolist() for o in out]
+        elif self.member is not None:
+            rows = self.member.rows(mine)
         code, busy = max(r[0] for r in rows), any(r[1] for r in rows)
-        self.ckpt.requested = self.ckpt.requested or bool(rows[0][4])
+        self.ckpt.requested = self.ckpt.requested or any(r[4] for r in rows)
         data_s, compute_s = [r[2] / 1e6 for r in rows], [r[3] / 1e6 for r in rows]
         win.add_ranks(data_s, compute_s)
         for ev in self.stragglers.update(self.step, [d + c for d, c in zip(data_s, compute_s)]):
@@ -446,6 +501,8 @@ class Trainer:
         if self._saved_at == self.step:
             return
         self._saved_at = self.step
+        if self.member is not None and not self.member.is_leader:
+            return  # the leader holds the same state and saves it alone
         self.progress.mark("checkpoint")
         blocked = self.ckpt.save(self.step, self.parts, self.optimizers, self.trainer_state(),
                                  dict(metrics or {"step": self.step}), self._rng_meta(), final=final)
@@ -523,7 +580,9 @@ class Trainer:
     def _log_record(self, win: _Window, gnorm, is_eval: bool, lr: float) -> dict:
         from raygpt.train.metrics import mfu, peak_flops
 
-        rec = {"step": self.step, "lr": lr, "world_size": self.world}
+        rec = {"step": self.step, "lr": lr, "world_size": self.devices}
+        if self.member is not None:
+            rec["replicas"] = self.member.committed_with
         if win.steps:
             rec["loss"] = self.all_mean(win.loss / win.steps)
             rec["grad_norm"] = float(gnorm)
@@ -533,13 +592,15 @@ class Trainer:
             if peak is None and not getattr(self, "_mfu_note_shown", False):
                 log(self.rank, note)  # unknown device: MFU omitted, never guessed
                 self._mfu_note_shown = True
-            rec["mfu"] = mfu(self.flops_per_token, tps, peak * self.world if peak else None)
+            rec["mfu"] = mfu(self.flops_per_token, tps, peak * self.devices if peak else None)
             rec["step_ms"] = 1000 * win.seconds / win.steps
             if win.rank_data_s:
                 rec["rank_data_ms"] = [round(1000 * x / win.steps, 3) for x in win.rank_data_s]
                 rec["rank_compute_ms"] = [round(1000 * x / win.steps, 3) for x in win.rank_compute_s]
             if self.stragglers.flagged:
                 rec["stragglers"] = sorted(self.stragglers.flagged)
+            if win.stall_s:
+                rec["stall_s"] = round(win.stall_s, 4)
             if self.device.type == "cuda":
                 rec["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
             else:
@@ -571,18 +632,23 @@ class Trainer:
                        + (f" | straggler rank {','.join(map(str, rec['stragglers']))}" if rec.get("stragglers") else ""))
 
     def _start(self) -> None:
-        self.ckpt.prune_unfinished(self.step)
+        joined = self.member is not None and self.member.healed_step is not None
+        if not joined:  # a replacement must not prune the leader's save in flight
+            self.ckpt.prune_unfinished(self.step)
         self._read_run_history()
         self.stragglers.nodes = self._gather_nodes()
-        self.writer.event("start", step=self.step, world_size=self.world, plan=self.plan.describe(),
+        if joined:
+            self.member.start_event()
+            self.writer.enabled = False  # until a quorum makes it the leader
+        self.writer.event("start", step=self.step, world_size=self.devices, plan=self.plan_desc,
                           micro_batch=self.micro, accum=self.accum, restored=self.restored_from is not None,
                           train_seconds=self.train_seconds_prev, **self.startup,
                           **self.compile_cache.start_fields())
         if self.auto is not None:  # after `start`: the ledger cuts groups at their start events
             self._log_interval()
         t = self.cfg.train
-        log(self.rank, f"model {self.n_params / 1e6:.2f}M params | plan {self.plan.describe()} | device "
-                       f"{self.device} | global batch {t.global_batch} = dp {self.plan.dp} x micro {self.micro} "
+        log(self.rank, f"model {self.n_params / 1e6:.2f}M params | plan {self.plan_desc} | device "
+                       f"{self.device} | global batch {t.global_batch} = dp {self.dp} x micro {self.micro} "
                        f"x accum {self.accum} | steps {self.step}->{t.max_steps}")
 
     def _gather_nodes(self) -> list[str]:
@@ -615,9 +681,14 @@ class Trainer:
         # so tokens/s is wall clock (on a GPU, unsynced steps only queue work).
         t_free = time.perf_counter()
         while self.step < t.max_steps:
-            lr = self.lr(self.step)
             prof.step(self.step)
-            loss, gnorm = self.train_step()
+            out = self.train_step()
+            if out is None:  # not committed by the replica quorum (a peer went away): redone
+                now = time.perf_counter()
+                win.stall_s, t_free = win.stall_s + now - t_free, now
+                continue
+            loss, gnorm = out
+            lr = self.lr(self.step - 1)
             win.loss += loss
             win.steps += 1
             step = self.step
@@ -699,8 +770,8 @@ class Trainer:
             "mfu": self.last_rec.get("mfu"),
             "train_seconds": round(self.train_seconds_prev + self.train_time, 3),
             "checkpoint": None,  # filled in by the driver (it knows the storage path)
-            "world_size": self.world,
-            "plan": self.plan.describe(),
+            "world_size": self.devices,
+            "plan": self.plan_desc,
             "params": self.n_params,
             "peak_mem_mb": self.last_rec.get("peak_mem_mb"),
         }
@@ -710,7 +781,10 @@ class Trainer:
             summary["checkpoint_interval"] = {"every": "auto", **self.auto.choice(time.time())}
         # An empty segment (restored at the end, or stopped before a step) keeps the
         # summary the previous segment wrote.
-        if self.rank == 0 and self.run_dir is not None and self.step > self.start_step:
+        if self.member is not None:
+            self.member.close()
+        leads = self.member.is_leader if self.member is not None else self.rank == 0
+        if leads and self.run_dir is not None and self.step > self.start_step:
             try:
                 write_json_atomic(Path(self.run_dir) / "summary.json", summary)
             except OSError as e:  # storage that refuses writes: the run still ends well

@@ -177,6 +177,9 @@ class _WorkerRun:
         self.node_id = ray.get_runtime_context().get_node_id()
         self.progress = T.Progress()
         self.gen: str | None = None  # this worker group's id (set with the heartbeat)
+        # run.fault_tolerance=replica: every worker is a replica group of one (Ray's
+        # TorchftConfig), replaced alone when it fails
+        self.replica = self.cfg.run.fault_tolerance == "replica"
 
     def device(self) -> torch.device:
         import ray.train.torch
@@ -194,9 +197,10 @@ class _WorkerRun:
 
         if not self.lc.get("run_id"):
             return None
-        self.gen = _group_token(self.world)
-        return Publisher(self.lc["run_id"], self.gen, self.rank, self.world, self.node_id,
-                         self.run_dir, self.progress)
+        # a replica is judged alone (raygpt.train.watchdog.ReplicaWatchdog): its own gen
+        self.gen = _group_token(1 if self.replica else self.world)
+        return Publisher(self.lc["run_id"], self.gen, self.rank, 1 if self.replica else self.world,
+                         self.node_id, self.run_dir, self.progress)
 
     def trainer(self, device) -> "T.Trainer":
         import ray.train
@@ -210,15 +214,21 @@ class _WorkerRun:
         t_prep = time.perf_counter()
         data_dir = worker_data_dir(self.cfg.data, self.lc.get("data_dir"))
         self.prepare_s = time.perf_counter() - t_prep
+        report_metrics, report_checkpoint = ray.train.report, _report_checkpoint
+        if self.replica:  # no Ray reports: they are barriers across all workers (raygpt.train.replica)
+            from raygpt.train.replica import keep_newest
+
+            report_metrics, report_checkpoint = T._noop, keep_newest(self.run_dir, self.cfg.checkpoint.keep)
         hooks = T.Hooks(
-            report_metrics=ray.train.report, report_checkpoint=_report_checkpoint,
+            report_metrics=report_metrics, report_checkpoint=report_checkpoint,
             after_step=faults.after_step, before_save=faults.before_save, before_step=faults.before_step,
             progress=self.progress, node_id=lambda: self.node_id, on_straggler=self._drain_straggler,
         )
         async_ok = device.type == "cuda" or self.inject.get("async_save_on_cpu")
-        return T.Trainer(self.cfg, data_dir, rank=self.rank, world=self.world, device=device, run_dir=self.run_dir,
-                         ckpt_root=self.run_dir if self.lc.get("ckpt_in_place") else None, hooks=hooks,
-                         use_async=bool(self.cfg.checkpoint.async_save and async_ok))
+        return T.Trainer(self.cfg, data_dir, rank=self.rank, world=1 if self.replica else self.world, device=device,
+                         run_dir=self.run_dir, ckpt_root=self.run_dir if self.lc.get("ckpt_in_place") else None,
+                         hooks=hooks, use_async=bool(self.cfg.checkpoint.async_save and async_ok),
+                         replica_of=(self.rank, self.world) if self.replica else None)
 
     def _drain_straggler(self, ev: dict) -> None:
         from raygpt.train.preemption import request_drain
@@ -231,6 +241,8 @@ class _WorkerRun:
     def restore(trainer: "T.Trainer") -> None:
         import ray.train
 
+        if trainer.member is not None and trainer.member.join():
+            return  # a replacement: healed from a live peer, no checkpoint read
         ray_ckpt = ray.train.get_checkpoint()
         choice = trainer.ckpt.choose_restore(_registered_step(ray_ckpt, trainer.rank))
         if choice == "registered":
@@ -238,6 +250,8 @@ class _WorkerRun:
                 trainer.restore(d)
         elif choice is not None:
             trainer.restore(choice)
+        if trainer.member is not None:
+            trainer.member.set_step(trainer.step)
 
     def train(self, trainer: "T.Trainer") -> dict:
         if self.run_dir is not None:
