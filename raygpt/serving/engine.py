@@ -136,6 +136,8 @@ class Engine:
         self.prefill_batches = 0
         self.prefill_tokens = 0
         self.prefix_copies = 0  # prompts copied from another slot instead of prefilled
+        self.slot_moves = 0  # decoding rows moved down into a freed slot (Scheduler.compact)
+        self.decode_gathers = 0  # decode steps whose rows were not consecutive slots
         self.tokens_generated = 0
         self.requests_finished = 0
         self.max_batch = 0
@@ -222,6 +224,8 @@ class Engine:
                 "prefill_batches": self.prefill_batches,
                 "prefill_tokens": self.prefill_tokens,
                 "prefix_copies": self.prefix_copies,
+                "slot_moves": self.slot_moves,
+                "decode_gathers": self.decode_gathers,
                 "tokens_generated": self.tokens_generated,
                 "requests_finished": self.requests_finished,
                 "max_batch": self.max_batch,
@@ -359,6 +363,7 @@ class Engine:
             self._fail(s.active + s.prefilling, e)
             failed = True
         if not failed:
+            self._compact()
             failed = self._decode() | self._prefill()
         with self._cv:
             if failed:
@@ -367,6 +372,18 @@ class Engine:
             else:
                 self.consecutive_failed_steps = 0
         self._reap()
+
+    def _compact(self) -> None:
+        """Decoding rows into consecutive slots (Scheduler.compact): their KV rows move."""
+        with self._cv:
+            moves = self.scheduler.compact()
+            self.slot_moves += len(moves)
+        for r, old, new in moves:
+            try:  # the positions written so far (the last token's are written next step)
+                self.runner.copy_prefix(old, new, len(r.prompt_ids) + len(r.generated))
+            except Exception as e:  # noqa: BLE001 - a device error: this row fails alone
+                log.exception("KV move failed")
+                self._fail([r], e)
 
     def _decode(self) -> bool:
         """One decode step over all running requests. -> True when the forward failed."""
@@ -384,6 +401,7 @@ class Engine:
         with self._cv:
             self.decode_steps += 1
             self.max_batch = max(self.max_batch, len(batch))
+            self.decode_gathers += batch[-1].slot - batch[0].slot + 1 != len(batch)
         self._sample_and_emit(logits, batch)
         return False
 

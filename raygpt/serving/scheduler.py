@@ -102,6 +102,25 @@ class Scheduler:
             self.prefilling.remove(f)
         return out
 
+    def compact(self) -> list[tuple[Request, int, int]]:
+        """Move decoding rows down into free slots below them, highest first, so that the
+        decode batch stays in consecutive slots: forward_cached reads those in place,
+        while a batch with holes (left by finished requests) gathers every row's keys and
+        values at every layer and step (~15% of a CPU step at 32 rows); a move copies one
+        row once. Prefilling rows stay (followers and copies name their slots).
+        -> [(request, old slot, new slot)]: the engine copies the KV rows."""
+        moves = []
+        rows = sorted((r for r in self.active if not r.done and r.slot is not None),
+                      key=lambda r: r.slot)
+        while rows and self.free_slots and self.free_slots[0] < rows[-1].slot:
+            r = rows.pop()
+            new = heapq.heappop(self.free_slots)
+            heapq.heappush(self.free_slots, r.slot)
+            moves.append((r, r.slot, new))
+            r.slot = new
+            rows.insert(0, r)  # now below the others: not moved again
+        return moves
+
     def decode_batch(self) -> list[Request]:
         # In slot order: consecutive slots let forward_cached read the cache in place.
         return sorted((r for r in self.active if not r.done), key=lambda r: r.slot)

@@ -676,3 +676,20 @@ def test_a_model_swap_beyond_the_kv_budget_is_refused_and_the_old_model_serves(t
                             ).completion_tokens == 4
     finally:
         old.abort()
+
+
+def test_decoding_rows_stay_in_consecutive_slots(model, tok):
+    """Four requests decode side by side and end one by one, the first to end in the
+    lowest slot: the rows above move down into the freed slots, so no decode step has to
+    gather the rows' keys and values from scattered slots, and every output is still the
+    model's greedy continuation."""
+    e = Engine(model, tok, max_slots=4).start()
+    try:
+        jobs = [("First", 6), ("hear me", 30), ("A", 12), ("Speak, speak.", 24)]
+        reqs = [e.submit(p, SamplingParams(max_tokens=n, temperature=0), loop=False) for p, n in jobs]
+        for (p, n), r in zip(jobs, reqs):
+            assert r.result(timeout=60).token_ids == reference(model, tok, p, n), p
+        st = e.stats()
+        assert st["slot_moves"] >= 2 and st["decode_gathers"] == 0, st
+    finally:
+        e.abort()
