@@ -13,6 +13,12 @@ taken from the ledger.
 
     python bench/goodput.py                                    # 30 min each, a fault / 5 min
     python bench/goodput.py --minutes 4 --every 2 --intervals auto --parallel 1   # a look
+    python bench/goodput.py --minutes 20 --every 2 --intervals auto --modes restart,replica
+
+--modes: run.fault_tolerance of each configuration. `restart` runs elastic 1:2 workers
+(the whole group restarts from a checkpoint, on what is left); `replica` runs 2 fixed
+workers, each a torchft replica (the other steps on, a replacement heals from it). Their
+runs are named soak-<interval> and soak-replica-<interval>.
 
 --parallel runs that many configurations at once (each on its own cluster; on a 2-core
 machine 2 at a time roughly doubles step and restart times for both). Writes
@@ -35,7 +41,7 @@ MODEL = ["model.n_layer=4", "model.n_embd=128", "model.block_size=64", "train.gl
          "train.micro_batch=8", "train.eval_every=100000", "train.log_every=1", "train.max_steps=10000000"]
 
 
-def one(interval: str, minutes: float, every: float, out: Path) -> None:
+def one(config: str, minutes: float, every: float, out: Path) -> None:
     """A child process: one configuration's soak on its own cluster."""
     import ray
 
@@ -45,10 +51,14 @@ def one(interval: str, minutes: float, every: float, out: Path) -> None:
     from raygpt.train.runconfig import build_run_config
 
     chaos_env()
-    name = f"soak-{interval}"
+    replica = config.startswith("replica-")
+    interval = config.removeprefix("replica-")
+    name = f"soak-{config}"
+    mode = ["run.fault_tolerance=replica"] if replica else []
     cfg = build_run_config(None, "debug", [*MODEL, f"checkpoint.every={interval}", "run.cpus_per_worker=1",
-                                           f"run.time_limit_s={minutes * 60}", "run.elastic_resize_interval_s=5"],
-                           num_workers="1:2", storage=str(out), name=name, max_failures=-1, resources='{"w": 1}')
+                                           f"run.time_limit_s={minutes * 60}", "run.elastic_resize_interval_s=5", *mode],
+                           num_workers="2" if replica else "1:2", storage=str(out), name=name, max_failures=-1,
+                           resources='{"w": 1}')
     cluster = local_cluster(2)
     try:
         cluster.wait_for_nodes()
@@ -96,11 +106,11 @@ def analyse(run_dir: Path, every_min: float) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    cats = ("checkpoint_save", "recomputed", "detection", "restart", "startup", "other")
-    print(f"{'interval':>9} {'goodput':>8} {'model':>6} {'faults':>6} {'saves':>5} {'every s':>8} {'save s':>7} "
+    cats = ("checkpoint_save", "recomputed", "detection", "restart", "replica_out", "startup", "other")
+    print(f"{'config':>14} {'goodput':>8} {'model':>6} {'faults':>6} {'saves':>5} {'every s':>8} {'save s':>7} "
           f"{'R s':>6} " + " ".join(f"{c[:10]:>10}" for c in cats))
     for r in rows:
-        print(f"{r['config']:>9} {r['goodput']:>8.1%} {r['model']:>6.1%} {len(r['faults']):>6} {r['saves']:>5} "
+        print(f"{r['config']:>14} {r['goodput']:>8.1%} {r['model']:>6.1%} {len(r['faults']):>6} {r['saves']:>5} "
               f"{r['interval_s']:>8.1f} {r['save_s']:>7.3f} {r['restart_s']:>6.1f} "
               + " ".join(f"{r['categories'][c]:>10.1%}" for c in cats))
 
@@ -110,6 +120,7 @@ def main(argv=None) -> None:
     ap.add_argument("--minutes", type=float, default=30.0, help="length of each configuration's run")
     ap.add_argument("--every", type=float, default=5.0, help="minutes between faults")
     ap.add_argument("--intervals", default="auto,20,100,1000", help="checkpoint.every values, comma-separated")
+    ap.add_argument("--modes", default="restart", help="run.fault_tolerance values, comma-separated")
     ap.add_argument("--parallel", type=int, default=2, help="configurations run at once")
     ap.add_argument("--out", default="/tmp/raygpt-goodput-soak")
     ap.add_argument("--reuse", action="store_true",
@@ -120,7 +131,8 @@ def main(argv=None) -> None:
     if a.one:
         return one(a.one, a.minutes, a.every, out)
     out.mkdir(parents=True, exist_ok=True)
-    todo, running, t0 = a.intervals.split(","), [], time.time()
+    configs = [iv if m == "restart" else f"{m}-{iv}" for m in a.modes.split(",") for iv in a.intervals.split(",")]
+    todo, running, t0 = list(configs), [], time.time()
     if a.reuse:
         todo = [iv for iv in todo if not (out / f"soak-{iv}" / "timeline.json").is_file()]
     print(f"soak: {len(todo)} configuration(s) x {a.minutes:g} min, a fault every {a.every:g} min, "
@@ -138,7 +150,7 @@ def main(argv=None) -> None:
             running.remove((iv, p))
             print(f"  +{time.time() - t0:6.0f}s checkpoint.every={iv} done (exit {p.returncode})", flush=True)
     rows = []
-    for iv in a.intervals.split(","):
+    for iv in configs:
         run_dir = out / f"soak-{iv}"
         if not (run_dir / "timeline.json").is_file():
             print(f"checkpoint.every={iv}: no timeline (see {out / f'soak-{iv}.log'})")

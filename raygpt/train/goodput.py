@@ -21,7 +21,12 @@ interval's seconds go to exactly one category, so the parts add up to the wall t
   whichever is first), then `restart` until the next group's training function begins;
   after a group that ended itself (a preemption move, a SIGTERM stop) or that an
   elastic resize ended (the controller's `resize` event): `restart`;
-- after the launch's last group: `other` (or `detection` first, as above).
+- after the launch's last group: `other` (or `detection` first, as above);
+- run.fault_tolerance=replica (the group never restarts): a step window whose record
+  says `replicas` of `world_size` were in the quorum counts that share of its productive
+  time as productive and the rest as `replica_out` (a replica missing, the others
+  stepping); `stall_s` (steps the quorum could not commit after a peer was lost, until
+  it re-formed without it) is `detection`.
 
 Pure functions over records (dicts); nothing here starts Ray or reads a clock.
 """
@@ -31,7 +36,7 @@ import statistics
 from dataclasses import dataclass, field
 
 CATEGORIES = ("productive", "startup", "data", "compile", "checkpoint_save", "checkpoint_restore",
-              "recomputed", "detection", "restart", "eval", "other")
+              "recomputed", "detection", "restart", "replica_out", "eval", "other")
 BADPUT = CATEGORIES[1:]
 FAILURE_MARKS = ("hang", "group_failed")  # driver-side events: the run knew a group failed
 PLANNED_MARKS = ("resize",)  # the Train controller ended a healthy group (an elastic resize)
@@ -212,7 +217,7 @@ class LedgerBuilder:
             self.reached = max(self.reached, max(r["step"] for r in g.steps))
 
     def _split_steps(self, g: _Group, windows) -> dict:
-        out = dict.fromkeys(("productive", "data", "compile", "recomputed"), 0.0)
+        out = dict.fromkeys(("productive", "data", "compile", "recomputed", "detection", "replica_out"), 0.0)
         if not windows:
             return out
         per_step = [dt / (b - a) for dt, a, b, _ in windows[1:] if b > a]
@@ -220,14 +225,23 @@ class LedgerBuilder:
         first = g.steps[0].get("first_step_ms")
         compile_s = min(windows[0][0], max(0.0, first / 1000 - typical)) if first is not None and per_step else 0.0
         out["compile"] = compile_s
-        for i, (dt, a, b, _), data_s in zip(range(len(windows)), windows, _data_per_step(windows)):
+        for i, (dt, a, b, r), data_s in zip(range(len(windows)), windows, _data_per_step(windows)):
             dt -= compile_s if i == 0 else 0.0
+            out["detection"] += float(r.get("stall_s") or 0.0)  # not in train_seconds: the steps it redid
             redo = max(0, min(b, self.reached) - a) / (b - a) if b > a else 0.0
             out["recomputed"] += dt * redo  # a re-run step counts whole, its batch wait too
             data = min(dt * (1 - redo), data_s * (b - a) * (1 - redo))
             out["data"] += data
-            out["productive"] += dt * (1 - redo) - data
+            share = _replica_share(r)
+            out["productive"] += (dt * (1 - redo) - data) * share
+            out["replica_out"] += (dt * (1 - redo) - data) * (1 - share)
         return out
+
+
+def _replica_share(r: dict) -> float:
+    """The share of the run's replicas in the quorum of a step window (1 outside replica mode)."""
+    n, world = r.get("replicas"), r.get("world_size")
+    return min(1.0, n / world) if n is not None and world else 1.0
 
 
 def ledger(records: list[dict], now: float | None = None) -> Ledger:

@@ -38,7 +38,7 @@ def faulty(ray_session, char_data, tmp_path_factory):
         Action("kill-worker", at_step=KILL_AT, rank=2),
         Action("freeze-worker", at_step=FREEZE_AT, rank=1, after_event="replica_joined")], inject={"pace_s": 0.1})
     assert err is None, err
-    return summary, chaos.timeline.events, read_metrics(d / "faulty")
+    return summary, chaos.timeline.events, read_metrics(d / "faulty"), d
 
 
 def _after(events, name, since_t):
@@ -46,18 +46,22 @@ def _after(events, name, since_t):
 
 
 def test_a_killed_and_a_frozen_replica_cost_no_committed_step(faulty):
-    summary, events, recs = faulty
+    summary, events, recs, _ = faulty
     steps = [r["step"] for r in recs if "loss" in r]
     assert steps == list(range(1, STEPS + 1)), steps  # every step once: none lost, none re-run
     assert [r for r in recs if r.get("event") == "start"][1:] == []  # the group never restarted
     assert summary["steps"] == STEPS and summary["world_size"] == 3
     # the steps while a replica was out: the two others committed them (mean over 2)
     assert {r["replicas"] for r in recs if "loss" in r} >= {2, 3}
+    # the ledger: the time a replica was out is its own category; the parts add up
+    gp = summary["goodput"]
+    assert gp["categories"]["replica_out"] > 0 and gp["failures"] == 0, gp
+    assert abs(gp["productive_s"] + sum(gp["categories"].values()) - gp["wall_s"]) <= 0.01 * gp["wall_s"]
 
 
 @pytest.mark.parametrize("fault, rank", [("killed", 2), ("frozen", 1)])
 def test_the_survivors_go_on_and_the_replacement_heals_from_a_peer(faulty, fault, rank):
-    _, events, recs = faulty
+    _, events, recs, _ = faulty
     hit = next(e for e in events if e["event"] == f"failure injected: worker {fault}")
     assert hit["rank"] == rank
     stepped = _after(events, "survivors stepped", hit["t"])
@@ -78,3 +82,18 @@ def test_the_run_ends_at_the_fault_free_loss(faulty, ray_session, char_data, tmp
     straight = run_training(_cfg(char_data, tmp_path, "straight"), progress=False)
     got = faulty[0]["final_val_loss"]
     assert abs(got - straight["final_val_loss"]) <= 0.01 * straight["final_val_loss"], (got, straight)
+
+
+def test_checkpoints_are_kept_by_the_run_and_a_whole_group_resumes_from_them(faulty, ray_session, char_data):
+    """The leader's periodic saves (no Ray report in this mode: the run keeps
+    checkpoint.keep of them itself) bring back a group that lost every replica."""
+    from raygpt.train.checkpoint.discovery import list_checkpoints
+
+    d = faulty[3]
+    assert [p.name for p in list_checkpoints(d / "faulty")] == ["checkpoint_0000150", "checkpoint_0000200"]
+    cfg = _cfg(char_data, d, "faulty")
+    cfg.train.max_steps = STEPS + 10
+    summary = run_training(cfg, progress=False)
+    assert summary["steps"] == STEPS + 10 and summary["checkpoint"].endswith("checkpoint_0000210")
+    start = [r for r in read_metrics(d / "faulty") if r.get("event") == "start"][-1]
+    assert start["step"] == STEPS and start["restored"], start

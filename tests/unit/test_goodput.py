@@ -279,3 +279,24 @@ def test_report_on_a_missing_or_empty_run_dir_is_one_line(tmp_path, capsys, what
     assert main(["report", str(run)]) == 2  # a user error
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("error: ") and str(run) in err[0], err
+
+
+def test_replica_mode_counts_the_missing_replicas_share_and_the_stall():
+    """run.fault_tolerance=replica: one group throughout; a window stepped by 2 of 3
+    replicas is 2/3 productive and 1/3 replica_out; the uncommitted steps' stall (not in
+    train_seconds) is detection."""
+    t0 = 1000.0
+    recs = [{"time": t0, "event": "launch", "started": t0},
+            {"time": t0 + 5, "event": "start", "step": 0, "world_size": 3, "train_seconds": 0.0, "t0": t0 + 1,
+             "prepare_s": 1.0, "restore_s": 0.0}]
+    ts, t = 0.0, t0 + 5
+    for step, replicas, stall in [(10, 3, 0.0), (20, 2, 2.0), (30, 2, 0.0), (40, 3, 0.0)]:
+        ts, t = ts + 3.0, t + 3.0 + stall
+        recs.append({"time": t, "step": step, "world_size": 3, "replicas": replicas, "train_seconds": ts,
+                     **({"stall_s": stall} if stall else {})})
+    recs += [{"time": t, "event": "end", "step": 40}, {"time": t, "event": "launch_end"}]
+    led = ledger(recs)
+    assert led.seconds["replica_out"] == pytest.approx(2 * 3.0 / 3)
+    assert led.seconds["detection"] == pytest.approx(2.0)
+    assert led.seconds["productive"] == pytest.approx(2 * 3.0 + 2 * 2.0)
+    assert sum(led.seconds.values()) == pytest.approx(led.wall_s)
