@@ -108,3 +108,13 @@ def test_print_config_resolves(tmp_path):
                         "--set", "optim.lr=0.01", "--print-config"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "lr: 0.01" in r.stdout and "min_workers: 1" in r.stdout and "num_workers: 2" in r.stdout
+
+
+def test_replica_mode_refuses_uri_storage_with_one_line():
+    from raygpt.errors import UserError
+    from raygpt.train.launch import RunPaths, check_replica_mode
+
+    with pytest.raises(UserError) as e:
+        check_replica_mode(RunPaths.resolve("s3://bucket/runs?region=x", "r"))
+    assert "run.fault_tolerance=replica needs run.storage on a file system every node sees" in str(e.value)
+    assert "\n" not in str(e.value)
