@@ -26,6 +26,10 @@ import time
 import torch
 
 
+# A quorum this slow waited on something (a normal one takes a few ms on one machine).
+STALL_QUORUM_S = 0.5
+
+
 class ReplicaMember:
     def __init__(self, trainer, group):
         self.t, self.group = trainer, group
@@ -34,6 +38,7 @@ class ReplicaMember:
         self.healed_step: int | None = None   # the step a replacement healed to
         self.committed_with = group.count     # replicas in the quorum of the last committed step
         self._quorum_ready = False
+        self._quorum_stall = 0.0
         self.gated = group.gated(trainer.optimizers[0])
         m, opt = trainer.parts[0], trainer.optimizers[0]
         group.register_state("model", m.state_dict, m.load_state_dict)
@@ -78,7 +83,18 @@ class ReplicaMember:
         if self._quorum_ready:
             self._quorum_ready = False
             return self.group.step
-        return self.group.begin_step()
+        t0 = time.perf_counter()
+        step = self.group.begin_step()
+        wait = time.perf_counter() - t0
+        if wait >= STALL_QUORUM_S:
+            self._quorum_stall += wait
+        return step
+
+    def take_quorum_stall(self) -> float:
+        """Seconds the last step's quorum waited (a lost peer's heartbeat ageing out, a
+        replacement joining): the ledger's `detection`, not step time."""
+        wait, self._quorum_stall = self._quorum_stall, 0.0
+        return wait
 
     @property
     def committed(self) -> bool:

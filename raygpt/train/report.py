@@ -13,7 +13,8 @@ from raygpt.train.metrics import append_event, read_metrics
 
 COLORS = {"productive": "#2ca02c", "startup": "#7f7f7f", "data": "#17becf", "compile": "#bcbd22",
           "checkpoint_save": "#1f77b4", "checkpoint_restore": "#aec7e8", "recomputed": "#ff7f0e",
-          "detection": "#d62728", "restart": "#9467bd", "eval": "#8c564b", "other": "#c7c7c7"}
+          "detection": "#d62728", "restart": "#9467bd", "replica_out": "#e377c2", "eval": "#8c564b",
+          "other": "#c7c7c7"}
 
 
 def close_launch(run_dir: str | os.PathLike, status: str, step: int | None = None) -> dict | None:

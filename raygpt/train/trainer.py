@@ -686,6 +686,7 @@ class Trainer:
             if out is None:  # not committed by the replica quorum (a peer went away): redone
                 now = time.perf_counter()
                 win.stall_s, t_free = win.stall_s + now - t_free, now
+                self.member.take_quorum_stall()  # inside this attempt's time already
                 continue
             loss, gnorm = out
             lr = self.lr(self.step - 1)
@@ -699,6 +700,10 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             now = time.perf_counter()
             dt, t_free = now - t_free, now
+            if self.member is not None:  # a quorum that waited for a lost peer to age out: not step time
+                wait = self.member.take_quorum_stall()
+                dt -= wait
+                win.stall_s += wait
             self.progress.step_done(dt)
             if self.step == self.start_step + 1:
                 self._first_step_s = dt

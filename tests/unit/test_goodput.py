@@ -281,7 +281,7 @@ def test_report_on_a_missing_or_empty_run_dir_is_one_line(tmp_path, capsys, what
     assert len(err) == 1 and err[0].startswith("error: ") and str(run) in err[0], err
 
 
-def test_replica_mode_counts_the_missing_replicas_share_and_the_stall():
+def test_replica_mode_counts_the_missing_replicas_share_and_the_stall(tmp_path):
     """run.fault_tolerance=replica: one group throughout; a window stepped by 2 of 3
     replicas is 2/3 productive and 1/3 replica_out; the uncommitted steps' stall (not in
     train_seconds) is detection."""
@@ -300,3 +300,6 @@ def test_replica_mode_counts_the_missing_replicas_share_and_the_stall():
     assert led.seconds["detection"] == pytest.approx(2.0)
     assert led.seconds["productive"] == pytest.approx(2 * 3.0 + 2 * 2.0)
     assert sum(led.seconds.values()) == pytest.approx(led.wall_s)
+    from raygpt.train.report import plot_goodput  # every category has its colour (a KeyError before)
+
+    assert plot_goodput(tmp_path, recs, led).stat().st_size > 0
