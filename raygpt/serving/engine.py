@@ -67,6 +67,7 @@ from raygpt.serving.request import (  # noqa: F401 - re-exported
     Request,
     SamplingParams,
     TokenLogprob,
+    deliver,
 )
 from raygpt.serving.runner import ModelRunner
 from raygpt.serving.sampler import Sampler, _DenseRow  # noqa: F401 - re-exported
@@ -130,6 +131,8 @@ class Engine:
         self._closing = False  # no new requests; finish what is admitted/waiting
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
+        # events of the batch being sampled, delivered together (request.deliver)
+        self._outbox: list | None = None
         # counters
         self.decode_steps = 0
         self.prefills = 0
@@ -471,15 +474,28 @@ class Engine:
 
     # ------------------------------------------------------------ sampling and output
 
+    def outbox(self) -> list | None:
+        """Where Request._put collects events while this engine's thread samples a batch
+        (None elsewhere: other threads' events go out at once)."""
+        if self._outbox is not None and threading.current_thread() is self._thread:
+            return self._outbox
+        return None
+
     def _sample_and_emit(self, raw: torch.Tensor, reqs: list[Request]) -> None:
         """Sample one token per row (the step's one device->host read, see Sampler.step);
-        a row whose sampling fails ends with an error alone."""
-        toks, lps = self.sampler.step(raw, reqs, self._fail)
-        for r, t, lp in zip(reqs, toks, lps):
-            if t is None or r.done:
-                continue
-            try:
-                self.output.emit(r, t, lp)
-            except Exception as e:  # e.g. a token the tokenizer cannot decode
-                log.exception("emit failed")
-                self._fail([r], e)
+        a row whose sampling fails ends with an error alone. The batch's events go to the
+        event loops together (request.deliver)."""
+        self._outbox = []
+        try:
+            toks, lps = self.sampler.step(raw, reqs, self._fail)
+            for r, t, lp in zip(reqs, toks, lps):
+                if t is None or r.done:
+                    continue
+                try:
+                    self.output.emit(r, t, lp)
+                except Exception as e:  # e.g. a token the tokenizer cannot decode
+                    log.exception("emit failed")
+                    self._fail([r], e)
+        finally:
+            out, self._outbox = self._outbox, None
+            deliver(out)

@@ -200,6 +200,10 @@ class Request:
         if ev.finish_reason is not None:
             self.done = True
         if self._aq is not None:
+            box = self.engine.outbox() if self.engine is not None else None
+            if box is not None:  # the engine thread, sampling a batch: one wake-up for all
+                box.append((self, ev))
+                return
             try:
                 self.loop.call_soon_threadsafe(self._aq.put_nowait, ev)
             except RuntimeError:  # the loop is closed: nobody is listening
@@ -262,6 +266,27 @@ class Request:
         if finish == "error":
             raise EngineError(err)
         return self._completion("".join(parts), finish)
+
+
+def deliver(events: list[tuple["Request", Event]]) -> None:
+    """Events of one sampled batch to their requests' event loops, one
+    call_soon_threadsafe per loop: each call writes the loop's self-pipe and wakes it, and
+    once per token (32 per step at 32 streams) the loop's wake-ups contended with the
+    engine thread for the GIL and the CPU."""
+    by_loop: dict[Any, list[tuple[Request, Event]]] = {}
+    for r, ev in events:
+        by_loop.setdefault(r.loop, []).append((r, ev))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the loop is closed: nobody is listening
+            for r, _ in items:
+                r.cancelled = True
+
+
+def _put_all(items: list[tuple["Request", Event]]) -> None:
+    for r, ev in items:
+        r._aq.put_nowait(ev)
 
 
 class Observer:

@@ -693,3 +693,25 @@ def test_decoding_rows_stay_in_consecutive_slots(model, tok):
         assert st["slot_moves"] >= 2 and st["decode_gathers"] == 0, st
     finally:
         e.abort()
+
+
+def test_a_sampled_batch_wakes_its_event_loop_once(model, tok):
+    """Eight streams of one event loop decoding together: each sampled batch's events
+    reach the loop in one call_soon_threadsafe (a wake-up of the loop), not one per token."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        wakeups = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda cb, *a, **k: (wakeups.append(cb), real(cb, *a, **k))[1]
+        e = Engine(model, tok, max_slots=8).start()
+        try:
+            reqs = [e.submit("hear", SamplingParams(max_tokens=10, temperature=0)) for _ in range(8)]
+            res = await asyncio.gather(*(r.aresult() for r in reqs))
+            return res, wakeups, e.stats()
+        finally:
+            e.abort()
+
+    res, wakeups, st = asyncio.run(main())
+    assert [c.completion_tokens for c in res] == [10] * 8
+    batches = st["decode_steps"] + st["prefill_batches"]
+    assert len(wakeups) <= batches < 80, (len(wakeups), st)
