@@ -41,7 +41,7 @@ MODEL = ["model.n_layer=4", "model.n_embd=128", "model.block_size=64", "train.gl
          "train.micro_batch=8", "train.eval_every=100000", "train.log_every=1", "train.max_steps=10000000"]
 
 
-def one(config: str, minutes: float, every: float, out: Path) -> None:
+def one(config: str, minutes: float, every: float, out: Path, kinds: str | None = None) -> None:
     """A child process: one configuration's soak on its own cluster."""
     import ray
 
@@ -65,7 +65,8 @@ def one(config: str, minutes: float, every: float, out: Path) -> None:
         init_ray(cluster.address)
         timeline = Timeline()
         timeline.add("cluster up", nodes=3, interval=interval)
-        summary, chaos, err = run_with_chaos(cfg, soak_actions(minutes, every), cluster=cluster, timeline=timeline)
+        actions = soak_actions(minutes, every, **({"kinds": tuple(kinds.split(","))} if kinds else {}))
+        summary, chaos, err = run_with_chaos(cfg, actions, cluster=cluster, timeline=timeline)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -121,6 +122,7 @@ def main(argv=None) -> None:
     ap.add_argument("--every", type=float, default=5.0, help="minutes between faults")
     ap.add_argument("--intervals", default="auto,20,100,1000", help="checkpoint.every values, comma-separated")
     ap.add_argument("--modes", default="restart", help="run.fault_tolerance values, comma-separated")
+    ap.add_argument("--kinds", default=None, help="fault kinds to cycle (default: kill, freeze, node loss, drain)")
     ap.add_argument("--parallel", type=int, default=2, help="configurations run at once")
     ap.add_argument("--out", default="/tmp/raygpt-goodput-soak")
     ap.add_argument("--reuse", action="store_true",
@@ -129,7 +131,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     out = Path(a.out).resolve()
     if a.one:
-        return one(a.one, a.minutes, a.every, out)
+        return one(a.one, a.minutes, a.every, out, a.kinds)
     out.mkdir(parents=True, exist_ok=True)
     configs = [iv if m == "restart" else f"{m}-{iv}" for m in a.modes.split(",") for iv in a.intervals.split(",")]
     todo, running, t0 = list(configs), [], time.time()
@@ -141,8 +143,9 @@ def main(argv=None) -> None:
         while todo and len(running) < a.parallel:
             iv = todo.pop(0)
             log = open(out / f"soak-{iv}.log", "w")
+            kinds = ["--kinds", a.kinds] if a.kinds else []
             running.append((iv, subprocess.Popen([sys.executable, __file__, "--one", iv, "--minutes", str(a.minutes),
-                                                  "--every", str(a.every), "--out", str(out)],
+                                                  "--every", str(a.every), "--out", str(out), *kinds],
                                                  stdout=log, stderr=subprocess.STDOUT)))
             print(f"  +{time.time() - t0:6.0f}s started checkpoint.every={iv} (log {log.name})", flush=True)
         time.sleep(5)

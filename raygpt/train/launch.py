@@ -402,7 +402,7 @@ class _Launch:
         self.watchdog = dog(self.run_id, paths.run_dir, cfg.run.hang_timeout_s, cfg.run.init_timeout_s,
                                      on_verdict=self._record_hang, on_link=self._record_link,
                                      links=LinkStragglerDetector(cfg.run.straggler_factor, cfg.run.straggler_steps))
-        self.drains = DrainWatch(self.run_id, paths.run_dir)
+        self.drains = DrainWatch(self.run_id, paths.run_dir, replica=cfg.run.fault_tolerance == "replica")
 
     def _record_hang(self, verdict: dict) -> None:
         from raygpt.train.metrics import append_event

@@ -12,6 +12,10 @@ watcher (a 5 s poll, then a wait for the deadline) is not used.
 
 The same path serves the straggler policy (`run.straggler_policy: drain`): rank 0 asks
 for a slow node to be drained; this thread drains it, and the notice follows.
+
+run.fault_tolerance=replica: nothing to checkpoint (the other replicas hold the state):
+the notice names only the replicas on the draining nodes (each has its own gen), they
+leave at once, and Ray replaces each on a node that stays; the others step on.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ class DrainWatch:
     run_dir: Path
     poll_s: float = POLL_S
     notices: list = field(default_factory=list)  # what was posted (the driver's record)
+    replica: bool = False  # run.fault_tolerance=replica: each rank is its own group
 
     def __post_init__(self):
         self._posted: set[tuple[str, frozenset]] = set()
@@ -72,6 +77,8 @@ class DrainWatch:
         group and node set). Returns the notice posted, if any."""
         if not beats:
             return None
+        if self.replica:
+            return self._check_replicas(beats, draining, now)
         gen = max(beats, key=lambda r: r["started"])["gen"]
         group = [r for r in beats if r["gen"] == gen]
         hit = sorted({r["node"] for r in group if r.get("node") in draining})
@@ -84,12 +91,30 @@ class DrainWatch:
         self._post(notice)
         return notice
 
+    def _check_replicas(self, beats: list[dict], draining: dict[str, float | None], now: float) -> dict | None:
+        newest: dict[int, dict] = {}
+        for r in beats:
+            if r["rank"] not in newest or r["started"] > newest[r["rank"]]["started"]:
+                newest[r["rank"]] = r
+        hit = [r for r in newest.values() if r.get("node") in draining and r["gen"] not in self._posted]
+        if not hit:
+            return None
+        self._posted.update(r["gen"] for r in hit)
+        nodes = sorted({r["node"] for r in hit})
+        deadlines = [draining[n] for n in nodes if draining[n]]
+        notice = {"gens": sorted(r["gen"] for r in hit), "nodes": nodes, "ranks": sorted(r["rank"] for r in hit),
+                  "deadline": min(deadlines) if deadlines else None, "posted": now, "replica": True}
+        self._post(notice)
+        return notice
+
     def _post(self, notice: dict) -> None:
         raycompat.kv_put(notice_key(self.run_id), json.dumps(notice), namespace=NAMESPACE)
         self.notices.append(notice)
         left = f", deadline in {notice['deadline'] - notice['posted']:.0f} s" if notice["deadline"] else ""
+        then = ("leave now, each replaced on a node that stays" if notice.get("replica")
+                else "checkpoint and the run moves off them")
         sys.stderr.write(f"raygpt: node(s) {', '.join(n[:8] for n in notice['nodes'])} draining{left}: "
-                         f"ranks {notice['ranks']} checkpoint and the run moves off them\n")
+                         f"ranks {notice['ranks']} {then}\n")
 
     def _serve_drain_request(self) -> None:
         """Rank 0 asks for a node to be drained (the straggler policy): drain it once."""

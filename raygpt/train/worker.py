@@ -89,8 +89,21 @@ class _StopWatcher:
                 notice = read_notice(run_id)
                 if notice and notice.get("gen") == self.gen:
                     T.STOP.set(T.STOP_PREEMPT, notice)
+                if notice and self.gen in notice.get("gens", ()):
+                    self._leave(notice)
             except Exception:
                 pass
+
+    @staticmethod
+    def _leave(notice: dict) -> None:
+        """run.fault_tolerance=replica, this replica's node draining: go now (the others
+        hold the state; nothing to save); Ray replaces it on a node that stays."""
+        from raygpt.train.heartbeat import HANG_EXIT_CODE
+
+        sys.stdout.write(f"[raygpt] node {notice['nodes'][0][:8]} draining: this replica leaves; "
+                         "a replacement heals from the others\n")
+        sys.stdout.flush()
+        os._exit(HANG_EXIT_CODE)
 
     def close(self) -> None:
         self._done.set()

@@ -133,3 +133,16 @@ def test_a_running_group_grows_with_a_resize_event_and_never_shrinks(tmp_path):
     assert d.num_workers == 3
     (ev,) = [r for r in read_metrics(tmp_path) if r.get("event") == "resize"]
     assert ev["world_from"] == 2 and ev["world_to"] == 3
+
+
+def test_replica_mode_names_only_the_replicas_on_the_draining_node(tmp_path):
+    """run.fault_tolerance=replica: every rank has its own gen; the notice lists the gens
+    of the ranks on the draining node (they leave), once each; a replacement there is new."""
+    w = _Posting("run", tmp_path, replica=True)
+    beats = [_beat("r0", 0, "a", 1.0), _beat("r1", 1, "b", 2.0), _beat("r2", 2, "b", 3.0)]
+    n = w.check(beats, {"b": 40.0}, 10.0)
+    assert n == {"gens": ["r1", "r2"], "nodes": ["b"], "ranks": [1, 2], "deadline": 40.0, "posted": 10.0,
+                 "replica": True}
+    assert w.check(beats, {"b": 40.0}, 11.0) is None  # once per replica
+    # rank 1's replacement (newer start, on node a): not draining; rank 0 unaffected
+    assert w.check([*beats, _beat("r1b", 1, "a", 20.0)], {"b": 40.0}, 21.0) is None
