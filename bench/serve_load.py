@@ -13,7 +13,7 @@ varied output lengths (max_tokens uniform in [max_tokens/4, max_tokens]); temper
 Reported per server and level: tokens/s, p50/p99 time to first token (TTFT) and p50/p99
 inter-token latency (ITL: the gap between a stream's consecutive tokens).
 
-Then the prefill-burst figure: 16 streams decoding while 16 prompts of a full context
+Then the prefill-burst figure: 16 streams decoding while 16 distinct prompts of a full context
 arrive; p50/p99/max ITL of the 16 streams' tokens during the burst (from the first long
 prompt sent to the last one answered), engine with --step-tokens vs without a budget
 (step_tokens = a whole burst: every admitted prompt prefilled before the next decode step,
@@ -259,18 +259,19 @@ async def run_level(url, clients, per_client, prompts, max_tokens, stagger_s, se
             "itl_p50_ms": 1000 * pct(itl, 50), "itl_p99_ms": 1000 * pct(itl, 99)}
 
 
-async def prefill_burst(url, short_prompts, long_prompt, n_streams=16, n_long=16):
-    """p99 ITL of n_streams running streams while n_long full-context prompts arrive."""
+async def prefill_burst(url, short_prompts, long_prompts, n_streams=16):
+    """p99 ITL of n_streams running streams while full-context prompts arrive (distinct:
+    the engine prefills a prompt shared by several requests once)."""
     import httpx
 
-    limits = httpx.Limits(max_connections=n_streams + n_long + 4)
+    limits = httpx.Limits(max_connections=n_streams + len(long_prompts) + 4)
     async with httpx.AsyncClient(timeout=900, limits=limits) as client:
         streams = [asyncio.create_task(one_request(client, url, short_prompts[i], 150, seed=i))
                    for i in range(n_streams)]
         await asyncio.sleep(1.0)  # the streams are decoding
         t_burst = time.perf_counter()
-        longs = [asyncio.create_task(one_request(client, url, long_prompt, 4, seed=100 + i))
-                 for i in range(n_long)]
+        longs = [asyncio.create_task(one_request(client, url, p, 4, seed=100 + i))
+                 for i, p in enumerate(long_prompts)]
         await asyncio.gather(*longs)
         t_end = time.perf_counter()
         res = await asyncio.gather(*streams)
@@ -381,14 +382,14 @@ def main(argv=None) -> int:
                       flush=True)
         if not args.no_burst and "engine" in servers:
             short = [sample_prompt(8) for _ in range(16)]
-            long_prompt = sample_prompt(bs - 4)
+            long_prompts = [sample_prompt(bs - 4) for _ in range(16)]
             for label, step_tokens in (("token budget", args.step_tokens),
                                        ("no budget", 16 * bs)):
                 serve.run(make_app({**settings, "step_tokens": step_tokens},
                                    max_ongoing_requests=256), name="burst", route_prefix="/burst")
                 url = f"{base}/burst/v1/completions"
                 asyncio.run(run_level(url, 2, 1, prompts, 8, 0.0))
-                b = asyncio.run(prefill_burst(url, short, long_prompt))
+                b = asyncio.run(prefill_burst(url, short, long_prompts))
                 b["step_tokens"] = step_tokens
                 out["burst"][label] = b
                 print(f"burst, {label} (step_tokens {step_tokens}): ITL p50/p99/max "
