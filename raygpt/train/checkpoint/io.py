@@ -87,11 +87,11 @@ def save_checkpoint(path: str | os.PathLike, model, optimizer, trainer_state: di
 
 
 def _one_rank() -> bool:
-    """No peers: DCP then skips its collectives. On gloo (CPU) they run on the process
-    group's own threads, whose tensor copies start a second OpenMP pool once a payload is
-    large (the optimizer's hundreds of param-group entries are); from then on libgomp
-    counts more threads than cores and throttles its spin-waits, and every later step ran
-    ~1.4x slower (shakespeare-char-cpu: 32 -> 48 ms, 2.0 -> 1.4 cores busy)."""
+    """No peers: DCP then skips its collectives. Run over gloo with a large payload (the
+    optimizer's hundreds of param-group entries), they left every later CPU step ~1.45x
+    slower (shakespeare-char-cpu: 32 -> 48 ms, 2.0 -> 1.4 cores busy; not with no_dist).
+    The OpenMP worker then sleeps between regions (OMP_WAIT_POLICY=ACTIVE eases it): most
+    likely libgomp's throttled spin-waits, once gloo's own threads have run a parallel op."""
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
