@@ -1,8 +1,8 @@
 """A one-rank run saves and restores its checkpoints without any collective (issue 29):
-DCP's collectives on a gloo group run tensor copies on the group's own threads, which
-start a second OpenMP pool; libgomp then throttles its spin-waits and every later CPU step
-of the default run was ~1.4x slower. The figure is in docs/performance.md; here only
-the cause is checked: no torch.distributed collective during save or restore."""
+after DCP's collectives had run over the one-rank gloo group with the optimizer's
+param-group payload, every later CPU step of the default run was ~1.45x slower (the
+OpenMP worker sleeping between regions). The figures are in docs/performance.md; here
+only the cause is checked: no torch.distributed collective during save or restore."""
 from __future__ import annotations
 
 import torch
