@@ -72,9 +72,9 @@ class _StopWatcher:
     """Polls the driver's requests in Ray's KV store twice a second: a stop (Ctrl-C) and
     a drain notice for this worker group (raygpt.train.preemption)."""
 
-    def __init__(self, run_id: str | None, gen: str | None = None):
+    def __init__(self, run_id: str | None, gen: str | None = None, rank: int = 0):
         self._done = threading.Event()
-        self.gen = gen
+        self.gen, self.run_id, self.rank = gen, run_id, rank
         if run_id:
             threading.Thread(target=self._run, args=(run_id,), daemon=True).start()
 
@@ -94,12 +94,13 @@ class _StopWatcher:
             except Exception:
                 pass
 
-    @staticmethod
-    def _leave(notice: dict) -> None:
+    def _leave(self, notice: dict) -> None:
         """run.fault_tolerance=replica, this replica's node draining: go now (the others
-        hold the state; nothing to save); Ray replaces it on a node that stays."""
-        from raygpt.train.heartbeat import HANG_EXIT_CODE
+        hold the state; nothing to save); Ray replaces it on a node that stays. Its
+        heartbeat goes first, so the watchdog does not take it for a frozen replica."""
+        from raygpt.train.heartbeat import HANG_EXIT_CODE, beat_key, delete_keys
 
+        delete_keys(beat_key(self.run_id, self.rank))
         sys.stdout.write(f"[raygpt] node {notice['nodes'][0][:8]} draining: this replica leaves; "
                          "a replacement heals from the others\n")
         sys.stdout.flush()
@@ -269,7 +270,7 @@ class _WorkerRun:
     def train(self, trainer: "T.Trainer") -> dict:
         if self.run_dir is not None:
             _register_worker(self.run_dir, self.rank, self.world, self.node_id)
-        watcher = _StopWatcher(self.lc.get("run_id"), self.gen)
+        watcher = _StopWatcher(self.lc.get("run_id"), self.gen, self.rank)
         try:
             return trainer.train()
         except T.Stopped:
