@@ -91,14 +91,14 @@ class HangWatchdog:
     def _read(self) -> list[dict]:
         return read_beats(self.run_id)
 
-    def _current(self) -> list[_Seen]:
+    def _latest(self) -> list[_Seen]:
         """What was last seen of each rank (the slow-link check reads their records)."""
         return list(self._seen.values())
 
     def _check_links(self) -> None:
         if self.links is None:
             return
-        for ev in self.links.update([s.rec for s in self._current()]):
+        for ev in self.links.update([s.rec for s in self._latest()]):
             if self.on_link is not None:
                 self.on_link(ev)
 
@@ -273,8 +273,10 @@ class ReplicaWatchdog(HangWatchdog):
         self._by_rank = {rank: self._replicas[r["gen"]] for rank, r in newest.items()}
         return self._by_rank
 
-    def _current(self) -> list[_Seen]:
-        return list(self._by_rank.values())  # each rank's newest replica
+    def _latest(self) -> list[_Seen]:
+        # each rank's newest replica, as one group for the slow-link check (it compares
+        # the ranks of one gen; every replica has its own)
+        return [_Seen({**s.rec, "gen": "replicas"}, s.beat_t, s.progress_t) for s in self._by_rank.values()]
 
     def check(self, recs: list[dict], now: float) -> dict | None:
         replicas = self._track(recs, now)

@@ -91,3 +91,24 @@ def test_link_faults_refuse_in_process_node_actions_in_one_line():
         _check_link_faults([30])
     msg = str(e.value)
     assert "\n" not in msg and (unusable_reason() or "one kind per run") in msg
+
+
+def test_the_watchdog_feeds_the_beats_it_saw_to_the_link_detector():
+    """HangWatchdog._check_links reads what check() saw of each rank (a refactor once made
+    it call check()'s helper without arguments: a TypeError swallowed every second and no
+    slow link was ever flagged; the partition e2e test caught it)."""
+    from pathlib import Path
+
+    from raygpt.train.watchdog import HangWatchdog, ReplicaWatchdog
+
+    for dog_cls, gens in ((HangWatchdog, ("g1", "g1")), (ReplicaWatchdog, ("r0", "r1"))):
+        events = []
+        dog = dog_cls("run", Path("/tmp/run"), None, 600.0, links=LinkStragglerDetector(factor=1.5, beats=3),
+                      on_link=events.append)
+        for t in range(6):
+            recs = [{"gen": gens[r], "rank": r, "world": 2, "pid": 10 + r, "node": f"n{r}", "seq": t, "phase": "compute",
+                     "step": t, "ticks": t, "steps_done": t, "step_s_max": 0.05, "started": 1.0,
+                     "rtt_ms": 2.0 if r == 0 else 120.0} for r in range(2)]
+            dog.check(recs, float(t))
+            dog._check_links()
+        assert [e["rank"] for e in events] == [1], (dog_cls.__name__, events)
