@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def test_api_key_not_in_serve_status_nor_config(ray_session, model_dir):
         for path in ("/metrics", "/docs", "/openapi.json"):  # behind the key too
             assert httpx.get(f"{base}{path}", timeout=30).status_code == 401, path
             assert httpx.get(f"{base}{path}", headers=auth, timeout=30).status_code == 200, path
-        status = subprocess.run(["serve", "status", "--address", dashboard], env=env,
+        serve_cli = os.path.join(os.path.dirname(sys.executable), "serve")  # the venv's, activated or not
+        status = subprocess.run([serve_cli, "status", "--address", dashboard], env=env,
                                 capture_output=True, text=True, timeout=120)
         assert status.returncode == 0 and "raygpt" in status.stdout, status.stderr
         from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
