@@ -112,12 +112,9 @@ class ReplicaGroup:
         return CommitGatedOptimizer(self, optimizer)
 
     # ------------------------------------------------------------ steps
-    def join(self, step: int) -> int:
-        """The first quorum of this worker, at its restored `step`: a replica behind the
-        quorum's step heals from a peer here. Returns the step to go on from."""
+    def set_step(self, step: int) -> None:
+        """The step a group that started together restored (the quorum compares steps)."""
         self.manager.load_state_dict({"step": step, "batches_committed": 0})
-        self.manager.start_quorum()
-        return self.manager.current_step()
 
     def begin_step(self) -> int:
         """A quorum for the next step (a replica that fell behind heals inside). -> the

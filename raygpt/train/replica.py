@@ -74,7 +74,7 @@ class ReplicaMember:
         return True
 
     def set_step(self, step: int) -> None:
-        self.group.manager.load_state_dict({"step": step, "batches_committed": 0})
+        self.group.set_step(step)
 
     # ------------------------------------------------------------ steps
     def begin(self) -> int:
