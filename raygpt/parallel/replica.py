@@ -143,19 +143,20 @@ class ReplicaGroup:
         m = torch.zeros(self.count, 1 + len(row), dtype=torch.float64)
         m[self.index, 0] = 1.0
         m[self.index, 1:] = torch.tensor(row, dtype=torch.float64)
-        work = self.manager.allreduce(m, reduce_op=ReduceOp.SUM)
-        ok = work.wait() and self.manager.errored() is None
-        if not ok:
+        if not self._allreduce(m, ReduceOp.SUM):
             return None
         return [[int(round(v)) for v in r[1:].tolist()] if r[0] >= 0.5 else None for r in m]
 
     def mean(self, t: torch.Tensor) -> float:
         """Mean of a scalar over the replicas in the quorum (this one's own if that fails)."""
+        from torch.distributed import ReduceOp
+
         x = t.detach().double().reshape(1).clone()
-        work = self.manager.allreduce(x)
-        if not work.wait() or self.manager.errored() is not None:
-            return float(t)
-        return float(x)
+        return float(x) if self._allreduce(x, ReduceOp.AVG) else float(t)
+
+    def _allreduce(self, x: torch.Tensor, op) -> bool:
+        """In place over the quorum; False when a peer was lost (x is then garbage)."""
+        return bool(self.manager.allreduce(x, reduce_op=op).wait()) and self.manager.errored() is None
 
     def shutdown(self) -> None:
         try:

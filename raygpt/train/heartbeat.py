@@ -55,6 +55,16 @@ def read_beats(run_id: str) -> list[dict]:
     return out
 
 
+def newest_per_rank(beats: list[dict]) -> dict[int, dict]:
+    """Each rank's record from its newest process (replica mode: every rank is a group of
+    its own, so the newest gen is per rank, not one for all)."""
+    newest: dict[int, dict] = {}
+    for r in beats:
+        if r["rank"] not in newest or r["started"] > newest[r["rank"]]["started"]:
+            newest[r["rank"]] = r
+    return newest
+
+
 def delete_keys(*keys: str, prefix: bool = False) -> None:
     """Remove a run's keys from Ray's KV store (best effort: the run is ending)."""
     try:

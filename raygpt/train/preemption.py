@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raygpt import raycompat
-from raygpt.train.heartbeat import NAMESPACE, read_beats, stop_thread
+from raygpt.train.heartbeat import NAMESPACE, newest_per_rank, read_beats, stop_thread
 
 PREEMPTED_MARK = "[raygpt-preempted]"
 POLL_S = 1.0
@@ -92,11 +92,7 @@ class DrainWatch:
         return notice
 
     def _check_replicas(self, beats: list[dict], draining: dict[str, float | None], now: float) -> dict | None:
-        newest: dict[int, dict] = {}
-        for r in beats:
-            if r["rank"] not in newest or r["started"] > newest[r["rank"]]["started"]:
-                newest[r["rank"]] = r
-        hit = [r for r in newest.values() if r.get("node") in draining and r["gen"] not in self._posted]
+        hit = [r for r in newest_per_rank(beats).values() if r.get("node") in draining and r["gen"] not in self._posted]
         if not hit:
             return None
         self._posted.update(r["gen"] for r in hit)

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raygpt import raycompat
-from raygpt.train.heartbeat import (BEAT_S, LONG_PHASES, NAMESPACE, STALE_BEAT_S, position, read_beats,
-                                    stop_thread, verdict_key)
+from raygpt.train.heartbeat import (BEAT_S, LONG_PHASES, NAMESPACE, STALE_BEAT_S, newest_per_rank, position,
+                                    read_beats, stop_thread, verdict_key)
 
 # No heartbeat this long while the other ranks are past start-up and in a step (not a
 # save or an eval): a frozen process, judged without waiting out the hang timeout (a
@@ -260,10 +260,7 @@ class ReplicaWatchdog(HangWatchdog):
         self._by_rank: dict[int, _Seen] = {}
 
     def _track(self, recs: list[dict], now: float) -> dict[int, _Seen]:
-        newest: dict[int, dict] = {}
-        for r in recs:
-            if r["rank"] not in newest or r["started"] > newest[r["rank"]]["started"]:
-                newest[r["rank"]] = r
+        newest = newest_per_rank(recs)
         for r in newest.values():
             old = self._replicas.get(r["gen"])
             if old is None:
