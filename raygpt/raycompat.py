@@ -150,6 +150,18 @@ def train_worker_error_logger() -> str:
     return util.__name__
 
 
+def fresh_reserved_resources(policy, timeout_s: float):
+    """What Ray Train's AutoscalingCoordinator reserves for an elastic `policy`, computed
+    against the cluster as it is now. Its own answer is refreshed by a tick every 20 s
+    (_AutoscalingCoordinatorActor.TICK_INTERVAL_S), so a node that joined was counted up
+    to 20 s late (measured: a grow-back 21-44 s after the node rejoined); `recompute`
+    ticks first. Raises what ray.get raises."""
+    import ray
+
+    return ray.get(policy._autoscaling_coordinator.get_reserved_resources.remote(
+        policy._requester_id, recompute=True), timeout=timeout_s)
+
+
 # ---------------------------------------------------------------- Ray Serve
 # Serve 2.60's public API deploys applications (serve.run, a config file) but cannot
 # change one deployment's user_config of an imperatively deployed app without a new code

@@ -434,12 +434,25 @@ def chaos_env() -> None:
     os.environ.setdefault("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "5")
 
 
-def local_cluster(nodes: int):
+def head_args(node_dead_after_s: float | None = None, **args) -> dict:
+    """A chaos head's arguments: 1 CPU, and with `node_dead_after_s` Ray's node health
+    check tightened so that a node that stops answering is declared dead after about
+    that long (Ray's own default: 5 checks of up to 10 s, 3 s apart, ~50-65 s on a cut
+    link). A node must be declared dead before a healed one can rejoin as a new node."""
+    args = {"num_cpus": 1, **args}
+    if node_dead_after_s is not None:
+        args["_system_config"] = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
+                                  "health_check_timeout_ms": 1000,
+                                  "health_check_failure_threshold": max(1, round(node_dead_after_s / 2))}
+    return args
+
+
+def local_cluster(nodes: int, node_dead_after_s: float | None = None):
     """A head (1 CPU, no training) and `nodes` worker nodes of 1 CPU and resource "w",
     all raylets on this machine (ray.cluster_utils)."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster = Cluster(initialize_head=True, head_node_args=head_args(node_dead_after_s))
     try:
         for _ in range(nodes):
             cluster.add_node(**Chaos.node_args)
@@ -505,8 +518,9 @@ def chaos_cmd(
         None, "--partition-node-at", help="step at which the link of rank 1's node is cut (a network partition; "
                                           "worker nodes in network namespaces, root only)"),
     partition_for: Optional[float] = typer.Option(
-        None, "--partition-for", help="seconds until the link returns (a node Ray declared dead rejoins with a "
-                                      "fresh `ray start`); default: stays cut"),
+        None, "--partition-for", help="seconds until the link returns, and not before the run went on without the "
+                                      "node (a node Ray declared dead rejoins with a fresh `ray start`); "
+                                      "default: stays cut"),
     slow_link_at: Optional[int] = typer.Option(
         None, "--slow-link-at", help="step from which the link of rank 1's node runs at --link-rate (namespaces, root)"),
     link_rate: str = typer.Option("10mbit", "--link-rate", help="rate of the slowed link (tc tbf, e.g. 10mbit)"),
@@ -519,6 +533,9 @@ def chaos_cmd(
              "the group back to MAX; default: the last --add-node-at step (none without one)"),
     await_timeout: float = typer.Option(300.0, "--await-timeout",
                                         help="longest hold at --await-grow-at before going on (s)"),
+    node_dead_after: Optional[float] = typer.Option(
+        None, "--node-dead-after", help="seconds of silence after which Ray declares a node dead (its health "
+                                        "check, tightened); default: Ray's own (~50-65 s on a cut link)"),
 ):
     """Train on a local multi-node Ray cluster while killing workers / removing and
     adding nodes at chosen steps; print the recovery timeline."""
@@ -567,10 +584,10 @@ def chaos_cmd(
     if fabric_needed:
         from raygpt.train.chaos_links import start_fabric
 
-        fabric, cluster = start_fabric(nodes, lambda ip: Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "node_ip_address": ip}))
+        fabric, cluster = start_fabric(nodes, lambda ip: Cluster(
+            initialize_head=True, head_node_args=head_args(node_dead_after, node_ip_address=ip)))
     else:
-        cluster = local_cluster(nodes)
+        cluster = local_cluster(nodes, node_dead_after)
     try:
         cluster.wait_for_nodes()
         from raygpt.train.launch import init_ray

@@ -10,6 +10,7 @@ import time
 from raygpt.train.netns import Fabric, NetnsError, Node
 
 REJOIN_POLL_S = 1.0
+HEAL_WAIT_LIMIT_S = 120.0  # the longest a due heal waits for the run to recover
 
 
 def start_fabric(n_nodes: int, start_head) -> tuple[Fabric, object]:
@@ -66,9 +67,18 @@ class LinkFaults:
         if a.heal_after_s is not None:
             self._heals.append((now + a.heal_after_s, node, now))
 
+    def _recovered_since(self, t: float) -> bool:
+        tl = self.chaos.timeline
+        return any(e["event"] == "first step after restore" and tl.t0 + e["t"] > t for e in tl.events)
+
     def due(self) -> None:
         now = time.time()
-        for h in [h for h in self._heals if h[0] <= now]:
+        # The link returns at its time, but not before the run has gone on without the
+        # node (else a fast heal races the restart: which world size it restarts at
+        # would depend on the machine's speed); a run that never recovers gets it back
+        # HEAL_WAIT_LIMIT_S late.
+        for h in [h for h in self._heals
+                  if h[0] <= now and (self._recovered_since(h[2]) or now >= h[0] + HEAL_WAIT_LIMIT_S)]:
             self._heals.remove(h)
             _, node, cut_t = h
             self.fabric.heal(node)

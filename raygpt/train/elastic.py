@@ -12,19 +12,23 @@ answer a TCP connect (a dead process refuses at once; a vanished host times out 
 PROBE_TIMEOUT_S; all nodes are probed at once, so N vanished hosts cost one timeout, not
 N, inside Ray's async controller) and every node being drained (a preemption notice:
 the group is moving off it), so the restart happens at the size the live cluster can
-place, and a grow happens at the next resize check after capacity returns.
+place, and a grow happens at the next resize check after capacity returns (the
+reservation is recomputed at each check: the coordinator's own refresh runs every 20 s).
 """
 from __future__ import annotations
 
 import logging
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+from raygpt import raycompat
 from raygpt.raycompat import ElasticScalingPolicy
 
 logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 1.0
+RESERVED_TIMEOUT_S = 5.0  # as Ray's own call (AUTOSCALING_REQUESTS_GET_TIMEOUT_S)
 
 
 def raylet_answers(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> bool:
@@ -48,8 +52,6 @@ def live_node_ids(node_ids) -> set[str]:
     raylet answers."""
     import ray
 
-    from raygpt import raycompat
-
     wanted = set(node_ids) - set(raycompat.draining_nodes())
     nodes = [n for n in ray.nodes() if n.get("NodeID") in wanted and n.get("Alive")]
     answers = probe_all([(n["NodeManagerAddress"], int(n["NodeManagerPort"])) for n in nodes])
@@ -65,6 +67,7 @@ class LiveElasticScalingPolicy(ElasticScalingPolicy):
     def __init__(self, scaling_config, run_dir: str | None = None):
         super().__init__(scaling_config)
         self._run_dir = run_dir
+        self._fresh_t = float("-inf")
 
     def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status):
         decision = super().make_decision_for_running_worker_group(worker_group_state, worker_group_status)
@@ -87,10 +90,18 @@ class LiveElasticScalingPolicy(ElasticScalingPolicy):
         return decision
 
     def _get_reserved_resources(self):
-        before = self._latest_reserved_resources_query_time
-        reserved = super()._get_reserved_resources()
-        if reserved is None or self._latest_reserved_resources_query_time == before:
-            return reserved  # the cached answer: already filtered
+        now = time.monotonic()
+        if now - self._fresh_t < self.GET_RESERVED_RESOURCES_INTERVAL_S:
+            return self._latest_reserved_resources  # the cached answer: already filtered
+        self._fresh_t = now
+        try:
+            reserved = raycompat.fresh_reserved_resources(self, RESERVED_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - as Ray's own: no resize this time, training goes on
+            logger.warning("raygpt: could not read the reserved resources; no resize this time", exc_info=True)
+            reserved = None
+        self._latest_reserved_resources = reserved
+        if reserved is None:
+            return None
         try:
             live = live_node_ids(reserved)
         except Exception:  # a failed probe must never stop training: Ray's own view

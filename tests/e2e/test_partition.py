@@ -5,8 +5,10 @@ real `ray start` inside each namespace, links cut with `ip link` and slowed with
 One run serves both cases (a cluster start and the heal wait cost minutes on this 2-core
 machine): rank 1's link is slowed to 5mbit at step 3 (flagged as a slow link, nothing
 restarts); at step 27 the same link is cut (the run goes on on the other node from the
-step-25 checkpoint); 75 s later the link returns, Ray having declared the node dead, a
-fresh `ray start` joins and the run grows back to 2 workers at step 37.
+step-25 checkpoint); 30 s later (and not before the run went on without it) the link
+returns, Ray having declared the node dead (its health check tightened to ~10 s with
+--node-dead-after: Ray's own ~60 s only made the test slower), a fresh `ray start` joins
+and the run grows back to 2 workers at step 37.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def chaos_run(tmp_path_factory):
     cmd = [sys.executable, "-m", "raygpt.cli", "chaos", "--preset", "debug", "--num-workers", "1:2",
            "--nodes", "2", "--steps", str(STEPS), "--out", str(out),
            "--slow-link-at", str(SLOW_AT), "--link-rate", "5mbit",
-           "--partition-node-at", str(CUT_AT), "--partition-for", "75",
+           "--partition-node-at", str(CUT_AT), "--partition-for", "30", "--node-dead-after", "10",
            "--await-grow-at", str(GROW_AT), "--resize-interval", "3", "--await-timeout", "300",
            "--set", "model.n_embd=64", "--set", f"checkpoint.every={CKPT_EVERY}", "--set", "train.eval_every=1000"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
