@@ -14,8 +14,9 @@ The same path serves the straggler policy (`run.straggler_policy: drain`): rank 
 for a slow node to be drained; this thread drains it, and the notice follows.
 
 run.fault_tolerance=replica: nothing to checkpoint (the other replicas hold the state):
-the notice names only the replicas on the draining nodes (each has its own gen), they
-leave at once, and Ray replaces each on a node that stays; the others step on.
+the notice names only the replicas on the draining nodes (each has its own gen); they
+train on until 5 s before the deadline (at once without one), then leave, and Ray
+replaces each on a node that stays; the others step on.
 """
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ class DrainWatch:
         raycompat.kv_put(notice_key(self.run_id), json.dumps(notice), namespace=NAMESPACE)
         self.notices.append(notice)
         left = f", deadline in {notice['deadline'] - notice['posted']:.0f} s" if notice["deadline"] else ""
-        then = ("leave now, each replaced on a node that stays" if notice.get("replica")
+        then = ("leave before the deadline, each replaced on a node that stays" if notice.get("replica")
                 else "checkpoint and the run moves off them")
         sys.stderr.write(f"raygpt: node(s) {', '.join(n[:8] for n in notice['nodes'])} draining{left}: "
                          f"ranks {notice['ranks']} {then}\n")

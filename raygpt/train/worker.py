@@ -21,6 +21,9 @@ from raygpt.train.faults import Injector
 
 # The driver puts a stop request here (key: the fit's run id); workers poll it.
 STOP_NAMESPACE = "raygpt"
+# A replica on a draining node leaves this long before the deadline (clean: its heartbeat
+# withdrawn, not killed mid-step by the reclaim).
+REPLICA_LEAVE_MARGIN_S = 5.0
 
 
 def stop_key(run_id: str) -> str:
@@ -75,6 +78,7 @@ class _StopWatcher:
     def __init__(self, run_id: str | None, gen: str | None = None, rank: int = 0):
         self._done = threading.Event()
         self.gen, self.run_id, self.rank = gen, run_id, rank
+        self._announced = False
         if run_id:
             threading.Thread(target=self._run, args=(run_id,), daemon=True).start()
 
@@ -89,21 +93,32 @@ class _StopWatcher:
                 notice = read_notice(run_id)
                 if notice and notice.get("gen") == self.gen:
                     T.STOP.set(T.STOP_PREEMPT, notice)
-                if notice and self.gen in notice.get("gens", ()):
+                if notice and self.gen in notice.get("gens", ()) and time.time() >= self._leave_at(notice):
                     self._leave(notice)
             except Exception:
                 pass
 
+    def _leave_at(self, notice: dict) -> float:
+        """When a replica on a draining node goes: REPLICA_LEAVE_MARGIN_S before the
+        deadline (it trains until then: its replacement cannot start on a draining node
+        anyway, so leaving at the notice only left the run a replica short for the whole
+        notice), at once without a deadline."""
+        at = notice["deadline"] - REPLICA_LEAVE_MARGIN_S if notice.get("deadline") else 0.0
+        if not self._announced:
+            self._announced = True
+            wait = max(0.0, at - time.time())
+            sys.stdout.write(f"[raygpt] node {notice['nodes'][0][:8]} draining: this replica leaves"
+                             f"{f' in {wait:.0f} s' if wait >= 1 else ''}; a replacement heals from the others\n")
+            sys.stdout.flush()
+        return at
+
     def _leave(self, notice: dict) -> None:
-        """run.fault_tolerance=replica, this replica's node draining: go now (the others
-        hold the state; nothing to save); Ray replaces it on a node that stays. Its
-        heartbeat goes first, so the watchdog does not take it for a frozen replica."""
+        """run.fault_tolerance=replica, this replica's node draining: go (the others hold
+        the state; nothing to save); Ray replaces it on a node that stays. Its heartbeat
+        goes first, so the watchdog does not take it for a frozen replica."""
         from raygpt.train.heartbeat import HANG_EXIT_CODE, beat_key, delete_keys
 
         delete_keys(beat_key(self.run_id, self.rank))
-        sys.stdout.write(f"[raygpt] node {notice['nodes'][0][:8]} draining: this replica leaves; "
-                         "a replacement heals from the others\n")
-        sys.stdout.flush()
         os._exit(HANG_EXIT_CODE)
 
     def close(self) -> None:

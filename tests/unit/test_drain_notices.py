@@ -146,3 +146,19 @@ def test_replica_mode_names_only_the_replicas_on_the_draining_node(tmp_path):
     assert w.check(beats, {"b": 40.0}, 11.0) is None  # once per replica
     # rank 1's replacement (newer start, on node a): not draining; rank 0 unaffected
     assert w.check([*beats, _beat("r1b", 1, "a", 20.0)], {"b": 40.0}, 21.0) is None
+
+
+def test_a_replica_on_a_draining_node_trains_until_just_before_the_deadline(capsys):
+    """Its replacement cannot start on a draining node, so leaving at the notice left the
+    run a replica short for the whole notice (a soak: back 48 s after a 30 s notice)."""
+    import time
+
+    from raygpt.train.worker import REPLICA_LEAVE_MARGIN_S, _StopWatcher
+
+    w = _StopWatcher(None, gen="g", rank=1)  # no run id: no polling thread
+    now = time.time()
+    notice = {"gens": ["g"], "nodes": ["abcdef123456"], "deadline": now + 30, "posted": now}
+    assert w._leave_at(notice) == now + 30 - REPLICA_LEAVE_MARGIN_S
+    assert "leaves in 2" in capsys.readouterr().out  # said once, with the wait
+    assert w._leave_at({**notice, "deadline": None}) == 0.0  # no deadline: at once
+    assert capsys.readouterr().out == ""
