@@ -227,10 +227,14 @@ def test_elastic_run_starts_on_one_node_and_grows_to_two(acluster, char_data, tm
     # Ctrl-C does (a checkpoint, then Ray Train's normal shutdown, which withdraws its
     # autoscaler request: killed outright, the request would hold both nodes ~180 s).
     graceful = json.dumps({"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "120"}})
+    # The entrypoint installed on the nodes (a cluster image's), not a --working-dir
+    # upload (test 1 covers that): the fake provider's nodes share the head's session
+    # directory, and once in a fresh CI run this job's driver found the unpacked package
+    # without raygpt/train/watchdog.py (ModuleNotFoundError before the first step).
     try:
-        run([RAY, "job", "submit", "--address", acluster.dashboard, "--working-dir", ".",
+        run([RAY, "job", "submit", "--address", acluster.dashboard,
              "--runtime-env-json", graceful,
-             "--submission-id", job, "--no-wait", "--", "python", "jobs/train.py", *args,
+             "--submission-id", job, "--no-wait", "--", RAYGPT, "train", *args,
              "--storage", str(storage), "--name", "el"], acluster.env, timeout=120)
         run_dir = storage / "el"
         first_step_time(run_dir / "metrics.jsonl", 600, acluster, job)
