@@ -146,6 +146,25 @@ class _FtBackend(raycompat.TorchftBackend):
         super().on_training_start(worker_group, backend_config)
         worker_group.execute(_install_worker_handlers)
 
+    def _maybe_create_lighthouse_actor(self, backend_config):
+        if self.lighthouse_actor is None:  # Ray's, but with RUST_LOG: see _quiet_lighthouse
+            self.lighthouse_actor = _quiet_lighthouse(backend_config.lighthouse_kwargs)
+        return super()._maybe_create_lighthouse_actor(backend_config)
+
+
+def _quiet_lighthouse(kwargs: dict):
+    """Ray's Lighthouse actor as Ray creates it (on this node, an OS-picked port), with
+    RUST_LOG=warn: torchft's Rust side logs every quorum at INFO (three long lines a step,
+    which a cluster's raylets, started without RUST_LOG, sent to the driver's console)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return raycompat.LighthouseServerActor.options(
+        runtime_env={"env_vars": {"RUST_LOG": os.environ.get("RUST_LOG", "warn")}},
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(),
+                                                           soft=False),
+    ).remote(lighthouse_kwargs=kwargs if "bind" in kwargs else {"bind": "[::]:0", **kwargs})
+
 
 class RaygptTorchftConfig(raycompat.TorchftConfig):
     @property

@@ -97,3 +97,16 @@ def test_checkpoints_are_kept_by_the_run_and_a_whole_group_resumes_from_them(fau
     assert summary["steps"] == STEPS + 10 and summary["checkpoint"].endswith("checkpoint_0000210")
     start = [r for r in read_metrics(d / "faulty") if r.get("event") == "start"][-1]
     assert start["step"] == STEPS and start["restored"], start
+
+
+def test_the_lighthouse_does_not_log_every_quorum(faulty):
+    """torchft's Rust side logs each quorum at INFO (three long lines a step); the
+    Lighthouse actor is started with RUST_LOG=warn whatever its raylet's environment (this
+    test's Ray has none: it logged ~600 quorum lines in this run before)."""
+    from ray.util.state import get_log, list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "LighthouseServerActor")], detail=True)
+    assert actors, "no Lighthouse actor in this Ray"
+    for a in actors:
+        text = "".join(get_log(actor_id=a["actor_id"], suffix="err", tail=-1))
+        assert "torchft::lighthouse] - Quorum" not in text, text[-2000:]
