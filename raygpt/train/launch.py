@@ -546,6 +546,12 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
     started = init_ray(cfg.run.address)
     embedded = not (cfg.run.address or os.environ.get("RAY_ADDRESS"))
     try:
+        from raygpt import raycompat
+
+        raycompat.start_autoscaling_coordinator()  # starts while the run is prepared
+    except Exception:  # noqa: BLE001 - only a head start: the controller creates it anyway
+        pass
+    try:
         pre = preflight(cfg)
         paths = pre.paths
         paths.run_dir.mkdir(parents=True, exist_ok=True)
