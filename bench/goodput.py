@@ -38,10 +38,13 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 MODEL = ["model.n_layer=4", "model.n_embd=128", "model.block_size=64", "train.global_batch=16",
-         "train.micro_batch=8", "train.eval_every=100000", "train.log_every=1", "train.max_steps=10000000"]
+         "train.micro_batch=8", "train.eval_every=100000", "train.max_steps=10000000"]
 
 
-def one(config: str, minutes: float, every: float, out: Path, kinds: str | None = None) -> None:
+REPLICAS = 2  # replica mode's workers, each its own replica
+
+
+def one(config: str, minutes: float, every: float, out: Path, kinds: str | None = None, log_every: int = 1) -> None:
     """A child process: one configuration's soak on its own cluster."""
     import ray
 
@@ -55,9 +58,10 @@ def one(config: str, minutes: float, every: float, out: Path, kinds: str | None 
     interval = config.removeprefix("replica-")
     name = f"soak-{config}"
     mode = ["run.fault_tolerance=replica"] if replica else []
-    cfg = build_run_config(None, "debug", [*MODEL, f"checkpoint.every={interval}", "run.cpus_per_worker=1",
-                                           f"run.time_limit_s={minutes * 60}", "run.elastic_resize_interval_s=5", *mode],
-                           num_workers="2" if replica else "1:2", storage=str(out), name=name, max_failures=-1,
+    cfg = build_run_config(None, "debug", [*MODEL, f"train.log_every={log_every}", f"checkpoint.every={interval}",
+                                           "run.cpus_per_worker=1", f"run.time_limit_s={minutes * 60}",
+                                           "run.elastic_resize_interval_s=5", *mode],
+                           num_workers=str(REPLICAS) if replica else "1:2", storage=str(out), name=name, max_failures=-1,
                            resources='{"w": 1}')
     cluster = local_cluster(2)
     try:
@@ -77,7 +81,7 @@ def one(config: str, minutes: float, every: float, out: Path, kinds: str | None 
 def analyse(run_dir: Path, every_min: float) -> dict:
     """The ledger of one soak run and the scale model's figure from its own measurements."""
     from raygpt.train.goodput import ledger
-    from raygpt.train.goodput_model import predict
+    from raygpt.train.goodput_model import predict, predict_replica
     from raygpt.train.metrics import read_metrics
     from raygpt.train.report import plot_goodput
 
@@ -92,7 +96,11 @@ def analyse(run_dir: Path, every_min: float) -> dict:
     sec, wall, n = led.seconds, led.wall_s, max(1, len(faults))
     restart_s = (sec["detection"] + sec["restart"] + sec["checkpoint_restore"]) / n
     mtbf_s = wall / n
-    model = predict(1, mtbf_s, save_s, restart_s, gpus_per_node=1, interval_s=tau)
+    if run_dir.name.startswith("soak-replica-"):  # 2 replicas: replica_out is half the time one was out
+        model = predict_replica(REPLICAS, mtbf_s, save_s, restart_s, REPLICAS * sec["replica_out"] / n,
+                                gpus_per_replica=1, gpus_per_node=REPLICAS, interval_s=tau)
+    else:
+        model = predict(1, mtbf_s, save_s, restart_s, gpus_per_node=1, interval_s=tau)
     outside = sum(sec[c] for c in ("startup", "compile", "eval", "data", "other")) / wall  # not in the model
     png = plot_goodput(run_dir, recs, led)
     choices = [r for r in recs if r.get("event") == "checkpoint_interval"]
@@ -123,6 +131,8 @@ def main(argv=None) -> None:
     ap.add_argument("--intervals", default="auto,20,100,1000", help="checkpoint.every values, comma-separated")
     ap.add_argument("--modes", default="restart", help="run.fault_tolerance values, comma-separated")
     ap.add_argument("--kinds", default=None, help="fault kinds to cycle (default: kill, freeze, node loss, drain)")
+    ap.add_argument("--log-every", type=int, default=1,
+                    help="train.log_every: a metrics line (rank 0's JSON, console) every N steps")
     ap.add_argument("--parallel", type=int, default=2, help="configurations run at once")
     ap.add_argument("--out", default="/tmp/raygpt-goodput-soak")
     ap.add_argument("--reuse", action="store_true",
@@ -131,7 +141,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     out = Path(a.out).resolve()
     if a.one:
-        return one(a.one, a.minutes, a.every, out, a.kinds)
+        return one(a.one, a.minutes, a.every, out, a.kinds, a.log_every)
     out.mkdir(parents=True, exist_ok=True)
     configs = [iv if m == "restart" else f"{m}-{iv}" for m in a.modes.split(",") for iv in a.intervals.split(",")]
     todo, running, t0 = list(configs), [], time.time()
@@ -144,6 +154,7 @@ def main(argv=None) -> None:
             iv = todo.pop(0)
             log = open(out / f"soak-{iv}.log", "w")
             kinds = ["--kinds", a.kinds] if a.kinds else []
+            kinds += ["--log-every", str(a.log_every)]
             running.append((iv, subprocess.Popen([sys.executable, __file__, "--one", iv, "--minutes", str(a.minutes),
                                                   "--every", str(a.every), "--out", str(out), *kinds],
                                                  stdout=log, stderr=subprocess.STDOUT)))

@@ -10,6 +10,12 @@ First-order model (Young 1974, Daly 2006), with failures independent across node
 
 goodput ~= 1 - C / tau - (tau / 2 + R) / M, floored at 0. Steady state only: start-up,
 compile and evals are not in it (the ledger, raygpt.train.goodput, measures those).
+
+Replica mode (run.fault_tolerance: replica, docs/replica_recovery.md): a failure re-runs
+nothing and restarts nothing; every replica stalls until the failure is seen (S), then
+the lost replica's share of the cluster, 1 / replicas, is missing until its replacement
+has joined (J): goodput ~= 1 - C / tau - (S + J / replicas) / M. Saves then only guard
+against losing every replica at once; tau defaults to Young's interval all the same.
 """
 from __future__ import annotations
 
@@ -44,4 +50,20 @@ def predict(gpus: int, node_mtbf_s: float, save_s: float, restart_s: float, gpus
     tau = interval_s if interval_s is not None else max(young_interval(save_s, m), 1e-9)
     save_ovh = save_s / tau
     fail_ovh = (tau / 2 + restart_s) / m
+    return Plan(gpus, m, tau, max(0.0, 1.0 - save_ovh - fail_ovh), save_ovh, fail_ovh)
+
+
+def predict_replica(gpus: int, node_mtbf_s: float, save_s: float, stall_s: float, rejoin_s: float,
+                    gpus_per_replica: int, gpus_per_node: int = 8, interval_s: float | None = None) -> Plan:
+    """Goodput of `gpus` GPUs in replica groups of `gpus_per_replica`: a failure costs every
+    replica `stall_s` and its own replica `rejoin_s`. One replica: restart mode."""
+    if min(gpus, gpus_per_node, gpus_per_replica) < 1 or node_mtbf_s <= 0 or min(save_s, stall_s, rejoin_s) < 0:
+        raise ValueError("gpus, gpus_per_node and gpus_per_replica >= 1, node_mtbf_s > 0, costs >= 0")
+    replicas = gpus // gpus_per_replica
+    if replicas < 2:  # no peer to heal from: the group restarts from its checkpoint
+        return predict(gpus, node_mtbf_s, save_s, stall_s + rejoin_s, gpus_per_node, interval_s)
+    m = node_mtbf_s / max(1, math.ceil(gpus / gpus_per_node))
+    tau = interval_s if interval_s is not None else max(young_interval(save_s, m), 1e-9)
+    save_ovh = save_s / tau
+    fail_ovh = (stall_s + rejoin_s / replicas) / m
     return Plan(gpus, m, tau, max(0.0, 1.0 - save_ovh - fail_ovh), save_ovh, fail_ovh)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from raygpt.train.goodput_model import LLAMA3_NODE_MTBF_S, predict, young_interval
+from raygpt.train.goodput_model import LLAMA3_NODE_MTBF_S, predict, predict_replica, young_interval
 
 
 def test_youngs_interval_is_the_best_one_and_matches_the_published_anchor():
@@ -26,6 +26,23 @@ def test_goodput_falls_with_scale_and_with_restart_cost():
     assert young_interval(0, 3600) == 0
     with pytest.raises(ValueError):
         predict(0, LLAMA3_NODE_MTBF_S, 10, 120)
+
+
+def test_replica_mode_loses_the_stall_and_the_missing_replicas_share_only():
+    """A failure in replica mode re-runs nothing: with the stall and the time out equal to
+    restart mode's R, it keeps more; more replicas make a lost one cheaper; one replica
+    has no peer to heal from and is restart mode."""
+    rep = predict_replica(16384, LLAMA3_NODE_MTBF_S, 10, stall_s=10, rejoin_s=120, gpus_per_replica=8)
+    m = rep.cluster_mtbf_s
+    assert rep.goodput == pytest.approx(1 - 10 / rep.interval_s - (10 + 120 / 2048) / m)
+    assert rep.goodput > predict(16384, LLAMA3_NODE_MTBF_S, 10, 120).goodput
+    few = predict_replica(16, LLAMA3_NODE_MTBF_S, 10, 10, 120, gpus_per_replica=8, interval_s=600)
+    many = predict_replica(16, LLAMA3_NODE_MTBF_S, 10, 10, 120, gpus_per_replica=1, interval_s=600)
+    assert many.goodput > few.goodput
+    assert predict_replica(8, LLAMA3_NODE_MTBF_S, 10, 10, 120, gpus_per_replica=8) == \
+        predict(8, LLAMA3_NODE_MTBF_S, 10, 130)
+    with pytest.raises(ValueError):
+        predict_replica(8, LLAMA3_NODE_MTBF_S, 10, -1, 120, gpus_per_replica=8)
 
 
 def test_the_bench_script_prints_a_row_per_size():
