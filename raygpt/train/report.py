@@ -136,6 +136,24 @@ def _marks(recs: list[dict]) -> dict[str, list[float]]:
     return out
 
 
+def replica_out_spans(recs: list[dict]) -> list[tuple[float, float]]:
+    """Replica mode: epoch (from, to) of each stretch a replica was out of the quorum, from
+    the `replica_quorum` events (each says who is missing when the quorum changes); one
+    still open at the end runs to the last record."""
+    spans, since = [], None
+    for r in recs:
+        if r.get("event") != "replica_quorum":
+            continue
+        if r.get("missing") and since is None:
+            since = r["time"]
+        elif not r.get("missing") and since is not None:
+            spans.append((since, r["time"]))
+            since = None
+    if since is not None and recs:
+        spans.append((since, max(r["time"] for r in recs)))
+    return spans
+
+
 def plot_goodput(run_dir: Path, recs: list[dict], led: Ledger) -> Path:
     """goodput.png: cumulative step over the run's wall time with marks, above the
     categories as one stacked bar (% of wall)."""
@@ -167,6 +185,9 @@ def plot_goodput(run_dir: Path, recs: list[dict], led: Ledger) -> Path:
             continue
         for i, t in enumerate(times):
             ax.axvline(clock(t), color=color, ls=ls, lw=1, alpha=0.8, label=label if i == 0 else None)
+    for i, (a, b) in enumerate(replica_out_spans(recs)):
+        ax.axvspan(clock(a), clock(b), color=COLORS["replica_out"], alpha=0.25, lw=0,
+                   label="a replica out (the others step)" if i == 0 else None)
     ax.set_xlabel("wall time of the run (s)")
     ax.set_ylabel("step")
     ax.set_title(f"{run_dir.name}: goodput {100 * led.goodput:.1f}% of {led.wall_s:.0f} s")

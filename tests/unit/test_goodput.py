@@ -303,3 +303,16 @@ def test_replica_mode_counts_the_missing_replicas_share_and_the_stall(tmp_path):
     from raygpt.train.report import plot_goodput  # every category has its colour (a KeyError before)
 
     assert plot_goodput(tmp_path, recs, led).stat().st_size > 0
+
+
+def test_the_timeline_shades_the_stretches_a_replica_was_out():
+    from raygpt.train.report import replica_out_spans
+
+    q = [{"time": 10.0, "event": "replica_quorum", "step": 5, "replicas": [0], "missing": [1]},
+         {"time": 12.0, "step": 6},
+         {"time": 20.0, "event": "replica_quorum", "step": 9, "replicas": [0, 1], "missing": []},
+         {"time": 30.0, "event": "replica_quorum", "step": 20, "replicas": [1], "missing": [0]},
+         {"time": 31.0, "event": "replica_quorum", "step": 21, "replicas": [1], "missing": [0]},
+         {"time": 35.0, "step": 25}]
+    assert replica_out_spans(q) == [(10.0, 20.0), (30.0, 35.0)]
+    assert replica_out_spans([]) == []
