@@ -70,6 +70,10 @@ class ReplicaMember:
         t.step = t.start_step = step
         t._saved_at = step
         self.healed_step = step
+        # Who is in the quorum is unknown to a replacement: its first one is a change to
+        # record. When it is the lowest replica it leads from then on, and the old leader,
+        # which saw the change too, no longer writes.
+        self.present = []
         self.heal_s = time.perf_counter() - t0
         return True
 
