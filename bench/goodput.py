@@ -14,6 +14,7 @@ taken from the ledger.
     python bench/goodput.py                                    # 30 min each, a fault / 5 min
     python bench/goodput.py --minutes 4 --every 2 --intervals auto --parallel 1   # a look
     python bench/goodput.py --minutes 20 --every 2 --intervals auto --modes restart,replica
+    python bench/goodput.py --modes replica --log-every 5        # replica mode, 4 intervals (62 min)
 
 --modes: run.fault_tolerance of each configuration. `restart` runs elastic 1:2 workers
 (the whole group restarts from a checkpoint, on what is left); `replica` runs 2 fixed
