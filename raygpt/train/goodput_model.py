@@ -40,14 +40,19 @@ def young_interval(save_s: float, cluster_mtbf_s: float) -> float:
     return math.sqrt(2 * save_s * cluster_mtbf_s)
 
 
+def _mtbf_and_interval(gpus, node_mtbf_s, save_s, gpus_per_node, interval_s) -> tuple[float, float]:
+    """The cluster's MTBF (failures independent across nodes) and the save interval:
+    the given one, else Young's."""
+    m = node_mtbf_s / max(1, math.ceil(gpus / gpus_per_node))
+    return m, interval_s if interval_s is not None else max(young_interval(save_s, m), 1e-9)
+
+
 def predict(gpus: int, node_mtbf_s: float, save_s: float, restart_s: float, gpus_per_node: int = 8,
             interval_s: float | None = None) -> Plan:
     """Goodput of `gpus` GPUs; interval_s None: Young's best interval."""
     if min(gpus, gpus_per_node) < 1 or node_mtbf_s <= 0 or save_s < 0 or restart_s < 0:
         raise ValueError("gpus and gpus_per_node >= 1, node_mtbf_s > 0, save_s and restart_s >= 0")
-    nodes = max(1, math.ceil(gpus / gpus_per_node))
-    m = node_mtbf_s / nodes
-    tau = interval_s if interval_s is not None else max(young_interval(save_s, m), 1e-9)
+    m, tau = _mtbf_and_interval(gpus, node_mtbf_s, save_s, gpus_per_node, interval_s)
     save_ovh = save_s / tau
     fail_ovh = (tau / 2 + restart_s) / m
     return Plan(gpus, m, tau, max(0.0, 1.0 - save_ovh - fail_ovh), save_ovh, fail_ovh)
@@ -62,8 +67,7 @@ def predict_replica(gpus: int, node_mtbf_s: float, save_s: float, stall_s: float
     replicas = gpus // gpus_per_replica
     if replicas < 2:  # no peer to heal from: the group restarts from its checkpoint
         return predict(gpus, node_mtbf_s, save_s, stall_s + rejoin_s, gpus_per_node, interval_s)
-    m = node_mtbf_s / max(1, math.ceil(gpus / gpus_per_node))
-    tau = interval_s if interval_s is not None else max(young_interval(save_s, m), 1e-9)
+    m, tau = _mtbf_and_interval(gpus, node_mtbf_s, save_s, gpus_per_node, interval_s)
     save_ovh = save_s / tau
     fail_ovh = (stall_s + rejoin_s / replicas) / m
     return Plan(gpus, m, tau, max(0.0, 1.0 - save_ovh - fail_ovh), save_ovh, fail_ovh)
