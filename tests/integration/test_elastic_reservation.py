@@ -29,8 +29,16 @@ try:
     before = pol._count_possible_workers(pol._get_reserved_resources())
     t_join = time.monotonic()
     cluster.add_node(num_cpus=1, resources={"w": 1})  # returns once the raylet is up
-    time.sleep(pol.GET_RESERVED_RESOURCES_INTERVAL_S + 0.1)  # the policy's own throttle
-    after = pol._count_possible_workers(pol._get_reserved_resources())
+    # the policy's next look: the first answer it asked for after the join (until then it
+    # answers from its cache, throttled to one look a GET_RESERVED_RESOURCES_INTERVAL_S)
+    deadline = t_join + 10 * pol.GET_RESERVED_RESOURCES_INTERVAL_S
+    while True:
+        reserved = pol._get_reserved_resources()
+        if pol._fresh_t > t_join or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert pol._fresh_t > t_join, "the policy asked for no fresh reservation"
+    after = pol._count_possible_workers(reserved)
     print("RESULT", json.dumps({"before": before, "after": after, "seen_s": round(time.monotonic() - t_join, 2)}))
 finally:
     ray.shutdown()
