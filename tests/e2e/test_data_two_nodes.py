@@ -87,7 +87,9 @@ def test_two_nodes_without_a_shared_working_directory(tmp_path):
     data_uri = f"file://{shared}/data"
 
     cluster = Cluster(tmp_path)
-    cluster.cmd += ["--resources", json.dumps({"w": 1})]
+    # "w": one unit per node (the two-node run); "solo": the head alone takes both workers
+    # of the one-node run, on this same cluster (no second Ray start for the comparison)
+    cluster.cmd += ["--resources", json.dumps({"w": 1, "solo": 2})]
     # every raylet (and so every worker) uses this cache; on node 2 it is a private tmpfs
     cluster.base_env["RAYGPT_CACHE_DIR"] = str(cache)
     node2 = None
@@ -114,13 +116,14 @@ def test_two_nodes_without_a_shared_working_directory(tmp_path):
         fetched = sorted(p.name for p in inside.glob("*/train/*.arrow"))
         assert fetched, f"no shards in node 2's cache {inside}"
         assert not (driver_wd / "runs").exists()  # nothing relied on the driver's cwd
+        _train(["--address", f"127.0.0.1:{cluster.gcs_port}", "--set", f"data.path={data_uri}",
+                "--storage", str(tmp_path / "runs1"), "--name", "one",
+                "--resources-per-worker", json.dumps({"solo": 1})], driver_wd, env)
+        one = json.loads((tmp_path / "runs1" / "one" / "summary.json").read_text())
     finally:
         taken.close()
         if node2 is not None:
             stop_cluster(node2, str(tmp_path))
         cluster.stop()
-    _train(["--set", f"data.path={data_uri}", "--storage", str(tmp_path / "runs1"), "--name", "one"],
-           driver_wd, {**os.environ, "RAYGPT_CACHE_DIR": str(tmp_path / "cache1")})
-    one = json.loads((tmp_path / "runs1" / "one" / "summary.json").read_text())
     assert two["world_size"] == one["world_size"] == 2
     assert abs(two["final_val_loss"] - one["final_val_loss"]) < 1e-5, (two, one)
