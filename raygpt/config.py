@@ -211,6 +211,9 @@ class RunConfig(_Section):
     """Where and how the Ray Train job runs (driver-side settings)."""
 
     address: str | None = None  # None: local embedded Ray (or RAY_ADDRESS); "auto": join
+    # Start the embedded Ray's dashboard (http://127.0.0.1:8265). Off by default: it
+    # costs ~4 s of start-up (ray.init waits for it) and background CPU beside training.
+    dashboard: bool = False
     num_workers: int = Field(1, ge=1)
     # Elastic: min workers; None = fixed size num_workers.
     min_workers: int | None = Field(None, ge=1)

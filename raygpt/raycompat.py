@@ -123,6 +123,9 @@ _TRAIN_CLASSES = {
     "TorchftConfig": "ray.train.v2.torch.torchft_config",
     "TorchftBackend": "ray.train.v2.torch.torchft_config:_TorchftBackend",
     "LighthouseServerActor": "ray.train.v2.torch.torchft_config",
+    # Train's default callbacks that raygpt drops where they only cost start-up (rayhooks)
+    "DatasetsCallback": "ray.train.v2._internal.callbacks.datasets",
+    "PlacementGroupCleanerCallback": "ray.train.v2._internal.callbacks.placement_group_callback",
 }
 
 

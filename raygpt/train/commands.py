@@ -26,6 +26,7 @@ def train_cmd(
     name: Optional[str] = typer.Option(None, "--name", help="run name; a run with the same storage+name resumes"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray address ('auto' joins a running cluster); default: local"),
     max_failures: Optional[int] = typer.Option(None, "--max-failures", help="worker-group restarts allowed (-1 = unlimited)"),
+    dashboard: Optional[bool] = typer.Option(None, "--dashboard/--no-dashboard", help="start the local Ray's dashboard (http://127.0.0.1:8265); default off"),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="fine-tune from an exported model directory"),
     print_config: bool = typer.Option(False, "--print-config", help="print the resolved config and exit"),
     profile: Optional[str] = typer.Option(None, "--profile", help="START:COUNT: torch profiler trace of those steps per rank into <run dir>/profile/"),
@@ -34,7 +35,7 @@ def train_cmd(
     cfg = build_run_config(config, preset, set_, num_workers=num_workers, use_gpu=use_gpu,
                            cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                            storage=storage, name=name, address=address, max_failures=max_failures,
-                           init_from=init_from, resources=resources_per_worker, profile=profile)
+                           dashboard=dashboard, init_from=init_from, resources=resources_per_worker, profile=profile)
     if print_config:
         typer.echo(cfg.to_yaml())
         return

@@ -93,7 +93,26 @@ def default_name(cfg: Config) -> str:
     return f"{cfg.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def init_ray(address: str | None, num_cpus: int | None = None):
+def _import_torch_meanwhile() -> threading.Thread:
+    """The driver needs torch (the plan checks, Ray Train's torch trainer): ~2-3 s of
+    import on a small machine. On a thread it overlaps ray.init, which mostly waits for
+    Ray's processes to start. torch imports no Ray module, so the two imports share no
+    half-imported module (no import-lock cycle); the main thread's own `import torch`
+    then waits for this one or finds it done."""
+    def run():
+        try:
+            import torch  # noqa: F401
+        except Exception:  # noqa: BLE001 - the main thread's import reports it
+            pass
+
+    th = threading.Thread(target=run, name="raygpt-import-torch", daemon=True)
+    th.start()
+    return th
+
+
+def init_ray(address: str | None, num_cpus: int | None = None, dashboard: bool = True):
+    """Join `address` (or RAY_ADDRESS), else start a local Ray (with its dashboard when
+    `dashboard`). Returns whether Ray was started here."""
     import ray
 
     from raygpt.raycompat import check_ray_version
@@ -114,7 +133,7 @@ def init_ray(address: str | None, num_cpus: int | None = None):
         # torchft's Rust side (run.fault_tolerance=replica) logs every quorum at INFO.
         os.environ.setdefault("RUST_LOG", "warn")
         # "local": a fresh embedded instance, even if another Ray runs on this machine.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
                  dashboard_host="127.0.0.1", log_to_driver=True)
     return True
 
@@ -191,7 +210,8 @@ def check_existing_run(run_dir: Path, cfg: Config, vocab_size: int) -> int | Non
 
 
 def build_trainer(cfg: Config, *, paths: RunPaths, data_dir: str | None, use_gpu: bool, per_worker: dict,
-                  callbacks=None, inject: dict | None = None, run_id: str | None = None):
+                  callbacks=None, inject: dict | None = None, run_id: str | None = None,
+                  embedded: bool = False):
     import ray.train
 
     from raygpt.train.rayhooks import RaygptTorchTrainer
@@ -216,7 +236,7 @@ def build_trainer(cfg: Config, *, paths: RunPaths, data_dir: str | None, use_gpu
         logging_config=ray.train.LoggingConfig(
             log_level=os.environ.get("RAYGPT_RAY_TRAIN_LOG_LEVEL", "WARNING")),
     )
-    return RaygptTorchTrainer(
+    trainer = RaygptTorchTrainer(
         train_func,
         train_loop_config={"config": cfg.to_dict(), "data_dir": data_dir, "run_dir": str(paths.run_dir),
                            "run_uri": paths.run_uri, "ckpt_in_place": paths.ckpt_in_place,
@@ -225,6 +245,8 @@ def build_trainer(cfg: Config, *, paths: RunPaths, data_dir: str | None, use_gpu
         run_config=run_config,
         torch_config=_torch_config(cfg, use_gpu),
     )
+    trainer.embedded = embedded
+    return trainer
 
 
 def _torch_config(cfg: Config, use_gpu: bool):
@@ -382,13 +404,17 @@ def train_env_defaults(cfg: Config) -> None:
     # move off the node at once); Train's watcher (a 5 s poll, an actor per group, then
     # a wait until the deadline) would only add a second reaction to the same notice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # The controller polls its workers this often (Ray: every 2 s): a finished run ends
+    # and a dead worker is seen up to 1.5 s sooner; a poll is one small call per worker.
+    if cfg.run.num_workers <= 64:
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 class _Launch:
     """One fit() with what runs beside it on the driver: progress bar, hang watchdog,
     drain watch, signal handlers put back after."""
 
-    def __init__(self, pre: Preflight, inject: dict | None, progress: bool):
+    def __init__(self, pre: Preflight, inject: dict | None, progress: bool, owns_ray: bool = False):
         from raygpt.train.links import LinkStragglerDetector
         from raygpt.train.preemption import DrainWatch
         from raygpt.train.watchdog import HangWatchdog, ReplicaWatchdog
@@ -396,7 +422,8 @@ class _Launch:
         self.pre, self.run_id = pre, uuid.uuid4().hex
         cfg, paths = pre.cfg, pre.paths
         self.trainer = build_trainer(cfg, paths=paths, data_dir=str(pre.data_dir), use_gpu=pre.use_gpu,
-                                     per_worker=pre.per_worker, inject=inject, run_id=self.run_id)
+                                     per_worker=pre.per_worker, inject=inject, run_id=self.run_id,
+                                     embedded=owns_ray)
         self.prog = _Progress(paths.run_dir, cfg.train.max_steps) if progress else None
         dog = ReplicaWatchdog if cfg.run.fault_tolerance == "replica" else HangWatchdog
         self.watchdog = dog(self.run_id, paths.run_dir, cfg.run.hang_timeout_s, cfg.run.init_timeout_s,
@@ -543,7 +570,8 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
     if inject is None and os.environ.get("RAYGPT_INJECT"):  # fault injection for end-to-end tests
         inject = json.loads(os.environ["RAYGPT_INJECT"])
     check_paths(cfg)  # before Ray starts
-    started = init_ray(cfg.run.address)
+    _import_torch_meanwhile()
+    started = init_ray(cfg.run.address, dashboard=cfg.run.dashboard)
     embedded = not (cfg.run.address or os.environ.get("RAY_ADDRESS"))
     try:
         from raygpt import raycompat
@@ -562,7 +590,7 @@ def run_training(cfg: Config, *, progress: bool = True, inject: dict | None = No
         print(f"raygpt: run '{paths.name}' -> {paths.shown()}"
               + (f" (resuming from step {pre.resume_step})" if pre.resume_step is not None else ""), flush=True)
         train_env_defaults(cfg)
-        launch = _Launch(pre, inject, progress)
+        launch = _Launch(pre, inject, progress, owns_ray=started)
         from ray.train import TrainingFailedError
 
         try:

@@ -176,6 +176,20 @@ class RaygptTorchTrainer(TorchTrainer):
     """TorchTrainer with the live elastic policy and the graceful Ctrl-C."""
 
     interrupted = False
+    # Set by the driver when it started Ray itself (it goes when the driver ends).
+    embedded = False
+
+    def _create_default_callbacks(self):
+        """Ray Train's callbacks without two that only cost start-up here: the datasets
+        callback starts a DatasetManager actor and sends every worker Ray Data's context
+        (the worker then imports ray.data) though raygpt passes no Ray Dataset; the
+        detached placement-group cleaner (a process polling the dashboard's state API)
+        guards a cluster's placement groups against a dead controller, and an embedded
+        Ray dies with the driver anyway."""
+        drop = [raycompat.DatasetsCallback] if not self.datasets else []
+        if self.embedded:
+            drop.append(raycompat.PlacementGroupCleanerCallback)
+        return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, tuple(drop))]
 
     def _initialize_and_run_controller(self, **kwargs):
         # RAYGPT_LIVE_ELASTIC=0: Ray's own policy (to compare; see docs/performance.md).

@@ -26,7 +26,7 @@ def parse_workers(spec: str) -> tuple[int, int | None]:
 
 def build_run_config(config, preset, sets, *, num_workers=None, use_gpu=None, cpus_per_worker=None,
                      gpus_per_worker=None, storage=None, name=None, address=None, max_failures=None,
-                     init_from=None, resources=None, profile=None):
+                     dashboard=None, init_from=None, resources=None, profile=None):
     from raygpt.config import load_config
     from raygpt.presets import DEFAULT_PRESET
 
@@ -37,7 +37,7 @@ def build_run_config(config, preset, sets, *, num_workers=None, use_gpu=None, cp
         run["min_workers"] = lo
     for key, val in (("use_gpu", use_gpu), ("cpus_per_worker", cpus_per_worker),
                      ("gpus_per_worker", gpus_per_worker), ("storage", storage), ("name", name),
-                     ("address", address), ("max_failures", max_failures)):
+                     ("address", address), ("max_failures", max_failures), ("dashboard", dashboard)):
         if val is not None:
             run[key] = val
     if resources:

@@ -7,8 +7,10 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,15 +36,36 @@ def _raygpt(line: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return r
 
 
+def _assert_lean_start(logs: Path) -> None:
+    """The default run's Ray started what training needs and no more (issue 29's
+    start-up): no dashboard (opt-in: --dashboard), and none of the two Train helper
+    actors raygpt drops (a DatasetManager: no Ray Dataset is passed; the placement-group
+    cleaner: an embedded Ray dies with the driver)."""
+    actors = set()
+    for f in logs.glob("worker-*.out"):
+        actors |= set(re.findall(r"^:actor_name:(\w+)", f.read_text(errors="replace"), re.M))
+    assert {"TrainController", "RayTrainWorker"} <= actors, actors  # the logs were read
+    assert not actors & {"DatasetManager", "PlacementGroupCleaner"}, actors
+    # without the dashboard Ray still runs a minimal head (no HTTP server); the full one
+    # runs its modules (jobs, state, train...) as processes, each with its own log
+    assert not list(logs.glob("dashboard_*Head.log")), "the dashboard was started"
+
+
 def test_readme_debug_train_export_generate(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYGPT_STORAGE")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     env["RAYGPT_CACHE_DIR"] = str(tmp_path / "cache")
-    train = _readme_line("raygpt train --preset debug")
-    assert train.split() == ["raygpt", "train", "--preset", "debug"]
-    r = _raygpt(train, tmp_path, env)
-    name = re.search(r"raygpt: run '([^']+)'", r.stdout + r.stderr).group(1)
-    assert name.startswith("debug-") and (tmp_path / "runs" / name / "summary.json").is_file()
+    raytmp = Path(tempfile.mkdtemp(prefix="rgr", dir="/tmp"))  # short: socket paths < 108 B
+    env["RAY_TMPDIR"] = str(raytmp)  # the embedded Ray's session logs, to look at below
+    try:
+        train = _readme_line("raygpt train --preset debug")
+        assert train.split() == ["raygpt", "train", "--preset", "debug"]
+        r = _raygpt(train, tmp_path, env)
+        name = re.search(r"raygpt: run '([^']+)'", r.stdout + r.stderr).group(1)
+        assert name.startswith("debug-") and (tmp_path / "runs" / name / "summary.json").is_file()
+        _assert_lean_start(raytmp / "ray" / "session_latest" / "logs")
+    finally:
+        shutil.rmtree(raytmp, ignore_errors=True)
 
     export = _readme_line("raygpt export runs/<name>").replace("<name>", name)
     _raygpt(export, tmp_path, env)

@@ -118,3 +118,14 @@ def test_replica_mode_refuses_uri_storage_with_one_line():
         check_replica_mode(RunPaths.resolve("s3://bucket/runs?region=x", "r"))
     assert "run.fault_tolerance=replica needs run.storage on a file system every node sees" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_dashboard_is_opt_in():
+    """The embedded Ray's dashboard costs start-up; `--dashboard` (or run.dashboard) asks
+    for it, and the flag wins over a config's value either way."""
+    from raygpt.train.runconfig import build_run_config
+
+    assert build_run_config(None, None, None).run.dashboard is False
+    assert build_run_config(None, None, None, dashboard=True).run.dashboard is True
+    assert build_run_config(None, None, ["run.dashboard=true"], dashboard=False).run.dashboard is False
+    assert build_run_config(None, None, ["run.dashboard=true"]).run.dashboard is True
