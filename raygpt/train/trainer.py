@@ -162,6 +162,7 @@ class Hooks:
     progress: Progress = field(default_factory=Progress)    # where this rank is (hang watchdog)
     node_id: Callable[[], str] = lambda: ""                 # this rank's node (straggler events)
     on_straggler: Callable[[dict], None] = _noop            # rank 0, per straggler event (the drain policy)
+    drain_notice: Callable[[], dict | None] = lambda: None  # this group's drain notice, read now
 
 
 @dataclass
@@ -745,8 +746,16 @@ class Trainer:
         prof.close()
         return self._finish(stopped)
 
+    def _notice(self) -> dict:
+        """The drain notice behind an agreed preemption stop. Each rank polls for it on
+        its own, so when another rank's poll saw it first this rank has none yet: read
+        it now (it was posted before any rank could see it)."""
+        if STOP.notice is None:
+            STOP.notice = self.hooks.drain_notice()
+        return STOP.notice or {}
+
     def _deadline_left(self) -> dict:
-        deadline = (STOP.notice or {}).get("deadline")
+        deadline = self._notice().get("deadline")
         return {"deadline_left_s": round(deadline - time.time(), 2)} if deadline else {}
 
     def _announce_stop(self, stopped: str, step: int) -> None:
@@ -756,7 +765,7 @@ class Trainer:
                 else f"stop requested ({stopped}): checkpointing step {step}")
             self.writer.event("stop", step=step, reason=stopped)
             return
-        n = STOP.notice or {}
+        n = self._notice()
         left = self._deadline_left()
         log(self.rank, f"preemption notice: node(s) {', '.join(x[:8] for x in n.get('nodes', []))} draining"
                        + (f", {left['deadline_left_s']:.0f} s to the deadline" if left else "")

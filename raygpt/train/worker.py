@@ -252,12 +252,19 @@ class _WorkerRun:
             report_metrics=report_metrics, report_checkpoint=report_checkpoint,
             after_step=faults.after_step, before_save=faults.before_save, before_step=faults.before_step,
             progress=self.progress, node_id=lambda: self.node_id, on_straggler=self._drain_straggler,
+            drain_notice=self._drain_notice,
         )
         async_ok = device.type == "cuda" or self.inject.get("async_save_on_cpu")
         return T.Trainer(self.cfg, data_dir, rank=self.rank, world=1 if self.replica else self.world, device=device,
                          run_dir=self.run_dir, ckpt_root=self.run_dir if self.lc.get("ckpt_in_place") else None,
                          hooks=hooks, use_async=bool(self.cfg.checkpoint.async_save and async_ok),
                          replica_of=(self.rank, self.world) if self.replica else None)
+
+    def _drain_notice(self) -> dict | None:
+        from raygpt.train.preemption import read_notice
+
+        notice = read_notice(self.lc["run_id"]) if self.lc.get("run_id") else None
+        return notice if notice and notice.get("gen") == self.gen else None
 
     def _drain_straggler(self, ev: dict) -> None:
         from raygpt.train.preemption import request_drain

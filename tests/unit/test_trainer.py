@@ -20,7 +20,7 @@ from raygpt.train.checkpoint.discovery import is_complete, latest_checkpoint, li
 from raygpt.train.checkpoint.io import read_state
 from raygpt.train.checkpoint.rng import RNG_DIR
 from raygpt.train.metrics import read_metrics
-from raygpt.train.trainer import STOP_INTERRUPT, STOP_NONE, Hooks, Trainer, dropout_seed
+from raygpt.train.trainer import STOP, STOP_INTERRUPT, STOP_NONE, STOP_PREEMPT, Hooks, Trainer, dropout_seed
 
 
 def _cfg(data, *sets):
@@ -109,6 +109,30 @@ def test_a_time_limit_checkpoints_and_ends_the_run(one_rank, char_data, tmp_path
     recs = read_metrics(tmp_path / "run")
     start, stop = recs[0]["time"], next(r for r in recs if r.get("event") == "stop")
     assert stop["reason"] == "time_limit" and stop["time"] - start >= 2 - 0.1  # the limit counts from the start
+
+
+def test_a_preemption_another_rank_saw_first_is_recorded_with_its_notice(one_rank, char_data, tmp_path):
+    """The ranks agree on a stop code, but each polls for the drain notice on its own:
+    rank 0 can stop for a preemption that only rank 1's poll has seen. Its `preemption`
+    event then still names the nodes, ranks and deadline (CI once saw nodes=None)."""
+    import time
+
+    notice = {"gen": "g", "nodes": ["n1"], "ranks": [1], "deadline": time.time() + 60, "posted": time.time()}
+    state = {}
+    hooks = Hooks(stop_code=lambda: STOP_PREEMPT if state["t"].step >= 5 else STOP_NONE,
+                  drain_notice=lambda: notice)
+    STOP.notice = None  # this rank's own watcher has not seen it
+    try:
+        tr = state["t"] = Trainer(_cfg(char_data), char_data, run_dir=tmp_path / "run", ckpt_root=tmp_path / "ck",
+                                  hooks=hooks)
+        assert tr.train()["stopped"] == "preemption"
+    finally:
+        STOP.notice = None
+    recs = read_metrics(tmp_path / "run")
+    (ev,) = [r for r in recs if r.get("event") == "preemption"]
+    assert ev["nodes"] == ["n1"] and ev["ranks"] == [1] and 50 < ev["deadline_left_s"] <= 60, ev
+    (ck,) = [r for r in recs if r.get("event") == "preemption_checkpoint"]
+    assert ck["step"] == ev["step"] and ck["deadline_left_s"] > 50
 
 
 def test_checkpoint_every_auto_saves_at_youngs_interval(one_rank, char_data, tmp_path):
