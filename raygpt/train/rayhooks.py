@@ -61,11 +61,13 @@ class RepeatAwareFailurePolicy(DefaultFailurePolicy):
     same step a second time stops the run at once (a bug, a NaN, a bad batch would
     only fail again). Runs inside the Train controller actor."""
 
-    def __init__(self, failure_config, run_id: str | None = None, run_dir: str | None = None):
+    def __init__(self, failure_config, run_id: str | None = None, run_dir: str | None = None,
+                 replica: bool = False):
         super().__init__(failure_config)
         self._seen: set[str] = set()
         self._run_id = run_id
         self._run_dir = run_dir
+        self._replica = replica
         self._moves = 0
         self._storage_faults = 0
 
@@ -79,7 +81,20 @@ class RepeatAwareFailurePolicy(DefaultFailurePolicy):
                              planned=moved_off_drain(training_failed_error))
             except OSError:
                 pass
+        if self._replica and self._run_id and decision == FailureDecision.RETRY:
+            self._forget_failed_replicas(training_failed_error)
         return decision
+
+    def _forget_failed_replicas(self, err) -> None:
+        """run.fault_tolerance=replica: a replica Ray saw die (killed, its node lost) has
+        left its last heartbeat in the KV store, and until its replacement beats, the
+        hang watchdog would take that silence for a frozen process (a `hang` verdict and
+        a kill of a dead pid; seen when the replacement's start took over 5 s). Ray
+        knows it is gone: its beat goes now, with the decision to replace it."""
+        from raygpt.train.heartbeat import beat_key, delete_keys
+
+        ranks = sorted((getattr(err, "worker_failures", None) or {}).keys())
+        delete_keys(*(beat_key(self._run_id, r) for r in ranks))
 
     def _decide(self, training_failed_error):
         if _controller_storage_error(training_failed_error):
@@ -198,8 +213,9 @@ class RaygptTorchTrainer(TorchTrainer):
                                                                 (self.train_loop_config or {}).get("run_dir"))
         if type(kwargs.get("failure_policy")) is DefaultFailurePolicy:
             lc = self.train_loop_config or {}
+            replica = (lc.get("config") or {}).get("run", {}).get("fault_tolerance") == "replica"
             kwargs["failure_policy"] = RepeatAwareFailurePolicy(self.run_config.failure_config, lc.get("run_id"),
-                                                                lc.get("run_dir"))
+                                                                lc.get("run_dir"), replica=replica)
         return super()._initialize_and_run_controller(**kwargs)
 
     def _register_sigint_handler(self, controller):
