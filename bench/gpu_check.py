@@ -174,6 +174,32 @@ def stage_throughput(args, best: list[str] | None = None) -> dict:
     return out
 
 
+def stage_sizes(args) -> dict:
+    """Models larger than gpt2-124m (issue 29: gpt2-medium, gpt2-xl), plain loop vs Ray
+    Train, each at its preset's micro batch (the largest that fits beside fp32 AdamW
+    state), a short global batch so that a step stays near a second; its MFU reported."""
+    import torch
+
+    from bench.train_throughput import compare
+
+    out = {}
+    for name in [n for n in args.sizes.split(",") if n]:
+        if args.cpu_smoke:
+            preset, sets, steps, warmup = "debug", list(TINY), 4, 1
+        else:
+            micro = _load(name, []).train.micro_batch
+            preset, steps, warmup = name, args.sizes_steps, args.sizes_warmup
+            sets = ["data.tokenizer=char", "parallel.compile=true", f"train.micro_batch={micro}",
+                    f"train.global_batch={micro * args.sizes_accum}"]
+        try:
+            out[name] = compare(_load(preset, [*sets, "run.num_workers=1"]), steps, warmup)
+        except Exception as e:  # one size failing (memory) leaves the other's figures
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:1000]}
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return out
+
+
 def _sweep_one(args, sets: list[str], timeout: float) -> dict:
     """One plain-loop variant in a child process -> its figures, or why there are none."""
     preset, base = _model(args, user_sets=True)
@@ -348,8 +374,8 @@ def checks(data: dict) -> dict:
 
 
 # The figures first, the tests after them: on a short lease a cut-off run still has them.
-STAGES = ("env", "sweep", "throughput", "checkpoint", "shakespeare", "tests", "plans")
-DEFAULT_STAGES = ("env", "throughput", "checkpoint", "shakespeare", "tests", "plans")
+STAGES = ("env", "sweep", "throughput", "checkpoint", "shakespeare", "tests", "plans", "sizes")
+DEFAULT_STAGES = ("env", "throughput", "checkpoint", "shakespeare", "tests", "plans", "sizes")
 
 
 def main(argv=None) -> int:
@@ -372,6 +398,10 @@ def main(argv=None) -> int:
                     help="config override for the throughput stage's gpt2-124m (repeatable)")
     ap.add_argument("--ckpt-modes", default="thread",
                     help="checkpoint.async_mode values the checkpoint stage measures (thread,process: ~70 s each)")
+    ap.add_argument("--sizes", default="gpt2-medium,gpt2-xl", help="presets the sizes stage runs")
+    ap.add_argument("--sizes-steps", type=int, default=10)
+    ap.add_argument("--sizes-warmup", type=int, default=4)
+    ap.add_argument("--sizes-accum", type=int, default=2, help="micro batches per step in the sizes stage")
     ap.add_argument("--tests-timeout", type=int, default=240)
     ap.add_argument("--storage", default=None, help="run storage (default: a temp dir)")
     ap.add_argument("--budget-s", type=float, default=540, help="stages not started by then are skipped")
@@ -401,7 +431,7 @@ def main(argv=None) -> int:
 
                 ray.shutdown()  # pytest starts its own instance, with the GPU free
                 ray_started = False
-            if name in ("throughput", "shakespeare", "checkpoint", "plans"):
+            if name in ("throughput", "shakespeare", "checkpoint", "plans", "sizes"):
                 import ray
 
                 if not ray.is_initialized():  # one Ray for every stage that trains under it
