@@ -5,7 +5,8 @@ three places in turn: this process, a Ray task, and a Ray Train worker (TorchTra
 
 Each place builds the model and optimizer, warms up, then times `--blocks` blocks of
 `--steps` steps with fixed random batches (no loader, no logging, no hooks): a difference
-between the places is the process environment, not raygpt's loop. Prints the median
+between the places is the process environment, not raygpt's loop. Then it times small
+OpenMP parallel regions alone (`region_us`: how fast the team wakes). Prints the median
 block (ms per step) of each place per round, and each place's median over the rounds.
 Numbers, not pass/fail (issue 29).
 """
@@ -17,6 +18,25 @@ import os
 import statistics
 import sys
 import time
+
+
+def region_us(threads: int, n: int = 2000) -> float:
+    """Microseconds per small OpenMP parallel region (an in-place add of 200k floats with a
+    little Python between): how fast the OpenMP team wakes, apart from the model."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(200_000), torch.randn(200_000)
+    for _ in range(200):
+        a.add_(b)
+    out = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for i in range(n):
+            a.add_(b)
+            _ = str(i)
+        out.append(1e6 * (time.perf_counter() - t) / n)
+    return statistics.median(out)
 
 
 def time_steps(blocks: int, steps: int, threads: int) -> list[float]:
@@ -46,7 +66,7 @@ def time_steps(blocks: int, steps: int, threads: int) -> list[float]:
         for _ in range(steps):
             train_step(model, opt, [(x, y)], dev, None, cfg.optim.grad_clip)
         out.append(1000 * (time.perf_counter() - t) / steps)
-    return out
+    return out + [region_us(threads)]  # the last entry: region_us
 
 
 def in_ray_task(blocks, steps, threads):
@@ -91,10 +111,10 @@ def main():
     try:
         for r in range(a.rounds):
             for name, fn in places.items():
-                ms = fn(a.blocks, a.steps, a.threads)
+                *ms, region = fn(a.blocks, a.steps, a.threads)
                 seen[name].append(statistics.median(ms))
                 print(json.dumps({"round": r + 1, "place": name, "median_ms": round(seen[name][-1], 2),
-                                  "blocks_ms": [round(v, 1) for v in ms]}), flush=True)
+                                  "region_us": round(region, 1), "blocks_ms": [round(v, 1) for v in ms]}), flush=True)
     finally:
         ray.shutdown()
     base = statistics.median(seen["process"])
