@@ -39,7 +39,7 @@ def region_us(threads: int, n: int = 2000) -> float:
     return statistics.median(out)
 
 
-def time_steps(blocks: int, steps: int, threads: int) -> list[float]:
+def time_steps(blocks: int, steps: int, threads: int) -> dict:
     import torch
 
     from raygpt.config import load_config
@@ -66,7 +66,7 @@ def time_steps(blocks: int, steps: int, threads: int) -> list[float]:
         for _ in range(steps):
             train_step(model, opt, [(x, y)], dev, None, cfg.optim.grad_clip)
         out.append(1000 * (time.perf_counter() - t) / steps)
-    return out + [region_us(threads)]  # the last entry: region_us
+    return {"blocks_ms": out, "region_us": region_us(threads)}
 
 
 def in_ray_task(blocks, steps, threads):
@@ -111,10 +111,11 @@ def main():
     try:
         for r in range(a.rounds):
             for name, fn in places.items():
-                *ms, region = fn(a.blocks, a.steps, a.threads)
-                seen[name].append(statistics.median(ms))
+                got = fn(a.blocks, a.steps, a.threads)
+                seen[name].append(statistics.median(got["blocks_ms"]))
                 print(json.dumps({"round": r + 1, "place": name, "median_ms": round(seen[name][-1], 2),
-                                  "region_us": round(region, 1), "blocks_ms": [round(v, 1) for v in ms]}), flush=True)
+                                  "region_us": round(got["region_us"], 1),
+                                  "blocks_ms": [round(v, 1) for v in got["blocks_ms"]]}), flush=True)
     finally:
         ray.shutdown()
     base = statistics.median(seen["process"])
