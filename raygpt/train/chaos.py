@@ -57,6 +57,12 @@ class Timeline:
         print(f"[chaos] +{rec['t']:7.2f}s {name} {json.dumps(kw)}", flush=True)
         return rec
 
+    def next_after(self, rec: dict, name: str) -> dict | None:
+        """The first `name` logged after `rec`, by order, not by `t`: `t` is rounded to 1 ms
+        and one poll can log several events (a rejoin and the fault it releases)."""
+        i = next(i for i, e in enumerate(self.events) if e is rec)
+        return next((e for e in self.events[i + 1:] if e["event"] == name), None)
+
 
 def read_workers(run_dir: Path) -> dict[int, dict]:
     out = {}

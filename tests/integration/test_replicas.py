@@ -38,15 +38,11 @@ def faulty(ray_session, char_data, tmp_path_factory):
         Action("kill-worker", at_step=KILL_AT, rank=2),
         Action("freeze-worker", at_step=FREEZE_AT, rank=1, after_event="replica_joined")], inject={"pace_s": 0.1})
     assert err is None, err
-    return summary, chaos.timeline.events, read_metrics(d / "faulty"), d
-
-
-def _after(events, name, since_t):
-    return next(e for e in events if e["event"] == name and e["t"] >= since_t)
+    return summary, chaos.timeline, read_metrics(d / "faulty"), d
 
 
 def test_a_killed_and_a_frozen_replica_cost_no_committed_step(faulty):
-    summary, events, recs, _ = faulty
+    summary, _, recs, _ = faulty
     steps = [r["step"] for r in recs if "loss" in r]
     assert steps == list(range(1, STEPS + 1)), steps  # every step once: none lost, none re-run
     assert [r for r in recs if r.get("event") == "start"][1:] == []  # the group never restarted
@@ -61,11 +57,11 @@ def test_a_killed_and_a_frozen_replica_cost_no_committed_step(faulty):
 
 @pytest.mark.parametrize("fault, rank", [("killed", 2), ("frozen", 1)])
 def test_the_survivors_go_on_and_the_replacement_heals_from_a_peer(faulty, fault, rank):
-    _, events, recs, _ = faulty
-    hit = next(e for e in events if e["event"] == f"failure injected: worker {fault}")
+    _, timeline, recs, _ = faulty
+    hit = next(e for e in timeline.events if e["event"] == f"failure injected: worker {fault}")
     assert hit["rank"] == rank
-    stepped = _after(events, "survivors stepped", hit["t"])
-    back = _after(events, "replica rejoined", hit["t"])
+    stepped = timeline.next_after(hit, "survivors stepped")
+    back = timeline.next_after(hit, "replica rejoined")
     print(f"\n{fault}: survivors stepped after {stepped['after_s']} s, replica {back['replica']} back after "
           f"{back['after_s']} s (heal {back['heal_s']} s)")
     # measured here (2 cores, 3 workers + Ray): see docs/replica_recovery.md
