@@ -77,6 +77,27 @@ from raygpt.serving.transfer import to_device
 log = logging.getLogger("raygpt.serving.engine")
 
 
+def encode_prompt(tokenizer, vocab_size: int, block_size: int, prompt: str | Sequence[int]) -> list[int]:
+    """A prompt (text, or token ids) -> token ids, checked against the vocabulary and the
+    context (InvalidRequest, PromptTooLong)."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequest("prompt must not be empty", "prompt")
+        ids = tokenizer.encode(prompt)  # UserError on unknown characters
+    else:
+        ids = [int(i) for i in prompt]
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary "
+                                 f"(0..{vocab_size - 1})", "prompt")
+    if not ids:
+        raise InvalidRequest("prompt must not be empty", "prompt")
+    if len(ids) > block_size:
+        raise PromptTooLong(f"the prompt is {len(ids)} tokens long; this model's context "
+                            f"(block_size) is {block_size} tokens")
+    return ids
+
+
 class Engine:
     """Continuous-batching engine around one GPT model and its tokenizer.
 
@@ -245,22 +266,7 @@ class Engine:
     # ------------------------------------------------------------ submit
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequest("prompt must not be empty", "prompt")
-            ids = self.tokenizer.encode(prompt)  # UserError on unknown characters
-        else:
-            ids = [int(i) for i in prompt]
-            bad = [i for i in ids if not 0 <= i < self.cfg.vocab_size]
-            if bad:
-                raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary "
-                                     f"(0..{self.cfg.vocab_size - 1})", "prompt")
-        if not ids:
-            raise InvalidRequest("prompt must not be empty", "prompt")
-        if len(ids) > self.block_size:
-            raise PromptTooLong(f"the prompt is {len(ids)} tokens long; this model's context "
-                                f"(block_size) is {self.block_size} tokens")
-        return ids
+        return encode_prompt(self.tokenizer, self.cfg.vocab_size, self.block_size, prompt)
 
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                loop: asyncio.AbstractEventLoop | None | bool = None) -> Request:

@@ -72,13 +72,19 @@ class ModelManager:
 
     async def _swap_in(self, model_dir: str, want_version: str | None = None):
         self._n_engines += 1
-        eng = await asyncio.to_thread(adapter.load_engine, model_dir, self.s,
-                                      f"engine{self._n_engines}", self.metrics)
+        name = f"engine{self._n_engines}"
+        if self.s.engine_process:
+            from raygpt.serving.core_process import load_process_engine
+
+            eng = await asyncio.to_thread(load_process_engine, model_dir, self.s, name, self.metrics,
+                                          replica_id())
+        else:
+            eng = await asyncio.to_thread(adapter.load_engine, model_dir, self.s, name, self.metrics)
         if want_version and eng.version != want_version:
             eng.abort()
             raise UserError(f"{model_dir} holds version {eng.version}, not the {want_version} "
                             "this update asked for (changed while promoting?)")
-        if self.s.fault_file:
+        if self.s.fault_file and not self.s.engine_process:  # a process engine installs its own
             eng.fault_hook = self._fault_hook()
         old, self.engine = self.engine, eng
         log.info("raygpt: serving model %s (version %s)", model_dir, eng.version)

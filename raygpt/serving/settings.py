@@ -30,6 +30,9 @@ class ServerSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: bf16 on GPU
     num_threads: int | None = Field(None, ge=1)  # torch CPU threads (default: Ray's)
+    # The engine loop in a process of its own (vLLM V1's EngineCore): it then holds a GIL
+    # the replica's event loops do not share (see serving/core_process.py).
+    engine_process: bool = False
     api_key_env: str | None = None        # env var holding API key(s), comma-separated; unset -> no auth
     max_body_bytes: int = Field(1 << 20, ge=1)  # request body limit (413 beyond)
     rate_limit_rps: float = Field(0.0, ge=0)  # requests/s per client (API key, else IP); 0 = off

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n"
 BLOCK = 64
 API_KEY = "s3cret-test-key"
 API_KEYS = (API_KEY, "second-key", "third-key")
-APPS = ("main", "over", "guard", "upd", "fault")
+APPS = ("main", "over", "guard", "upd", "fault", "proc")
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -148,6 +149,7 @@ class Cluster:
                                        "rate_limit_burst": 40,
                                        "trusted_proxy_header": "X-Forwarded-For"},
                      {"health_check_period_s": 1, "health_check_timeout_s": 10}),
+                _app("proc", m["a"], {"max_slots": 8, "engine_process": True}),
             ],
         }
 
@@ -255,6 +257,40 @@ def test_streaming_sse(cluster, refs):
     assert "".join(c["choices"][0]["text"] for c in text_chunks) == refs["a"].greedy("All:", 25)
     assert [c["choices"][0]["finish_reason"] for c in text_chunks][-1] == "length"
     assert all(c["choices"][0]["finish_reason"] is None for c in text_chunks[:-1])
+
+
+def _engine_processes() -> list[int]:
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"raygpt.serving.core_process import _child_entry" in cmd:
+            out.append(int(pid))
+    return out
+
+
+def test_engine_process_streams_what_the_in_process_engine_does(cluster, refs):
+    """engine_process: the engine loop in a child process of the replica (its own GIL);
+    the same answers over real HTTP, streamed and whole, and its counters in /v1/stats."""
+    (child,) = _engine_processes()
+    body = {"prompt": "All:", "max_tokens": 25, "temperature": 0, "stream": True}
+    with cluster.client("proc") as h:
+        with h.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            events = sse_events(r.read().decode())
+        whole = h.post("/v1/completions", json={**body, "stream": False, "logprobs": 1, "echo": True})
+        stats = h.get("/v1/stats").json()
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len(chunks) > 1 and events[-1] == "[DONE]"
+    assert "".join(c["choices"][0]["text"] for c in chunks) == refs["a"].greedy("All:", 25)
+    assert whole.status_code == 200, whole.text
+    ch = whole.json()["choices"][0]
+    assert ch["text"] == "All:" + refs["a"].greedy("All:", 25)
+    assert len(ch["logprobs"]["tokens"]) == 4 + 25  # echo: the prompt's entries came over too
+    assert stats["current"]["requests_finished"] >= 2 and stats["current"]["active"] == 0
+    assert _engine_processes() == [child]  # the same child served both
 
 
 def test_list_prompts_n_seed_stop(cluster, refs):
