@@ -299,6 +299,8 @@ def main(argv=None) -> int:
     ap.add_argument("--step-tokens", type=int, default=256, help="engine token budget per step")
     ap.add_argument("--num-threads", type=int, default=1, help="torch threads per replica")
     ap.add_argument("--servers", default="engine,serial,batch")
+    ap.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=False,
+                    help="the engine loop in its own process (serve arg engine_process)")
     ap.add_argument("--no-burst", action="store_true", help="skip the prefill-burst figure")
     ap.add_argument("--port", type=int, default=0, help="HTTP port (0: a free one)")
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs for the local Ray")
@@ -352,7 +354,8 @@ def main(argv=None) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         base = f"http://127.0.0.1:{args.port}"
         settings = {"model_dir": str(model_dir), "max_slots": args.max_slots,
-                    "num_threads": args.num_threads, "max_waiting": 1024}
+                    "num_threads": args.num_threads, "max_waiting": 1024,
+                    "engine_process": args.engine_process}
         urls = {}
         if "engine" in servers:
             serve.run(make_app({**settings, "step_tokens": args.step_tokens},

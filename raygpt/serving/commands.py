@@ -47,6 +47,9 @@ def serve_cmd(
     drain_timeout: float = typer.Option(
         60.0, "--drain-timeout", min=0.0,
         help="on SIGTERM/Ctrl-C: seconds in-flight requests get to finish before exit"),
+    engine_process: bool = typer.Option(
+        False, "--engine-process/--no-engine-process",
+        help="run each replica's engine loop in a child process (its own GIL; see docs/serving.md)"),
     step_delay: float = typer.Option(0.0, "--step-delay", min=0.0, hidden=True,
                                      help="testing aid: sleep after each engine step"),
 ):
@@ -90,7 +93,7 @@ def serve_cmd(
         if replicas:
             opts["num_replicas"] = replicas
         args = {"model_dir": str(md), "max_slots": max_slots, "model_name": name,
-                "rate_limit_rps": rate_limit, "step_delay_s": step_delay}
+                "rate_limit_rps": rate_limit, "step_delay_s": step_delay, "engine_process": engine_process}
         if api_key_env:
             args.update(key_args(api_key_env, address))
         if not stop.is_set():
