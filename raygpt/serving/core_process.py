@@ -264,22 +264,15 @@ class ProcessEngine:
         return encode_prompt(self.tokenizer, self.cfg.vocab_size, self.block_size, prompt)
 
     def submit(self, prompt, params: SamplingParams | None = None, loop=None) -> Request:
-        import asyncio
+        from raygpt.serving.engine import checked_submission
 
-        params = params or SamplingParams()
-        params.validate(self.cfg.vocab_size)
-        ids = self.encode(prompt)
-        if loop is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                loop = None
+        params, ids, loop = checked_submission(self.encode, self.cfg.vocab_size, prompt, params, loop)
         if self._closing:
             raise EngineClosed(f"engine {self.name} is not accepting requests")
         if len(self._reqs) >= self.max_slots + self.max_waiting:
             raise EngineOverloaded(f"{len(self._reqs) - self.max_slots} requests are already "
                                    "waiting for a slot")
-        req = Request(ids, params, loop or None, engine=self)
+        req = Request(ids, params, loop, engine=self)
         req.rid = next(self._rids)
         self._reqs[req.rid] = req
         self._send(("submit", req.rid, ids, params))
@@ -378,12 +371,7 @@ class ProcessEngine:
             if r.logprobs is not None:
                 r.logprobs.extend(ev.logprobs)
             if ev.token_ids:
-                if r.first_token_at is None:
-                    r.first_token_at = now
-                    self.observer.first_token(now - r.submitted_at)
-                else:
-                    self.observer.inter_token(now - r.last_token_at)
-                r.last_token_at = now
+                r.stamp(now, self.observer)
                 r.generated.extend(ev.token_ids)
             if ev.finish_reason is not None:
                 del self._reqs[rid]

@@ -98,6 +98,20 @@ def encode_prompt(tokenizer, vocab_size: int, block_size: int, prompt: str | Seq
     return ids
 
 
+def checked_submission(encode, vocab_size: int, prompt, params: SamplingParams | None, loop):
+    """What submit checks and resolves before queueing (Engine's and ProcessEngine's):
+    -> (validated params, prompt ids, the caller's running event loop or None)."""
+    params = params or SamplingParams()
+    params.validate(vocab_size)
+    ids = encode(prompt)
+    if loop is None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+    return params, ids, loop or None
+
+
 class Engine:
     """Continuous-batching engine around one GPT model and its tokenizer.
 
@@ -273,15 +287,8 @@ class Engine:
         """Queue a request. Called inside a running event loop (or with loop=<a loop>), the
         request streams through an asyncio.Queue of that loop (use `aevents()`/`aresult()`);
         otherwise (or with loop=False) through a queue.Queue (`events()`/`result()`)."""
-        params = params or SamplingParams()
-        params.validate(self.cfg.vocab_size)
-        ids = self.encode(prompt)
-        if loop is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                loop = None
-        req = Request(ids, params, loop or None, engine=self)
+        params, ids, loop = checked_submission(self.encode, self.cfg.vocab_size, prompt, params, loop)
+        req = Request(ids, params, loop, engine=self)
         if params.seed is not None:
             req.generator = torch.Generator(device=self.device)
             req.generator.manual_seed(int(params.seed))

@@ -39,13 +39,7 @@ class OutputProcessor:
 
     def emit(self, r: Request, tok: int, lp: TokenLogprob | None) -> None:
         """Record a new token of r; stream the text that is safe to show; finish if due."""
-        now = time.perf_counter()
-        if r.first_token_at is None:
-            r.first_token_at = now
-            self.observer.first_token(now - r.submitted_at)
-        else:
-            self.observer.inter_token(now - r.last_token_at)
-        r.last_token_at = now
+        r.stamp(time.perf_counter(), self.observer)
         r.generated.append(tok)
         r.counts[tok] = r.counts.get(tok, 0) + 1
         if r.dense is not None:

@@ -196,6 +196,16 @@ class Request:
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
 
     # -- producer side (engine thread) --
+    def stamp(self, now: float, observer: "Observer") -> None:
+        """A token came at `now`: the first one's wait (TTFT) or the gap since the last
+        (ITL) to the observer."""
+        if self.first_token_at is None:
+            self.first_token_at = now
+            observer.first_token(now - self.submitted_at)
+        else:
+            observer.inter_token(now - self.last_token_at)
+        self.last_token_at = now
+
     def _put(self, ev: Event) -> None:
         if ev.finish_reason is not None:
             self.done = True
