@@ -183,8 +183,6 @@ class ProcessEngine:
     """An `Engine` run in a child process; the parts of Engine's interface the server
     uses. `max_waiting` is enforced here on the requests in flight (slots + queue)."""
 
-    _names = itertools.count()
-
     def __init__(self, model_dir: str, s: ServerSettings, name: str = "engine",
                  observer: Observer | None = None, replica: str | None = None):
         from raygpt.data.tokenizer import load_tokenizer
@@ -195,9 +193,10 @@ class ProcessEngine:
         self.model_dir = str(model_dir)
         settings = s.model_dump()
         device = _device(s.device)
-        if s.kv_memory_bytes is None:  # the budget less what this replica's other engines hold
-            budget, _ = kvbudget.resolve_budget(_torch_device(device), s.kv_memory_fraction)
-            settings["kv_memory_bytes"] = max(1, budget - _Held.on(device))
+        # the budget less what this replica's other engine processes hold
+        held = _Held.on(device)
+        budget = s.kv_memory_bytes or kvbudget.resolve_budget(_torch_device(device), s.kv_memory_fraction)[0]
+        settings["kv_memory_bytes"] = max(1, budget - held)
         # A fresh interpreter, not multiprocessing: a fork would copy the replica's threads
         # and locks, and spawn re-imports the main module (Ray's worker script).
         mine, theirs = socket.socketpair()
@@ -207,12 +206,13 @@ class ProcessEngine:
         theirs.close()
         self._conn = Connection(mine.detach())
         self._conn.send((self.model_dir, settings, name, replica))
-        info = self._wait_ready()
+        info = self._wait_ready(held)
         self.version, self.meta, self.cfg = info["version"], info["meta"], info["cfg"]
         self.block_size, self.max_slots = info["block_size"], info["max_slots"]
         self.max_waiting, self.kv_bytes_per_slot = info["max_waiting"], info["kv_bytes_per_slot"]
         self.device = info["device"]
-        _Held.by_engine[id(self)] = (device, self.max_slots * self.kv_bytes_per_slot)
+        with _Held.lock:
+            _Held.by_engine[id(self)] = (device, self.max_slots * self.kv_bytes_per_slot)
         self.tokenizer = load_tokenizer(Path(model_dir) / TOKENIZER)
         self.chat_template = ChatTemplate.load(model_dir, s.chat_template)
         self.loaded_at = int(time.time())
@@ -225,7 +225,7 @@ class ProcessEngine:
         self._thread = threading.Thread(target=self._read, name=f"raygpt-{name}-reader", daemon=True)
         self._thread.start()
 
-    def _wait_ready(self) -> dict:
+    def _wait_ready(self, held: int) -> dict:
         if not self._conn.poll(START_TIMEOUT_S):
             self._kill()
             raise CoreProcessError(f"the engine process for {self.model_dir} did not start within "
@@ -238,6 +238,8 @@ class ProcessEngine:
         if msg[0] == "error":
             _, kind, text, user = msg
             self._reap(5)
+            if kind == "KVBudgetError":  # its budget was what the other engines left (fits_alone)
+                raise kvbudget.KVBudgetError(text, fits_alone=held > 0)
             raise (UserError(text) if user else CoreProcessError(f"{kind}: {text}"))
         return msg[1]
 
@@ -349,7 +351,8 @@ class ProcessEngine:
                       self._proc.poll())
         finally:
             self._closing = True
-            _Held.by_engine.pop(id(self), None)
+            with _Held.lock:
+                _Held.by_engine.pop(id(self), None)
             left = [(r, Event(finish_reason="cancelled")) for r in self._reqs.values()]
             self._reqs.clear()
             self._route(left)

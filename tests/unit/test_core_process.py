@@ -9,11 +9,15 @@ import signal
 import threading
 
 import pytest
+import torch
 
 from conftest import tiny_model_dir
 from raygpt.errors import UserError
+from raygpt.model.gpt import GPTConfig
+from raygpt.model.io import read_model_config
 from raygpt.serving import adapter
-from raygpt.serving.core_process import ProcessEngine
+from raygpt.serving.core_process import ProcessEngine, _Held
+from raygpt.serving.kvbudget import KVBudgetError, kv_bytes_per_slot
 from raygpt.serving.engine import EngineClosed, EngineError, SamplingParams
 from raygpt.serving.settings import ServerSettings
 
@@ -110,3 +114,22 @@ def test_fault_file_fails_the_steps_in_the_child(model_dir, tmp_path):
         assert pe.consecutive_failed_steps >= 1
     finally:
         pe.abort()
+
+
+def test_a_second_engine_beyond_the_kv_budget_is_refused_while_the_first_holds_it(model_dir):
+    """As in one process (kvbudget.LEDGER): a new engine process gets the budget the live
+    ones leave; not one slot left -> KVBudgetError, which says it would fit alone."""
+    slot = kv_bytes_per_slot(GPTConfig(**read_model_config(model_dir)["model"]), torch.float32)
+    held = _Held.on("cpu")  # the module's other engine processes, still alive
+    s = ServerSettings(model_dir=model_dir, max_slots=3, kv_memory_bytes=held + 3 * slot, num_threads=1)
+    first = ProcessEngine(model_dir, s, "first")
+    try:
+        assert first.max_slots == 3
+        with pytest.raises(KVBudgetError) as e:
+            ProcessEngine(model_dir, s, "second")
+        assert e.value.fits_alone
+    finally:
+        first.abort()
+    again = ProcessEngine(model_dir, s, "again")  # the first gave its bytes back
+    assert again.max_slots == 3
+    again.abort()
